@@ -1,0 +1,347 @@
+"""From a corpus store to training batches: splits, length-grouped DDP-aware batch sampling, masking, DataModule.
+
+Batches are assembled whole: the sampler yields ``(epoch, cell indices)`` and the dataset turns that into a dict of
+ready tensors in one call (slice copies out of the memory-mapped store), so no per-cell Python collation runs.
+Everything random is a function of the seed, the epoch and the cell, never of worker scheduling: the same seed gives
+the same batches and the same masks, with or without workers, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .store import CorpusStore
+from .tokenization import hash_uniform
+
+
+def split_cells(
+    store: CorpusStore, val_fraction: float, seed: int = 0, group_by: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of a store's cells.
+
+    Args:
+        val_fraction: share of cells for validation (0 gives an empty validation split).
+        group_by: obs column (``source``, ``batch``, a donor column...): whole groups go to one side, drawn at random
+            until the validation side holds about ``val_fraction`` of the cells (at most twice that, or the smallest
+            group when every group is larger).
+    Returns:
+        (n_train,) and (n_val,) sorted int64 cell indices.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
+    n = len(store)
+    rng = np.random.default_rng(seed)
+    if group_by is None:
+        val = rng.permutation(n)[: round(val_fraction * n)]
+    else:
+        if group_by not in store.obs.columns:
+            raise ValueError(
+                f"split group_by={group_by!r} is not a column of the store's obs; columns: {list(store.obs.columns)}. "
+                "Add it with build_store(obs_keys=[...])."
+            )
+        codes = np.unique(store.obs[group_by].astype(str).to_numpy(), return_inverse=True)[1]
+        sizes = np.bincount(codes)
+        target = val_fraction * n
+        chosen, total = [], 0
+        # Random groups until the target is reached, skipping any that would overshoot it more than twofold; if
+        # every group is that large, the smallest one.
+        for g in rng.permutation(len(sizes)):
+            if total >= target:
+                break
+            if total + sizes[g] <= 2 * target:
+                chosen.append(g)
+                total += sizes[g]
+        if val_fraction > 0 and not chosen:
+            chosen = [int(np.argmin(sizes))]
+        if len(chosen) == len(sizes):
+            raise ValueError(
+                f"group_by={group_by!r} has {len(sizes)} group(s): too few to hold out {val_fraction:.0%} of the "
+                "cells and keep any for training. Split by another column or by cell."
+            )
+        val = np.flatnonzero(np.isin(codes, chosen))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class CellBatchSampler(Sampler):
+    """Yields ``(epoch, cell indices)`` batches, shuffled per epoch, grouped by length, disjoint across ranks.
+
+    Length grouping: the epoch's shuffled cells are cut into mega-batches of ``batch_size * mega_batch_factor``,
+    each sorted by length and cut into batches, and the batch order is shuffled. Cells of similar length share a
+    batch (little padding) while batches stay random. Each rank takes every ``num_replicas``-th batch; trailing
+    batches that cannot be shared out evenly are dropped for the epoch, so all ranks run the same number of steps
+    and no cell is seen by two ranks.
+
+    Args:
+        indices: (n,) cell indices of this split.
+        lengths: (n_store_cells,) tokens per cell of the whole store.
+        num_replicas, rank: DDP world size and rank; by default read from ``torch.distributed`` when initialised.
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        lengths: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        mega_batch_factor: int = 50,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.mega_batch_factor = mega_batch_factor
+        self.drop_last = drop_last
+        self.seed = seed
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.epoch = 0
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch: a new shuffle and new masks, the same on every rank."""
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        """All batches of the current epoch, every rank's, in order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.indices) if self.shuffle else self.indices
+        if self.group_by_length:
+            size = self.batch_size * self.mega_batch_factor
+            mega = [order[i : i + size] for i in range(0, len(order), size)]
+            order = np.concatenate([m[np.argsort(-self.lengths[m], kind="stable")] for m in mega] or [order])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        batches = self.batches()
+        usable = len(batches) // self.num_replicas * self.num_replicas
+        for batch in batches[self.rank : usable : self.num_replicas]:
+            yield self.epoch, batch
+
+    def __len__(self) -> int:
+        n = len(self.indices) // self.batch_size if self.drop_last else math.ceil(len(self.indices) / self.batch_size)
+        return n // self.num_replicas
+
+    def padding_fraction(self) -> float:
+        """Share of padded token slots over the current epoch's batches (padding to the longest cell)."""
+        real = padded = 0
+        for batch in self.batches():
+            lengths = self.lengths[batch]
+            real += int(lengths.sum())
+            padded += int(lengths.max()) * len(batch)
+        return 1.0 - real / max(padded, 1)
+
+
+@dataclass
+class MaskingCollator:
+    """Chooses the masked positions of a pretraining batch, reproducibly.
+
+    Each real gene token (not ``<cls>``, not padding) is masked with probability ``mask_ratio``, decided by a hash of
+    (seed, epoch, cell index, position), and every cell gets at least one masked token.
+
+    * ``objective="value"`` (binned, continuous): ``labels`` (B, L) float32 holds the true value at masked positions
+      and the value there is zeroed in ``values``; the model swaps in its mask-value embedding where ``mask``.
+    * ``objective="gene"`` (rank, Geneformer): ``labels`` (B, L) int64 holds the true gene id at masked positions and
+      -100 elsewhere; of the masked tokens 80% become ``<mask>``, 10% a random gene and 10% stay (BERT).
+    """
+
+    mask_ratio: float
+    objective: str
+    mask_id: int
+    special_ids: Sequence[int]
+    vocab_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        if self.objective not in ("value", "gene"):
+            raise ValueError(f"objective must be 'value' or 'gene', got {self.objective!r}.")
+        self._special = np.asarray(sorted(self.special_ids), dtype=np.int64)
+        is_gene = np.ones(self.vocab_size, dtype=bool)
+        is_gene[self._special] = False
+        self._gene_ids = np.flatnonzero(is_gene)
+
+    def __call__(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        ids = batch["input_ids"]
+        maskable = batch["attention_mask"] & ~np.isin(ids, self._special)
+        cells = batch["cell_index"].astype(np.uint64)[:, None]
+        positions = np.arange(ids.shape[1], dtype=np.uint64)[None, :]
+        u = hash_uniform(np.uint64(self.seed), np.uint64(epoch), cells, positions)
+        u = np.where(maskable, u, 2.0)
+        mask = u < self.mask_ratio
+        # At least one masked token per cell that has any gene token: the one with the smallest draw.
+        first = np.argmin(u, axis=1)
+        has_gene = maskable.any(axis=1)
+        mask[np.flatnonzero(has_gene), first[has_gene]] = True
+        out = dict(batch)
+        out["mask"] = mask
+        if self.objective == "value":
+            out["labels"] = np.where(mask, batch["values"], 0.0).astype(np.float32)
+            out["values"] = np.where(mask, 0.0, batch["values"]).astype(np.float32)
+        else:
+            out["labels"] = np.where(mask, ids, -100)
+            # A second and third draw from the same hash decide mask / random / keep and the random gene.
+            action = hash_uniform(np.uint64(self.seed + 1), np.uint64(epoch), cells, positions)
+            pick = hash_uniform(np.uint64(self.seed + 2), np.uint64(epoch), cells, positions)
+            random_gene = self._gene_ids[(pick * len(self._gene_ids)).astype(np.int64)]
+            new_ids = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, random_gene, ids))
+            out["input_ids"] = np.where(mask, new_ids, ids)
+        return out
+
+
+class StoreBatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches: ``dataset[(epoch, indices)]`` -> dict of tensors.
+
+    Padded batches (default) hold ``input_ids`` (B, L) int64, ``values`` (B, L) float32, ``attention_mask`` (B, L)
+    bool and ``cell_index`` (B,); packed batches hold ``input_ids``/``values`` (1, T), ``cu_seqlens`` (B + 1,) int32
+    and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added.
+    """
+
+    def __init__(self, store: CorpusStore, *, collator: MaskingCollator | None = None, pack: bool = False):
+        if pack and collator is not None:
+            raise ValueError("Masking works on padded batches; pack=True is for masking-free passes (inference).")
+        self.store = store
+        self.collator = collator
+        self.pack = pack
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        epoch, indices = item
+        batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
+        if self.collator is not None:
+            batch = self.collator(batch, epoch)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    """Train/validation loaders over a corpus store.
+
+    Args:
+        store_path: a store built by :func:`sc_foundation.store.build_store`.
+        batch_size: cells per batch (per rank).
+        val_fraction: share of cells held out for validation.
+        split_by: obs column for a grouped split (e.g. ``source`` or a donor column); None splits by cell.
+        mask_ratio: share of gene tokens masked for pretraining; None for no masking (fine-tuning, inference).
+        group_by_length: length-grouped batches (much less padding).
+        num_workers: DataLoader worker processes; each assembles whole batches.
+        seed: seed of the split, the shuffles and the masks.
+    """
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike,
+        batch_size: int = 32,
+        *,
+        val_fraction: float = 0.05,
+        split_by: str | None = None,
+        mask_ratio: float | None = 0.15,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.store_path = str(store_path)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.split_by = split_by
+        self.mask_ratio = mask_ratio
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.store: CorpusStore | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None:
+            return
+        self.store = CorpusStore(self.store_path)
+        self.train_indices, self.val_indices = split_cells(self.store, self.val_fraction, self.seed, self.split_by)
+        collator = None
+        if self.mask_ratio is not None:
+            vocab = self.store.vocab
+            encoding = self.store.tokenizer.config.encoding
+            collator = MaskingCollator(
+                mask_ratio=self.mask_ratio,
+                objective="gene" if encoding == "rank" else "value",
+                mask_id=vocab.mask_id,
+                special_ids=vocab.special_ids.tolist(),
+                vocab_size=len(vocab),
+                seed=self.seed,
+            )
+        self.dataset = StoreBatchDataset(self.store, collator=collator)
+
+    def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
+        return CellBatchSampler(
+            indices,
+            self.store.lengths,
+            self.batch_size,
+            shuffle=train,
+            group_by_length=self.group_by_length,
+            drop_last=train,
+            seed=self.seed,
+        )
+
+    def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            sampler=self._sampler(indices, train),
+            batch_size=None,  # the sampler yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_indices, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_indices, train=False)
+
+    def padding_report(self) -> dict[str, float]:
+        """Padded share of token slots in one training epoch, with and without length grouping."""
+        report = {}
+        for grouped in (True, False):
+            sampler = self._sampler(self.train_indices, train=True)
+            sampler.group_by_length = grouped
+            report["length_grouped" if grouped else "random"] = sampler.padding_fraction()
+        return report
