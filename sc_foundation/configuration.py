@@ -1,0 +1,125 @@
+"""Configuration of the sc_foundation encoder: every architectural choice, saved as ``config.json``."""
+
+from dataclasses import field, fields
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class ScFoundationConfig(PreTrainedConfig):
+    r"""Configuration of a gene-token Transformer encoder (scGPT / Geneformer style).
+
+    A transformers v5 config is a strict dataclass: every field below is type-checked when it is set, and the
+    ``validate_*`` methods check the fields together when the config is built and again when it is saved. Fields
+    left at their default are written to ``config.json`` too (see :meth:`to_diff_dict`).
+
+    Args:
+        vocab_size: Size of the gene vocabulary, special tokens included. Must match the tokenizer.
+        hidden_size: Width ``h`` of the residual stream and of every embedding.
+        num_hidden_layers: Number of pre-norm Transformer blocks.
+        num_attention_heads: Attention heads per block; must divide ``hidden_size``.
+        intermediate_size: Width of the hidden layer of each block's MLP.
+        hidden_dropout_prob: Dropout on the embeddings and on each residual branch.
+        attention_dropout_prob: Dropout on the attention weights. Defaults to 0, as in current encoders
+            (ModernBERT); torch's own varlen kernel has no attention dropout.
+        layer_norm_eps: Epsilon of every LayerNorm.
+        initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
+        value_encoding: How a token's expression value enters the model:
+            ``"binned"``: ``values`` holds a bin index 0..n_bins-1, embedded by a table;
+            ``"continuous"``: ``values`` holds log1p normalised expression, embedded by a small MLP;
+            ``"rank"``: genes are ordered by expression and the order is the value, so ``values`` is ignored and
+            learned position embeddings are added instead.
+        n_bins: Number of expression bins (``"binned"`` only; bin 0 is zero expression and special tokens).
+        max_position_embeddings: Longest cell, in tokens, for the learned positions of the ``"rank"`` encoding.
+            The other encodings have no positions: their genes are a set.
+        pooling: How the cell embedding is read from the last hidden states: ``"cls"`` takes position 0 (the
+            tokenizer must put ``cls_token_id`` there), ``"mean"`` averages the real tokens other than CLS.
+        condition_vocab_sizes: Condition name (e.g. ``"batch"``) to number of categories. Each condition gets an
+            embedding table whose row is added to every token of the cell. Empty by default.
+        attention_backend: ``"sdpa"`` runs all attention through ``torch.nn.functional.scaled_dot_product_attention``
+            (packed batches use a block-diagonal mask). ``"flash_varlen"`` sends packed batches on CUDA to a
+            variable-length kernel (flash-attn if installed, else torch's ``varlen_attn``) and falls back to the
+            SDPA path, with a warning, where neither can run. Padded batches always use SDPA.
+        mvc_weight: Weight of the masked-value-from-cell term of the masked value objective (scGPT's GEPC/MVC):
+            each masked gene's value is predicted from the cell embedding and the gene embedding alone. 0 disables
+            it and builds no parameters for it.
+        pad_token_id: Vocabulary id of padding.
+        cls_token_id: Vocabulary id of the CLS token.
+        mask_token_id: Vocabulary id that replaces a masked gene (``"rank"`` encoding).
+    """
+
+    model_type = "sc_foundation"
+
+    vocab_size: int = 60_000
+    hidden_size: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_dropout_prob: float | int = 0.1
+    attention_dropout_prob: float | int = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    value_encoding: Literal["binned", "continuous", "rank"] = "binned"
+    n_bins: int = 51
+    max_position_embeddings: int = 2048
+    pooling: Literal["cls", "mean"] = "cls"
+    condition_vocab_sizes: dict[str, int] = field(default_factory=dict)
+    attention_backend: Literal["sdpa", "flash_varlen"] = "sdpa"
+    mvc_weight: float | int = 0.0
+    pad_token_id: int = 0
+    cls_token_id: int = 1
+    mask_token_id: int = 2
+
+    def validate_sc_foundation(self):
+        """Check the fields together (called by ``@strict`` after ``__init__`` and before saving)."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
+            raise ValueError("layer_norm_eps and initializer_range must be positive")
+        if self.value_encoding == "binned" and self.n_bins < 3:
+            raise ValueError(f"the binned encoding needs n_bins >= 3 (bin 0 and two value bins), got {self.n_bins}")
+        if self.mvc_weight < 0:
+            raise ValueError(f"mvc_weight must be >= 0, got {self.mvc_weight}")
+        if self.mvc_weight > 0 and self.value_encoding == "rank":
+            raise ValueError("mvc_weight > 0 predicts expression values; the rank encoding has none")
+        special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
+        for name, token_id in special.items():
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if len(set(special.values())) != len(special):
+            raise ValueError(f"special token ids must be distinct, got {special}")
+        for name, size in self.condition_vocab_sizes.items():
+            # The name becomes a module name: a dot would split it into a submodule path.
+            if not name.isidentifier():
+                raise ValueError(f"condition name {name!r} must be a Python identifier")
+            if size < 1:
+                raise ValueError(f"condition {name!r} needs at least one category, got {size}")
+
+    def to_diff_dict(self) -> dict:
+        """Serialise every field of this class, also those left at their default.
+
+        transformers writes only the fields that differ from the defaults; then a checkpoint would silently change
+        meaning if one of our defaults (a token id, ``n_bins``) changed in a later version of this package. The
+        generic transformers fields keep the usual diff, which leaves their boilerplate out of ``config.json``.
+        """
+        full = self.to_dict()
+        own = {f.name for f in fields(ScFoundationConfig)} - {f.name for f in fields(PreTrainedConfig)}
+        return super().to_diff_dict() | {name: full[name] for name in sorted(own)}

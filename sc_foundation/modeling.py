@@ -1,0 +1,654 @@
+"""The sc_foundation model: a pre-norm Transformer encoder over gene tokens, and one head per objective.
+
+Shapes: ``B`` cells in a padded batch of length ``L``; a packed batch is one row of ``T`` tokens holding ``n_cells``
+cells end to end (``cu_seqlens`` gives their boundaries); ``h`` hidden size, ``nh`` heads, ``hd = h // nh``; ``M``
+masked positions; ``V`` vocabulary size.
+
+The backbone (:class:`ScFoundationModel`) maps tokens to hidden states and a cell embedding and knows no objective.
+Each objective is a head class ``ScFoundationFor<Objective>`` that returns an output with ``loss``. Importing this
+module registers the classes with the transformers Auto classes.
+"""
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration import ScFoundationConfig
+
+try:  # optional extra: pip install sc_foundation[flash]
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+try:  # torch >= 2.10 ships a flash varlen kernel of its own (CUDA only, no attention dropout)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ScFoundationModelOutput(ModelOutput):
+    """Output of :class:`ScFoundationModel`.
+
+    Args:
+        last_hidden_state: (B, L, h) after the final LayerNorm; (1, T, h) for a packed batch.
+        cell_embedding: (n_cells, h), pooled by ``config.pooling``; n_cells = B for a padded batch.
+        hidden_states: with ``output_hidden_states``, num_hidden_layers + 1 tensors shaped like
+            ``last_hidden_state``: the embeddings, then each block's output (before the final LayerNorm).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ScFoundationMaskedValueOutput(ModelOutput):
+    """Output of :class:`ScFoundationForMaskedValueModeling`.
+
+    Predictions are made at the masked positions, (M, ...) in row-major order of ``mask``, when ``mask`` is given,
+    and at every position, (B, L, ...), when it is not.
+
+    Args:
+        loss: scalar, the value loss plus ``mvc_weight`` times ``mvc_loss``; when ``labels`` are given.
+        logits: binned encoding: (M, n_bins) or (B, L, n_bins) scores over the bins.
+        predictions: continuous encoding: (M,) or (B, L) predicted log1p values.
+        mvc_loss: scalar, the masked-value-from-cell term, when ``mvc_weight > 0`` and ``labels`` are given.
+        cell_embedding: (n_cells, h).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    mvc_loss: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+
+
+@dataclass
+class ScFoundationMaskedGeneOutput(ModelOutput):
+    """Output of :class:`ScFoundationForMaskedGeneModeling`.
+
+    Args:
+        loss: scalar cross-entropy over the vocabulary at the masked positions, when ``labels`` are given.
+        logits: (M, V) at the masked positions when ``mask`` is given, else (B, L, V). Only the masked positions
+            are scored in training because (B, L, V) would dwarf every other activation.
+        cell_embedding: (n_cells, h).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+
+
+def _cell_layout(
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each cell lies in a padded (B, L) or packed (1, T) batch.
+
+    Returns:
+        cell_ids: (B, L) or (1, T) long, the cell of every token (0..n_cells-1).
+        positions: same shape, the token's position inside its cell.
+        starts: (n_cells,) long, the flat index (into ``input_ids.flatten()``) of each cell's first token.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    if cu_seqlens is None:
+        cell_ids = torch.arange(batch, device=device)[:, None].expand(batch, length)  # (B, L)
+        positions = torch.arange(length, device=device)[None, :].expand(batch, length)  # (B, L)
+        return cell_ids, positions, torch.arange(batch, device=device) * length
+    starts = cu_seqlens[:-1].long()  # (n_cells,)
+    cells = torch.arange(starts.numel(), device=device)
+    cell_ids = torch.repeat_interleave(cells, cu_seqlens.diff().long(), output_size=length)  # (T,)
+    positions = torch.arange(length, device=device) - starts[cell_ids]  # (T,)
+    return cell_ids[None, :], positions[None, :], starts  # (1, T), (1, T), (n_cells,)
+
+
+def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear, with named layers so that checkpoint keys read ``fc_in`` / ``fc_out``."""
+    return nn.Sequential(
+        OrderedDict(
+            fc_in=nn.Linear(in_features, hidden_features),
+            act=nn.GELU(),
+            fc_out=nn.Linear(hidden_features, out_features),
+        )
+    )
+
+
+def _varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Attention inside each packed cell on CUDA: q, k, v (T, nh, hd) -> (T, nh, hd)."""
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p)
+    if dropout_p > 0:
+        raise ValueError(
+            "torch's varlen_attn has no attention dropout: install flash-attn or set attention_dropout_prob=0"
+        )
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+class ScFoundationEmbeddings(nn.Module):
+    """Gene embedding + value embedding (+ rank positions) + condition embeddings, normalised.
+
+    The value embedding follows ``config.value_encoding``; where ``mask`` is True the value is replaced by a learned
+    mask-value embedding, so the model cannot read the value it is asked to predict. Conditions (e.g. the batch)
+    are added to every token rather than to CLS alone: it works under mean pooling too, where there may be no CLS,
+    and every gene can shift by condition directly (detection differs gene by gene between technologies).
+    The LayerNorm keeps the sum on one scale even where the continuous value MLP sees large values.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.value_encoding = config.value_encoding
+        self.gene_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        if config.value_encoding == "binned":
+            self.mask_bin = config.n_bins
+            self.value_embeddings = nn.Embedding(config.n_bins + 1, h)  # the extra last row is the hidden value
+        elif config.value_encoding == "continuous":
+            self.value_embeddings = _mlp(1, h, h)
+            self.mask_value = nn.Parameter(torch.empty(h))
+        else:  # rank: the order is the value, so positions carry it
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.condition_embeddings = nn.ModuleDict(
+            {name: nn.Embedding(size, h) for name, size in config.condition_vocab_sizes.items()}
+        )
+        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        condition_ids: dict[str, torch.Tensor] | None,
+        cell_ids: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Embed a batch.
+
+        Args:
+            input_ids: (B, L) gene ids.
+            values: (B, L) float, bin indices or log1p values; unused by the rank encoding.
+            mask: (B, L) bool, positions whose value is hidden, or None.
+            condition_ids: name -> (n_cells,) category ids, or None.
+            cell_ids: (B, L), the cell of every token (indexes the condition ids).
+            positions: (B, L), position inside the cell (rank encoding only).
+
+        Returns:
+            (B, L, h).
+        """
+        embedding = self.gene_embeddings(input_ids)  # (B, L, h)
+        if self.value_encoding == "binned":
+            bins = values.long()
+            if mask is not None:
+                bins = bins.masked_fill(mask, self.mask_bin)
+            embedding = embedding + self.value_embeddings(bins)
+        elif self.value_encoding == "continuous":
+            value_embedding = self.value_embeddings(values.unsqueeze(-1).to(embedding.dtype))  # (B, L, 1) -> (B, L, h)
+            if mask is not None:
+                value_embedding = torch.where(mask.unsqueeze(-1), self.mask_value, value_embedding)
+            embedding = embedding + value_embedding
+        else:
+            embedding = embedding + self.position_embeddings(positions)
+        for name, table in self.condition_embeddings.items():
+            embedding = embedding + table(condition_ids[name])[cell_ids]  # (n_cells, h) -> (B, L, h)
+        return self.dropout(self.norm(embedding))
+
+
+class ScFoundationAttention(nn.Module):
+    """Bidirectional multi-head self-attention; one fused qkv projection serves every kernel."""
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout_p = config.attention_dropout_prob
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            hidden: (B, L, h); (1, T, h) for a packed batch.
+            attn_mask: bool, broadcastable to (B, nh, L, L), True where a query may attend to a key; None lets
+                every token see every token. Used by the SDPA path.
+            cu_seqlens: (n_cells + 1,) int32, given only to take the varlen kernel (packed batch on CUDA).
+            max_seqlen: longest cell of the packed batch, with ``cu_seqlens``.
+
+        Returns:
+            (B, L, h).
+        """
+        batch, length, width = hidden.shape
+        dropout_p = self.dropout_p if self.training else 0.0
+        qkv = self.qkv(hidden).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, nh, hd)
+        if cu_seqlens is None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, L, hd)
+            out = out.transpose(1, 2)  # (B, L, nh, hd)
+        else:
+            q, k, v = qkv[0].unbind(1)  # each (T, nh, hd): the varlen kernels take a flat row of tokens
+            out = _varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p)  # (T, nh, hd)
+        return self.out(out.reshape(batch, length, width))  # (B, L, nh, hd) -> (B, L, h)
+
+
+class ScFoundationBlock(nn.Module):
+    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)); (B, L, h) -> (B, L, h)."""
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.attn = ScFoundationAttention(config)
+        self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.mlp = _mlp(h, config.intermediate_size, h)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
+        """See :meth:`ScFoundationAttention.forward` for the arguments."""
+        hidden = hidden + self.dropout(self.attn(self.attn_norm(hidden), attn_mask, cu_seqlens, max_seqlen))
+        return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+
+
+def _prediction_transform(config: ScFoundationConfig) -> nn.Sequential:
+    """The token-wise transform in front of an output projection (as in BERT's MLM head): (..., h) -> (..., h)."""
+    h = config.hidden_size
+    return nn.Sequential(
+        OrderedDict(dense=nn.Linear(h, h), act=nn.GELU(), norm=nn.LayerNorm(h, eps=config.layer_norm_eps))
+    )
+
+
+class ScFoundationValueHead(nn.Module):
+    """Scores the bins (binned) or regresses the value (continuous) of each token: (..., h) -> (..., out)."""
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        self.transform = _prediction_transform(config)
+        self.proj = nn.Linear(config.hidden_size, config.n_bins if config.value_encoding == "binned" else 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., h) -> (..., n_bins) logits or (..., 1) values."""
+        return self.proj(self.transform(hidden))
+
+
+class ScFoundationGeneDecoder(nn.Module):
+    """Scores every vocabulary gene, with the output weights tied to the gene embeddings: (..., h) -> (..., V).
+
+    The tie is by construction (the embedding matrix is passed in), so there is one parameter, one checkpoint key
+    and nothing for transformers' weight-tying machinery to do.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        self.transform = _prediction_transform(config)
+        self.bias = nn.Parameter(torch.empty(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, gene_embeddings: torch.Tensor) -> torch.Tensor:
+        """hidden (..., h), gene_embeddings (V, h) -> logits (..., V)."""
+        return F.linear(self.transform(hidden), gene_embeddings, self.bias)
+
+
+class ScFoundationMVCHead(nn.Module):
+    """Predicts a gene's value from the cell embedding and the gene embedding alone (scGPT's GEPC/MVC idea).
+
+    ``value = <GELU(W_g gene), W_c cell>``: a per-gene query read against the cell embedding, which therefore
+    has to carry the cell's expression profile.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        self.gene_query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.cell_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, gene_embedding: torch.Tensor, cell_embedding: torch.Tensor) -> torch.Tensor:
+        """gene_embedding (M, h), cell_embedding (M, h) of each gene's cell -> (M,) predicted values."""
+        return (F.gelu(self.gene_query(gene_embedding)) * self.cell_proj(cell_embedding)).sum(-1)
+
+
+class ScFoundationPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and strict loading, shared by the backbone and every head.
+
+    Strict loading: :meth:`from_pretrained` raises on missing or unexpected weights, naming them, where
+    transformers would only log them.
+
+    - The backbone must match the checkpoint key for key.
+    - A head of this model must be in the checkpoint in full, or be wholly absent and named in ``new_heads``
+      (the caller declares it new on purpose, e.g. a fine-tuning head on a pretrained backbone). A head that is
+      partly there is an error even when declared.
+    - Checkpoint weights under a top-level module this model does not have are another objective's head (a
+      pretraining export carries its pretraining heads): they are dropped and logged, which is how the bare
+      backbone or a new task is taken out of any export. Any other unexpected weight is an error.
+    """
+
+    config_class = ScFoundationConfig
+    base_model_prefix = "sc_foundation"
+    supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' defaults (normal linear and embedding weights, zero biases and padding row, unit
+        LayerNorms) plus our own parameters."""
+        super()._init_weights(module)
+        if isinstance(module, ScFoundationEmbeddings) and module.value_encoding == "continuous":
+            init.normal_(module.mask_value, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ScFoundationGeneDecoder):
+            init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The gene embedding table, (V, h)."""
+        return self.base_model.embeddings.gene_embeddings
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, new_heads: Sequence[str] = (), **kwargs):
+        """``PreTrainedModel.from_pretrained`` with strict loading (see the class docstring).
+
+        Args:
+            new_heads: names of this model's heads (top-level modules beside ``sc_foundation``) that are new on
+                purpose and start from their initialisation when the checkpoint has none of their weights.
+            kwargs: as for transformers; ``output_loading_info=True`` also returns the loading report.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        model._check_loading(info, set(new_heads), pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
+
+    def _check_loading(self, info: dict, new_heads: set[str], source) -> None:
+        """Raise on what the checkpoint lacks or holds beyond this model, apart from declared and foreign heads."""
+        children = {name for name, _ in self.named_children()}
+        heads = children - {self.base_model_prefix} if self.base_model is not self else set()
+        if new_heads - heads:
+            raise ValueError(
+                f"new_heads {sorted(new_heads - heads)} are not heads of {type(self).__name__}; "
+                f"its heads are {sorted(heads)}"
+            )
+        missing = set(info["missing_keys"])
+        for name in new_heads:
+            head_keys = {f"{name}.{key}" for key in getattr(self, name).state_dict()}
+            if head_keys <= missing:  # wholly absent: new on purpose
+                missing -= head_keys
+        # A checkpoint names the backbone with or without the prefix, whichever class saved it.
+        owned = children | {self.base_model_prefix} | {name for name, _ in self.base_model.named_children()}
+        unexpected = {key for key in info["unexpected_keys"] if key.split(".")[0] in owned}
+        foreign = set(info["unexpected_keys"]) - unexpected
+        problems = []
+        if missing:
+            problems.append(f"missing from the checkpoint: {sorted(missing)}")
+        if unexpected:
+            problems.append(f"unexpected in the checkpoint: {sorted(unexpected)}")
+        if info["mismatched_keys"]:  # transformers raises itself unless ignore_mismatched_sizes=True
+            problems.append(f"with other shapes in the checkpoint: {sorted(info['mismatched_keys'])}")
+        if problems:
+            hint = f". Heads new on purpose are declared with new_heads=[...]; heads: {sorted(heads)}" if heads else ""
+            raise ValueError(f"{type(self).__name__} does not match {source}: weights {'; '.join(problems)}{hint}")
+        if foreign:
+            logger.info(f"Dropped the checkpoint weights of heads {type(self).__name__} lacks: {sorted(foreign)}")
+
+
+class ScFoundationModel(ScFoundationPreTrainedModel):
+    """The backbone: gene tokens -> hidden states and a cell embedding.
+
+    Padded batches run through SDPA with a key-padding mask. Packed batches (``cu_seqlens`` given) run through a
+    varlen kernel when ``config.attention_backend == "flash_varlen"`` and one can run (CUDA, flash-attn or torch's
+    ``varlen_attn``); otherwise through SDPA with a block-diagonal mask, which is exact but O(T^2) in memory.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        self.embeddings = ScFoundationEmbeddings(config)
+        self.layers = nn.ModuleList(ScFoundationBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Switched by transformers' activation_checkpointing_enable(), which also sets its own checkpoint function.
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        output_hidden_states: bool = False,
+    ) -> ScFoundationModelOutput:
+        """Encode a padded (B, L) or packed (1, T) batch.
+
+        Args:
+            input_ids: (B, L) or (1, T) long gene ids.
+            values: same shape, float; bin indices (binned) or log1p values (continuous). Ignored by rank.
+            attention_mask: (B, L) bool, True at real tokens; None means no padding. Not allowed when packed.
+            mask: same shape as input_ids, bool; values hidden behind the mask-value embedding (value encodings).
+            condition_ids: name -> (n_cells,) long, one entry per name in ``config.condition_vocab_sizes``.
+            cu_seqlens: (n_cells + 1,) int, cumulative cell lengths from 0; marks a packed batch.
+            max_seqlen: the longest cell of a packed batch.
+            output_hidden_states: also return every block's output.
+
+        Returns:
+            :class:`ScFoundationModelOutput`.
+        """
+        self._check_inputs(input_ids, values, attention_mask, mask, condition_ids, cu_seqlens, max_seqlen)
+        cell_ids, positions, starts = _cell_layout(input_ids, cu_seqlens)
+        hidden = self.embeddings(input_ids, values, mask, condition_ids, cell_ids, positions)  # (B, L, h)
+
+        attn_mask, varlen_cu_seqlens = None, None
+        if cu_seqlens is None:
+            if attention_mask is not None:
+                attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): mask padded keys
+        elif self._use_varlen_kernel(hidden):
+            varlen_cu_seqlens = cu_seqlens.to(torch.int32)
+        else:
+            attn_mask = (cell_ids[0, :, None] == cell_ids[0, None, :])[None, None]  # (1, 1, T, T) block diagonal
+
+        all_hidden = [hidden]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = self._gradient_checkpointing_func(layer, hidden, attn_mask, varlen_cu_seqlens, max_seqlen)
+            else:
+                hidden = layer(hidden, attn_mask, varlen_cu_seqlens, max_seqlen)
+            all_hidden.append(hidden)
+        hidden = self.norm(hidden)
+        return ScFoundationModelOutput(
+            last_hidden_state=hidden,
+            cell_embedding=self._pool(hidden, input_ids, attention_mask, cell_ids, starts),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    def _use_varlen_kernel(self, hidden: torch.Tensor) -> bool:
+        if self.config.attention_backend != "flash_varlen":
+            return False
+        if hidden.is_cuda and (flash_attn_varlen_func is not None or varlen_attn is not None):
+            return True
+        logger.warning_once(
+            "attention_backend='flash_varlen' needs CUDA and flash-attn or torch's varlen_attn; packed batches "
+            "fall back to SDPA with a block-diagonal mask (exact, but O(T^2) memory)"
+        )
+        return False
+
+    def _pool(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cell_ids: torch.Tensor,
+        starts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cell embeddings (n_cells, h) from hidden (B, L, h): the CLS token, or the mean of the real non-CLS tokens.
+
+        A padded batch is handled as a packed one, its rows laid end to end, so both take one code path.
+        """
+        flat = hidden.flatten(0, 1)  # (B * L, h)
+        if self.config.pooling == "cls":
+            return flat[starts]
+        weight = input_ids != self.config.cls_token_id  # (B, L)
+        if attention_mask is not None:
+            weight = weight & attention_mask.bool()
+        weight = weight.flatten().to(flat.dtype)  # (B * L,)
+        n_cells, flat_cells = starts.numel(), cell_ids.flatten()
+        sums = flat.new_zeros(n_cells, flat.shape[1]).index_add_(0, flat_cells, flat * weight[:, None])
+        counts = flat.new_zeros(n_cells).index_add_(0, flat_cells, weight)
+        return sums / counts.clamp(min=1)[:, None]
+
+    def _check_inputs(self, input_ids, values, attention_mask, mask, condition_ids, cu_seqlens, max_seqlen) -> None:
+        """Reject malformed batches with a clear message rather than an indexing error deep in the model."""
+        config = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L) or (1, T), got shape {tuple(input_ids.shape)}")
+        if config.value_encoding != "rank" and values is None:
+            raise ValueError(f"the {config.value_encoding} encoding needs values")
+        for name, tensor in (("values", values), ("attention_mask", attention_mask), ("mask", mask)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids {tuple(input_ids.shape)}")
+        if set(condition_ids or {}) != set(config.condition_vocab_sizes):
+            raise ValueError(
+                f"condition_ids must have exactly the conditions {sorted(config.condition_vocab_sizes)}, "
+                f"got {sorted(condition_ids or {})}"
+            )
+        longest = input_ids.shape[1]
+        if cu_seqlens is not None:
+            if input_ids.shape[0] != 1 or attention_mask is not None or max_seqlen is None:
+                raise ValueError("a packed batch is input_ids (1, T) with cu_seqlens and max_seqlen, no attention_mask")
+            if int(cu_seqlens[-1]) != input_ids.shape[1]:
+                raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the batch has {input_ids.shape[1]}")
+            longest = max_seqlen
+        if config.value_encoding == "rank" and longest > config.max_position_embeddings:
+            raise ValueError(f"a cell of {longest} tokens exceeds max_position_embeddings")
+        if config.pooling == "cls":
+            first = input_ids[:, 0] if cu_seqlens is None else input_ids[0, cu_seqlens[:-1].long()]
+            if not bool((first == config.cls_token_id).all()):
+                raise ValueError("pooling='cls' needs cls_token_id at the start of every cell")
+
+
+class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
+    """Predict the hidden values at masked positions (binned: cross-entropy over bins; continuous: MSE).
+
+    With ``config.mvc_weight > 0`` the loss adds the masked-value-from-cell term: each masked gene's value is
+    predicted from the cell embedding and its gene embedding alone (:class:`ScFoundationMVCHead`). Its target is
+    the label, scaled to [0, 1] by ``n_bins - 1`` for bins so that its MSE sits on the scale of the main loss.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        if config.value_encoding not in ("binned", "continuous"):
+            raise ValueError(
+                f"masked value modeling needs a binned or continuous encoding, not {config.value_encoding}"
+            )
+        self.sc_foundation = ScFoundationModel(config)
+        self.value_head = ScFoundationValueHead(config)
+        self.mvc_head = ScFoundationMVCHead(config) if config.mvc_weight > 0 else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ScFoundationMaskedValueOutput:
+        """Args as for :meth:`ScFoundationModel.forward`, plus ``labels``: same shape as input_ids, float, the
+        true value (bin index or log1p value) at the ``mask`` positions and ignored elsewhere."""
+        if labels is not None and mask is None:
+            raise ValueError("labels need the mask of the positions to predict")
+        encoded = self.sc_foundation(input_ids, values, attention_mask, mask, condition_ids, cu_seqlens, max_seqlen)
+        hidden = encoded.last_hidden_state if mask is None else encoded.last_hidden_state[mask]  # (B, L, h) or (M, h)
+        scores = self.value_head(hidden)  # (..., n_bins) or (..., 1)
+        binned = self.config.value_encoding == "binned"
+        output = ScFoundationMaskedValueOutput(
+            logits=scores if binned else None,
+            predictions=None if binned else scores.squeeze(-1),
+            cell_embedding=encoded.cell_embedding,
+        )
+        if labels is None:
+            return output
+        target = labels[mask].float()  # (M,)
+        if binned:
+            output.loss = F.cross_entropy(scores.float(), target.long())
+        else:
+            output.loss = F.mse_loss(output.predictions.float(), target)
+        if self.mvc_head is not None:
+            cell_ids, _, _ = _cell_layout(input_ids, cu_seqlens)
+            genes = self.sc_foundation.embeddings.gene_embeddings(input_ids[mask])  # (M, h)
+            predicted = self.mvc_head(genes, encoded.cell_embedding[cell_ids[mask]])  # (M,)
+            mvc_target = target / (self.config.n_bins - 1) if binned else target
+            output.mvc_loss = F.mse_loss(predicted.float(), mvc_target)
+            output.loss = output.loss + self.config.mvc_weight * output.mvc_loss
+        return output
+
+
+class ScFoundationForMaskedGeneModeling(ScFoundationPreTrainedModel):
+    """Predict the gene at masked positions of a rank-encoded cell (Geneformer's objective).
+
+    The data pipeline has put ``mask_token_id`` into input_ids at the masked positions; the decoder scores the
+    whole vocabulary with weights tied to the gene embeddings.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        if config.value_encoding != "rank":
+            raise ValueError(f"masked gene modeling needs the rank encoding, not {config.value_encoding}")
+        self.sc_foundation = ScFoundationModel(config)
+        self.gene_decoder = ScFoundationGeneDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ScFoundationMaskedGeneOutput:
+        """Args as for :meth:`ScFoundationModel.forward` (``values`` ignored), plus ``mask``: the positions to
+        score, and ``labels``: same shape as input_ids, long, the original gene id at masked positions, -100
+        elsewhere."""
+        encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
+        hidden = encoded.last_hidden_state if mask is None else encoded.last_hidden_state[mask]  # (B, L, h) or (M, h)
+        logits = self.gene_decoder(hidden, self.sc_foundation.embeddings.gene_embeddings.weight)  # (..., V)
+        output = ScFoundationMaskedGeneOutput(logits=logits, cell_embedding=encoded.cell_embedding)
+        if labels is not None:
+            target = labels if mask is None else labels[mask]
+            output.loss = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), ignore_index=-100)
+        return output
+
+
+AutoConfig.register(ScFoundationConfig.model_type, ScFoundationConfig, exist_ok=True)
+AutoModel.register(ScFoundationConfig, ScFoundationModel, exist_ok=True)
+AutoModelForMaskedLM.register(ScFoundationConfig, ScFoundationForMaskedGeneModeling, exist_ok=True)

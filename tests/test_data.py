@@ -1,0 +1,163 @@
+"""DataModule pieces: splits, the length-grouped DDP-aware batch sampler, masking, loaders (real data slices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sc_foundation.data import CellBatchSampler, CorpusDataModule, MaskingCollator, StoreBatchDataset, split_cells
+from sc_foundation.store import CorpusStore, build_store
+from sc_foundation.tokenization import TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def store_dirs(tmp_path_factory, real_slice):
+    """Two small stores (binned and rank) over 400 Kang cells and 120 CellBench cells (two protocol batches)."""
+    folder = tmp_path_factory.mktemp("data_stores")
+    kang = real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(0, 14000, 35))
+    cellbench = real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 480, 4))
+    kang.write_h5ad(folder / "kang.h5ad")
+    cellbench.write_h5ad(folder / "cellbench.h5ad")
+    inputs = [str(folder / "kang.h5ad"), {"path": str(folder / "cellbench.h5ad"), "batch_key": "batch"}]
+    dirs = {}
+    # Context 2048 leaves the Kang cells (about 650 genes each) their natural lengths, so padding is measurable.
+    for encoding, context in (("binned", 2048), ("rank", 512)):
+        config = TokenizerConfig(encoding=encoding, context_length=context)
+        build_store(inputs, folder / encoding, tokenizer_config=config, obs_keys=["condition", "cell_type"])
+        dirs[encoding] = folder / encoding
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def store(store_dirs):
+    return CorpusStore(store_dirs["binned"])
+
+
+def test_random_split_is_seeded_disjoint_and_complete(store):
+    train, val = split_cells(store, 0.2, seed=3)
+    again = split_cells(store, 0.2, seed=3)
+    other = split_cells(store, 0.2, seed=4)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, other[1])
+    assert len(np.intersect1d(train, val)) == 0
+    assert len(train) + len(val) == len(store)
+    assert len(val) == round(0.2 * len(store))
+
+
+def test_grouped_split_keeps_groups_whole(store):
+    train, val = split_cells(store, 0.2, seed=0, group_by="batch")
+    batches = store.obs["batch"].astype(str).to_numpy()
+    assert set(batches[train]).isdisjoint(batches[val])
+    assert len(val) > 0 and len(train) > 0
+    with pytest.raises(ValueError, match="not a column"):
+        split_cells(store, 0.2, group_by="donor")
+    with pytest.raises(ValueError, match="too few"):
+        split_cells(store, 0.5, group_by="source")
+
+
+def test_sampler_is_seeded_length_grouped_and_covers_the_split(store):
+    indices = np.arange(len(store))
+    sampler = CellBatchSampler(indices, store.lengths, batch_size=16, seed=1, mega_batch_factor=4)
+    first = [b.tolist() for _, b in sampler]
+    assert [b.tolist() for _, b in CellBatchSampler(indices, store.lengths, 16, seed=1, mega_batch_factor=4)] == first
+    assert sorted(i for b in first for i in b) == indices.tolist()
+    assert len(first) == len(sampler)
+    sampler.set_epoch(1)
+    assert [b.tolist() for _, b in sampler] != first
+    grouped = sampler.padding_fraction()
+    sampler.group_by_length = False
+    assert grouped < sampler.padding_fraction() / 3
+
+
+def test_sampler_gives_each_rank_disjoint_cells_and_equal_steps(store):
+    indices = np.arange(len(store))
+    ranks = [
+        [b for _, b in CellBatchSampler(indices, store.lengths, 8, seed=0, num_replicas=3, rank=r, drop_last=True)]
+        for r in range(3)
+    ]
+    assert len({len(r) for r in ranks}) == 1
+    seen = [set(np.concatenate(r).tolist()) for r in ranks]
+    assert seen[0].isdisjoint(seen[1]) and seen[0].isdisjoint(seen[2]) and seen[1].isdisjoint(seen[2])
+    assert sum(len(s) for s in seen) >= len(store) - 3 * 8
+
+
+def _collator(store, ratio=0.15, objective="value"):
+    vocab = store.vocab
+    return MaskingCollator(ratio, objective, vocab.mask_id, vocab.special_ids.tolist(), len(vocab), seed=7)
+
+
+def test_value_masking_hides_values_and_repeats(store):
+    batch = store.get_batch(np.arange(40))
+    out = _collator(store)(batch, epoch=0)
+    mask = out["mask"]
+    assert not mask[:, 0].any(), "the <cls> token is never masked"
+    assert not mask[~batch["attention_mask"]].any(), "padding is never masked"
+    assert mask.any(axis=1).all()
+    ratio = mask.sum() / (batch["attention_mask"].sum() - len(mask))
+    assert 0.12 < ratio < 0.18
+    assert np.array_equal(out["labels"][mask], batch["values"][mask])
+    assert (out["values"][mask] == 0).all()
+    assert np.array_equal(out["values"][~mask], batch["values"][~mask])
+    again = _collator(store)(store.get_batch(np.arange(40)), epoch=0)
+    assert np.array_equal(again["mask"], mask)
+    assert not np.array_equal(_collator(store)(store.get_batch(np.arange(40)), epoch=1)["mask"], mask)
+
+
+def test_a_cells_mask_does_not_depend_on_its_batch(store):
+    collator = _collator(store)
+    alone = collator(store.get_batch([5]), epoch=2)
+    n = store.lengths[5]
+    mixed = collator(store.get_batch([30, 5, 100]), epoch=2)
+    assert np.array_equal(alone["mask"][0, :n], mixed["mask"][1, :n])
+
+
+def test_gene_masking_for_rank_replaces_ids(store_dirs):
+    rank_store = CorpusStore(store_dirs["rank"])
+    batch = rank_store.get_batch(np.arange(64))
+    out = _collator(rank_store, objective="gene")(batch, epoch=0)
+    mask = out["mask"]
+    assert np.array_equal(out["labels"][mask], batch["input_ids"][mask])
+    assert (out["labels"][~mask] == -100).all()
+    assert rank_store.vocab.mask_id == 2
+    replaced = out["input_ids"][mask] == rank_store.vocab.mask_id
+    assert 0.7 < replaced.mean() < 0.9
+    assert np.array_equal(out["input_ids"][~mask], batch["input_ids"][~mask])
+    swapped = out["input_ids"][mask & (out["input_ids"] != batch["input_ids"]) & (out["input_ids"] != 2)]
+    assert len(swapped) > 0, "about 10% of masked tokens become a random gene"
+    assert not np.isin(swapped, rank_store.vocab.special_ids).any(), "a random replacement is never a special token"
+
+
+def test_packed_batches_hold_the_same_tokens_as_padded(store):
+    padded = StoreBatchDataset(store)[(0, np.array([3, 9, 27]))]
+    packed = StoreBatchDataset(store, pack=True)[(0, np.array([3, 9, 27]))]
+    cu = packed["cu_seqlens"]
+    for row in range(3):
+        n = int(cu[row + 1] - cu[row])
+        assert n == int(padded["attention_mask"][row].sum())
+        assert torch.equal(packed["input_ids"][0, cu[row] : cu[row + 1]], padded["input_ids"][row, :n])
+        assert torch.equal(packed["values"][0, cu[row] : cu[row + 1]], padded["values"][row, :n])
+    assert int(packed["max_seqlen"]) == int(padded["attention_mask"].sum(1).max())
+
+
+def test_datamodule_batches_are_identical_with_and_without_workers(store_dirs):
+    batches = []
+    for workers in (0, 2):
+        datamodule = CorpusDataModule(store_dirs["binned"], batch_size=16, num_workers=workers, seed=5)
+        datamodule.setup()
+        loader = datamodule.train_dataloader()
+        batches.append([b for _, b in zip(range(4), loader, strict=False)])
+    for a, b in zip(*batches, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    first = batches[0][0]
+    assert first["input_ids"].dtype == torch.int64 and first["attention_mask"].dtype == torch.bool
+    assert first["input_ids"].shape[1] % 8 == 0
+    assert {"mask", "labels", "values", "cell_index"} <= first.keys()
+
+
+def test_datamodule_without_masking_for_finetuning(store_dirs):
+    datamodule = CorpusDataModule(store_dirs["binned"], batch_size=8, mask_ratio=None, val_fraction=0.1)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    assert "mask" not in batch and "labels" not in batch
+    report = datamodule.padding_report()
+    assert report["length_grouped"] < report["random"]
