@@ -37,7 +37,14 @@ import pyarrow as pa
 from .gene_statistics import GeneStatistics
 from .genes import GeneVocab, _atomic_write_text, resolve_genes
 from .io import InvalidInputError, open_counts
-from .tokenization import GeneTokenizer, TokenizerConfig, aggregate_columns, cell_keys, normalise_counts
+from .tokenization import (
+    GeneMatchError,
+    GeneTokenizer,
+    TokenizerConfig,
+    aggregate_columns,
+    cell_keys,
+    normalise_counts,
+)
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -197,7 +204,9 @@ def _file_statistics(spec: CorpusInput, target_sum: float, chunk_size: int, out:
     return out
 
 
-def _write_shard(spec: CorpusInput, store_dir: str, index: int, chunk_size: int, obs_keys: Sequence[str]) -> dict:
+def _write_shard(
+    spec: CorpusInput, store_dir: str, index: int, chunk_size: int, obs_keys: Sequence[str], vocab_hint: str
+) -> dict:
     """Pass 2 over one file: tokenize it chunk by chunk into ``shards/{index}.arrow`` and write its report."""
     started = time.perf_counter()
     tokenizer = GeneTokenizer.from_pretrained(store_dir)
@@ -209,9 +218,12 @@ def _write_shard(spec: CorpusInput, store_dir: str, index: int, chunk_size: int,
         first = next(chunks, None)
         # Detection in the first chunk tells which listed genes carry signal (see GeneMatch).
         detected = None if first is None else np.bincount(first[1].indices, minlength=source.n_genes)
-        match = tokenizer.match_genes(
-            source.gene_names, source=spec.path, species=spec.species, cells_per_gene=detected
-        )
+        try:
+            match = tokenizer.match_genes(
+                source.gene_names, source=spec.path, species=spec.species, cells_per_gene=detected
+            )
+        except GeneMatchError as error:
+            raise GeneMatchError(f"{error} {vocab_hint}".strip()) from error
         obs = source.obs
         if spec.batch_key is not None and spec.batch_key not in obs.columns:
             raise InvalidInputError(
@@ -367,7 +379,13 @@ def build_store(
     # Pass 2: one shard per file; a shard with its report is finished and is not redone.
     (out / "shards").mkdir(exist_ok=True)
     done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
-    todo = [(s, str(out), k, chunk_size, tuple(obs_keys)) for k, s in enumerate(specs) if k not in done]
+    vocab_hint = (
+        ""
+        if fixed_vocab is not None
+        else f"The vocabulary was built from this corpus with min_cells_per_gene={min_cells_per_gene}: genes seen "
+        "in fewer cells are left out, so on a small corpus lower min_cells_per_gene."
+    )
+    todo = [(s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done]
     _run_parallel(_write_shard, todo, num_workers)
     reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
     report = StoreReport(
