@@ -1,34 +1,39 @@
 """sc_foundation: single-cell foundation models from raw counts to embeddings.
 
-Importing the package registers the model with the transformers Auto classes.
+Importing the package registers the model with the transformers Auto classes. Everything else is imported on first
+use: the data layer's worker processes import ``sc_foundation.store`` and must not pay for Lightning or scanpy.
 """
 
+import importlib
+
 from .configuration import ScFoundationConfig
-from .data import CorpusDataModule
-from .genes import GeneVocab, resolve_genes
-from .io import InvalidInputError, counts_from_anndata, open_counts
-from .modeling import (
-    ScFoundationForMaskedGeneModeling,
-    ScFoundationForMaskedValueModeling,
-    ScFoundationModel,
-)
-from .store import CorpusStore, build_store
-from .tokenization import GeneMatchError, GeneTokenizer, TokenizerConfig
+from .modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling, ScFoundationModel
+
+_LAZY = {
+    "CorpusDataModule": "data",
+    "CorpusStore": "store",
+    "build_store": "store",
+    "GeneMatchError": "tokenization",
+    "GeneTokenizer": "tokenization",
+    "TokenizerConfig": "tokenization",
+    "GeneVocab": "genes",
+    "resolve_genes": "genes",
+    "InvalidInputError": "io",
+    "counts_from_anndata": "io",
+    "open_counts": "io",
+    "TrainingModule": "training",
+}
 
 __all__ = [
-    "CorpusDataModule",
-    "CorpusStore",
-    "GeneMatchError",
-    "GeneTokenizer",
-    "GeneVocab",
-    "InvalidInputError",
     "ScFoundationConfig",
     "ScFoundationForMaskedGeneModeling",
     "ScFoundationForMaskedValueModeling",
     "ScFoundationModel",
-    "TokenizerConfig",
-    "build_store",
-    "counts_from_anndata",
-    "open_counts",
-    "resolve_genes",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ Reading memory-maps the shards and slices the flat token buffers directly (no pe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -49,6 +50,7 @@ from .tokenization import (
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 TOKEN_COLUMNS = ("gene_ids", "values")
+RESERVED_COLUMNS = ("cell_id", "source", "batch", "length", "n_counts", "n_expressed", *TOKEN_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,14 @@ class StoreReport:
 def _file_statistics(spec: CorpusInput, target_sum: float, chunk_size: int, out: str) -> str:
     """Pass 1 over one file: per-gene detection counts and value histograms, saved to ``out``."""
     with spec.open() as source:
-        canonical = resolve_genes(source.gene_names, species=spec.species).canonical
+        resolution = resolve_genes(source.gene_names, species=spec.species)
+        canonical = resolution.canonical
+        if pd.isna(canonical).all():
+            raise GeneMatchError(
+                f"{spec.path}: none of its {len(canonical)} gene names resolves to a known gene (species "
+                f"{resolution.species}), e.g. {resolution.names[:8].tolist()}. Point gene_key at the var column with "
+                "gene symbols or Ensembl ids, or set species."
+            )
         codes, genes = pd.factorize(pd.Series(canonical, dtype=object), use_na_sentinel=True)
         _, aggregate = aggregate_columns(codes.astype(np.int64))
         stats = GeneStatistics.empty(list(genes))
@@ -215,12 +224,21 @@ def _write_shard(
     counts_in = empty = tokens = truncated = 0
     with spec.open() as source:
         chunks = source.iter_chunks(chunk_size)
-        first = next(chunks, None)
-        # Detection in the first chunk tells which listed genes carry signal (see GeneMatch).
-        detected = None if first is None else np.bincount(first[1].indices, minlength=source.n_genes)
+        # Detection in the first chunk that holds any counts tells which listed genes carry signal (see GeneMatch);
+        # the chunks read to find it are kept and tokenized first. A file of empty cells matches on all its genes.
+        head: list = []
+        detected = np.zeros(source.n_genes, dtype=np.int64)
+        for chunk in chunks:
+            head.append(chunk)
+            detected += np.bincount(chunk[1].indices, minlength=source.n_genes)
+            if detected.any():
+                break
         try:
             match = tokenizer.match_genes(
-                source.gene_names, source=spec.path, species=spec.species, cells_per_gene=detected
+                source.gene_names,
+                source=spec.path,
+                species=spec.species,
+                cells_per_gene=detected if detected.any() else None,
             )
         except GeneMatchError as error:
             raise GeneMatchError(f"{error} {vocab_hint}".strip()) from error
@@ -233,7 +251,7 @@ def _write_shard(
         keys = cell_keys(obs.index)
         schema = _shard_schema(obs_keys)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for start, counts in itertools.chain([first] if first else [], chunks):
+            for start, counts in itertools.chain(head, chunks):
                 n = counts.shape[0]
                 cells = tokenizer.encode(counts, match, keys[start : start + n])
                 counts_in += n
@@ -301,14 +319,20 @@ def _record_batch(cells, obs: pd.DataFrame, spec: CorpusInput, obs_keys: Sequenc
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def _run_parallel(function, jobs: list[tuple], num_workers: int) -> list:
-    """Run ``function(*job)`` for each job, in worker processes when ``num_workers > 1``; results in job order."""
-    if num_workers <= 1 or len(jobs) <= 1:
-        return [function(*job) for job in jobs]
+@contextlib.contextmanager
+def _worker_pool(num_workers: int, n_jobs: int):
+    """A ``run(function, jobs)`` callable: ``function(*job)`` for each job, results in job order.
+
+    With ``num_workers > 1`` the jobs run in one pool of worker processes that serves both passes of a build, so
+    each worker imports the package once.
+    """
+    if num_workers <= 1 or n_jobs <= 1:
+        yield lambda function, jobs: [function(*job) for job in jobs]
+        return
     # spawn, not fork: the parent may hold torch or HDF5 state that is unsafe to fork.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=context) as pool:
-        return list(pool.map(function, *zip(*jobs, strict=True)))
+    with ProcessPoolExecutor(max_workers=min(num_workers, n_jobs), mp_context=context) as pool:
+        yield lambda function, jobs: list(pool.map(function, *zip(*jobs, strict=True))) if jobs else []
 
 
 def build_store(
@@ -338,6 +362,13 @@ def build_store(
     """
     started = time.perf_counter()
     specs = [CorpusInput.coerce(item) for item in inputs]
+    reserved = sorted(set(obs_keys) & set(RESERVED_COLUMNS))
+    if reserved:
+        raise ValueError(
+            f"obs_keys {reserved} clash with columns every store has ({list(RESERVED_COLUMNS)}). The store's "
+            "'batch' comes from each input's batch_key (e.g. {'path': ..., 'batch_key': 'batch'}); rename other "
+            "obs columns before building."
+        )
     if not specs:
         raise ValueError("build_store needs at least one input file.")
     config = tokenizer_config or TokenizerConfig()
@@ -354,39 +385,40 @@ def build_store(
     if (out / MANIFEST).exists():
         return load_report(out)
 
-    # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
-    if fixed_vocab is None or config.encoding == "rank":
-        (out / "stats").mkdir(exist_ok=True)
-        todo = [
-            (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
-            for k, s in enumerate(specs)
-            if not (out / "stats" / f"{k:05d}.npz").exists()
-        ]
-        _run_parallel(_file_statistics, todo, num_workers)
-        stats = GeneStatistics.empty([])
-        for k in range(len(specs)):
-            stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
-    if fixed_vocab is None:
-        vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
-    else:
-        vocabulary = fixed_vocab
-    medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
-    tokenizer = GeneTokenizer(vocabulary, config, medians)
-    saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
-    if not saved:
-        tokenizer.save(out)
+    with _worker_pool(num_workers, len(specs)) as run:
+        # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
+        if fixed_vocab is None or config.encoding == "rank":
+            (out / "stats").mkdir(exist_ok=True)
+            todo = [
+                (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
+                for k, s in enumerate(specs)
+                if not (out / "stats" / f"{k:05d}.npz").exists()
+            ]
+            run(_file_statistics, todo)
+            stats = GeneStatistics.empty([])
+            for k in range(len(specs)):
+                stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
+        if fixed_vocab is None:
+            vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
+        else:
+            vocabulary = fixed_vocab
+        medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
+        tokenizer = GeneTokenizer(vocabulary, config, medians)
+        saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
+        if not saved:
+            tokenizer.save(out)
 
-    # Pass 2: one shard per file; a shard with its report is finished and is not redone.
-    (out / "shards").mkdir(exist_ok=True)
-    done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
-    vocab_hint = (
-        ""
-        if fixed_vocab is not None
-        else f"The vocabulary was built from this corpus with min_cells_per_gene={min_cells_per_gene}: genes seen "
-        "in fewer cells are left out, so on a small corpus lower min_cells_per_gene."
-    )
-    todo = [(s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done]
-    _run_parallel(_write_shard, todo, num_workers)
+        # Pass 2: one shard per file; a shard with its report is finished and is not redone.
+        (out / "shards").mkdir(exist_ok=True)
+        done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
+        vocab_hint = (
+            ""
+            if fixed_vocab is not None
+            else f"The vocabulary was built from this corpus with min_cells_per_gene={min_cells_per_gene}: genes seen "
+            "in fewer cells are left out, so on a small corpus lower min_cells_per_gene."
+        )
+        todo = [(s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done]
+        run(_write_shard, todo)
     reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
     report = StoreReport(
         path=str(out),
