@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark scripts: both run end to end at a tiny size and report sane figures."""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+CELLS = 2000
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    """The benchmark scripts as modules (they import their helper ``_corpus`` as a sibling)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("build_store"), importlib.import_module("data_loading")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One corpus cache for both tests: the second reuses the files the first wrote."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def common_args(tmp_path: Path, cache: Path, shared_data: Path) -> list[str]:
+    return ["--cells", str(CELLS), "--cache-dir", str(cache), "--data-dir", str(shared_data)]
+
+
+def assert_positive(record: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+
+
+def assert_written(out: Path, payload: dict) -> None:
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_build_store_benchmark(scripts, cache, tmp_path, shared_data):
+    build_store, _ = scripts
+    out = tmp_path / "build_store.json"
+    payload = build_store.main(["--out", str(out), "--chunk-size", "500", *common_args(tmp_path, cache, shared_data)])
+    assert_written(out, payload)
+    assert {"machine", "config", "binned", "rank", "continuous", "targets"} <= set(payload)
+    assert payload["machine"]["cpu_count"] >= 1 and payload["machine"]["numpy"] and payload["machine"]["torch"]
+    assert payload["targets"] == {"cells_per_s_per_core": 5000}
+    assert len(payload["config"]["corpus_files"]) == 2  # Kang and pbmc3k copies
+    for encoding in ("binned", "rank", "continuous"):
+        r = payload[encoding]
+        assert r["cells"] == CELLS and r["n_files"] == 2
+        assert_positive(
+            r,
+            ["cells_per_s", "cells_per_s_per_core", "seconds", "peak_rss_mb", "peak_rss_tree_mb", "tokens",
+             "mean_length", "store_size_mb"],
+        )  # fmt: skip
+        assert r["cells_per_s_per_core"] == pytest.approx(r["cells_per_s"])  # one worker
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+        assert r["tokens"] == pytest.approx(r["mean_length"] * r["cells"])
+    # Only the results file is left next to the cache: every temporary store was removed.
+    assert not list(cache.glob("build-*"))
+
+
+def test_data_loading_benchmark(scripts, cache, tmp_path, shared_data):
+    _, data_loading = scripts
+    out = tmp_path / "data_loading.json"
+    argv = ["--out", str(out), "--batches", "5", "--repeats", "2", "--warmup", "1", "--workers", "1"]
+    payload = data_loading.main([*argv, *common_args(tmp_path, cache, shared_data)])
+    assert_written(out, payload)
+    loaders = ["store", "store_masked", "store_ungrouped", "store_workers", "backed_anndata", "in_memory_anndata"]
+    assert {"machine", "config", "targets", "speedup_store_vs_backed", *loaders} <= set(payload)
+    assert payload["targets"] == {"store_cells_per_s": 20000, "speedup_vs_backed": 10}
+    assert payload["config"]["store"]["cells"] == CELLS
+    for name in loaders:
+        r = payload[name]
+        assert_positive(r, ["cells_per_s", "seconds", "mean_tokens_per_cell", "batches", "cells"])
+        assert 0 <= r["padded_fraction"] < 1
+        assert r["batches"] == 10 and r["cells"] == 10 * 64
+    # Same cells, same tokenizer: the AnnData loaders see the very same batches.
+    assert payload["backed_anndata"]["mean_tokens_per_cell"] == payload["in_memory_anndata"]["mean_tokens_per_cell"]
+    assert payload["speedup_store_vs_backed"] > 0
+    assert payload["in_memory_anndata"]["load_s"] > 0 and payload["backed_anndata"]["open_s"] > 0
+    assert not payload["config"]["store"]["reused"]
+    # A second call with the same corpus returns the finished store instead of building it again.
+    args = data_loading.parse_args([*argv, *common_args(tmp_path, cache, shared_data)])
+    files = sorted(cache.glob(f"corpus-{CELLS}/*.h5ad"))
+    store_dir, info = data_loading.build_or_reuse_store(files, args)
+    assert info["reused"] and str(store_dir) == payload["config"]["store"]["path"]
