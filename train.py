@@ -1,19 +1,32 @@
 """Pretraining entry point: ``python train.py [hydra overrides]``.
 
-Builds (or reuses) the tokenized corpus store of ``conf/data``, prints its report and the batch padding figures.
+Builds (or reuses) the tokenized corpus store of ``conf/data``, prints its report and the batch padding figures,
+pretrains the head of the store's value encoding (``conf/model``, ``conf/trainer``, ``conf/logger``) and exports the
+model with its tokenizer to ``<output_dir>/export/best`` (lowest validation loss) and ``<output_dir>/export/final``.
+Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resuming: ``ckpt_path=...``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.data import CorpusDataModule
 from sc_foundation.datasets import corpus_inputs
-from sc_foundation.store import build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.export import export_pretrained
+from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
+from sc_foundation.store import CorpusStore, build_store
+from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
+from sc_foundation.training import TrainingModule
 
 
 def build_corpus(cfg: DictConfig):
@@ -32,8 +45,69 @@ def build_corpus(cfg: DictConfig):
     )
 
 
-def run(cfg: DictConfig) -> dict:
-    """Everything ``train.py`` does, callable from tests with a composed config."""
+def output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir``, else Hydra's run directory, else ``outputs/<date>/<time>`` (a composed config)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def build_model(cfg: DictConfig, store: CorpusStore):
+    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
+    vocab, tokenizer = store.vocab, store.tokenizer.config
+    config = ScFoundationConfig(
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        vocab_size=len(vocab),
+        value_encoding=tokenizer.encoding,
+        n_bins=tokenizer.n_bins,
+        max_position_embeddings=tokenizer.context_length,
+        pad_token_id=vocab.pad_id,
+        cls_token_id=vocab.cls_id,
+        mask_token_id=vocab.mask_id,
+    )
+    head = ScFoundationForMaskedGeneModeling if tokenizer.encoding == "rank" else ScFoundationForMaskedValueModeling
+    return head(config)
+
+
+def export(trainer: pl.Trainer, module: TrainingModule, tokenizer: GeneTokenizer, directory: Path) -> Path:
+    """Export the trained model. Called on every rank (FSDP gathers the full weights collectively); rank 0 writes."""
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "model."
+        weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        export_pretrained(module.model, tokenizer, directory, state_dict=weights)
+    trainer.strategy.barrier("export")
+    return directory
+
+
+class ExportBest(pl.Callback):
+    """Exports the model to ``directory`` whenever the validation loss reaches a new low."""
+
+    def __init__(self, tokenizer: GeneTokenizer, directory: Path, monitor: str = "val/loss"):
+        self.tokenizer = tokenizer
+        self.directory = directory
+        self.monitor = monitor
+        self.best = math.inf
+
+    def on_validation_end(self, trainer: pl.Trainer, module: TrainingModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])  # averaged over ranks: the same on each
+        if value < self.best:
+            self.best = value
+            export(trainer, module, self.tokenizer, self.directory)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Everything ``train.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
     report = build_corpus(cfg)
     print(report.format())
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
@@ -44,7 +118,41 @@ def run(cfg: DictConfig) -> dict:
         f"slots per epoch: {padding['length_grouped']:.1%} length-grouped vs {padding['random']:.1%} random batches"
     )
     print(f"corpus store: {Path(report.path).resolve()}")
-    return {"store": report.path, "report": report, "padding": padding}
+
+    pl.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    store = datamodule.store
+    model = build_model(cfg, store)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
+    logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
+    if isinstance(trainer_kwargs.get("strategy"), dict):
+        trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        **OmegaConf.to_container(cfg.checkpoint, resolve=True),
+    )
+    best = ExportBest(store.tokenizer, out / "export" / "best")
+    configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
+    callbacks = [checkpoints, best, *configured, *callbacks]
+    trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    final = export(trainer, module, store.tokenizer, out / "export" / "final")
+    if trainer.is_global_zero:
+        print(f"exported model: {final.resolve()} (best validation loss: {best.directory.resolve()})")
+    return {
+        "store": report.path,
+        "report": report,
+        "padding": padding,
+        "output_dir": out,
+        "export": final,
+        "best_export": best.directory,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pretrain")

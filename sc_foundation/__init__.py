@@ -22,6 +22,8 @@ _LAZY = {
     "counts_from_anndata": "io",
     "open_counts": "io",
     "TrainingModule": "training",
+    "load_pretrained": "export",
+    "export_pretrained": "export",
 }
 
 __all__ = [

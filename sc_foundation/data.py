@@ -114,6 +114,7 @@ class CellBatchSampler(Sampler):
         self._num_replicas = num_replicas
         self._rank = rank
         self.epoch = 0
+        self.skip_batches = 0
 
     @property
     def num_replicas(self) -> int:
@@ -151,7 +152,9 @@ class CellBatchSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         batches = self.batches()
         usable = len(batches) // self.num_replicas * self.num_replicas
-        for batch in batches[self.rank : usable : self.num_replicas]:
+        # A run resumed mid-epoch skips the batches it already trained on (once; see CorpusDataModule).
+        skip, self.skip_batches = self.skip_batches, 0
+        for batch in batches[self.rank : usable : self.num_replicas][skip:]:
             yield self.epoch, batch
 
     def __len__(self) -> int:
@@ -199,31 +202,50 @@ class MaskingCollator:
         self._gene_ids = np.flatnonzero(is_gene)
 
     def __call__(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """Add ``mask`` and ``labels`` to a padded (B, L) or packed (1, T) batch; same shapes as ``input_ids``."""
         ids = batch["input_ids"]
-        maskable = batch["attention_mask"] & ~np.isin(ids, self._special)
-        cells = batch["cell_index"].astype(np.uint64)[:, None]
-        positions = np.arange(ids.shape[1], dtype=np.uint64)[None, :]
-        u = hash_uniform(np.uint64(self.seed), np.uint64(epoch), cells, positions)
-        u = np.where(maskable, u, 2.0)
+        segment, position, real, starts = _token_layout(batch)
+        flat_ids = ids.ravel()
+        maskable = real & ~np.isin(flat_ids, self._special)
+        cells = batch["cell_index"].astype(np.uint64)[segment]
+        positions = position.astype(np.uint64)
+        u = np.where(maskable, hash_uniform(np.uint64(self.seed), np.uint64(epoch), cells, positions), 2.0)
         mask = u < self.mask_ratio
-        # At least one masked token per cell that has any gene token: the one with the smallest draw.
-        first = np.argmin(u, axis=1)
-        has_gene = maskable.any(axis=1)
-        mask[np.flatnonzero(has_gene), first[has_gene]] = True
+        # At least one masked token per cell that has any gene token: its first token with the smallest draw.
+        smallest = np.minimum.reduceat(u, starts)
+        hits = np.flatnonzero((u == smallest[segment]) & maskable)
+        mask[hits[np.r_[True, np.diff(segment[hits]) != 0]]] = True
         out = dict(batch)
-        out["mask"] = mask
+        out["mask"] = mask.reshape(ids.shape)
         if self.objective == "value":
-            out["labels"] = np.where(mask, batch["values"], 0.0).astype(np.float32)
-            out["values"] = np.where(mask, 0.0, batch["values"]).astype(np.float32)
+            values = batch["values"].ravel()
+            out["labels"] = np.where(mask, values, 0.0).astype(np.float32).reshape(ids.shape)
+            out["values"] = np.where(mask, 0.0, values).astype(np.float32).reshape(ids.shape)
         else:
-            out["labels"] = np.where(mask, ids, -100)
-            # A second and third draw from the same hash decide mask / random / keep and the random gene.
+            out["labels"] = np.where(mask, flat_ids, -100).reshape(ids.shape)
+            # Two more draws from the same hash decide mask / random / keep and which random gene.
             action = hash_uniform(np.uint64(self.seed + 1), np.uint64(epoch), cells, positions)
             pick = hash_uniform(np.uint64(self.seed + 2), np.uint64(epoch), cells, positions)
             random_gene = self._gene_ids[(pick * len(self._gene_ids)).astype(np.int64)]
-            new_ids = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, random_gene, ids))
-            out["input_ids"] = np.where(mask, new_ids, ids)
+            new_ids = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, random_gene, flat_ids))
+            out["input_ids"] = np.where(mask, new_ids, flat_ids).reshape(ids.shape)
         return out
+
+
+def _token_layout(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per flattened token: its cell's row in the batch, its position in the cell, whether it is real (not
+    padding); and the first flattened token of each cell. Padded (B, L) and packed (1, T) batches alike."""
+    ids = batch["input_ids"]
+    if "cu_seqlens" in batch:
+        bounds = batch["cu_seqlens"].astype(np.int64)
+        lengths = np.diff(bounds)
+        segment = np.repeat(np.arange(len(lengths)), lengths)
+        position = np.arange(bounds[-1]) - bounds[:-1][segment]
+        return segment, position, np.ones(len(segment), dtype=bool), bounds[:-1]
+    n_cells, width = ids.shape
+    segment = np.repeat(np.arange(n_cells), width)
+    position = np.tile(np.arange(width), n_cells)
+    return segment, position, batch["attention_mask"].ravel(), np.arange(n_cells) * width
 
 
 class StoreBatchDataset(Dataset):
@@ -235,8 +257,6 @@ class StoreBatchDataset(Dataset):
     """
 
     def __init__(self, store: CorpusStore, *, collator: MaskingCollator | None = None, pack: bool = False):
-        if pack and collator is not None:
-            raise ValueError("Masking works on padded batches; pack=True is for masking-free passes (inference).")
         self.store = store
         self.collator = collator
         self.pack = pack
@@ -252,6 +272,25 @@ class StoreBatchDataset(Dataset):
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
+class _CheckedLoader(DataLoader):
+    """A DataLoader whose state in a Lightning checkpoint is the sampling plan (seed, split size, batch size).
+
+    Resuming with another plan would replay other batches than the interrupted run; ``load_state_dict`` refuses it.
+    The position inside the epoch is Lightning's own restored progress (see ``CorpusDataModule._loader``).
+    """
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler
+        return {"seed": sampler.seed, "n_cells": len(sampler.indices), "batch_size": sampler.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.state_dict():
+            raise ValueError(
+                f"The checkpoint was trained with data sampling {state}, this run samples {self.state_dict()}: "
+                "resume with the same seed, store, split and batch size, or start a new run."
+            )
+
+
 class CorpusDataModule(pl.LightningDataModule):
     """Train/validation loaders over a corpus store.
 
@@ -262,6 +301,7 @@ class CorpusDataModule(pl.LightningDataModule):
         split_by: obs column for a grouped split (e.g. ``source`` or a donor column); None splits by cell.
         mask_ratio: share of gene tokens masked for pretraining; None for no masking (fine-tuning, inference).
         group_by_length: length-grouped batches (much less padding).
+        pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
         seed: seed of the split, the shuffles and the masks.
     """
@@ -275,6 +315,7 @@ class CorpusDataModule(pl.LightningDataModule):
         split_by: str | None = None,
         mask_ratio: float | None = 0.15,
         group_by_length: bool = True,
+        pack: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
@@ -286,6 +327,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.split_by = split_by
         self.mask_ratio = mask_ratio
         self.group_by_length = group_by_length
+        self.pack = pack
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
@@ -308,7 +350,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 vocab_size=len(vocab),
                 seed=self.seed,
             )
-        self.dataset = StoreBatchDataset(self.store, collator=collator)
+        self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack)
 
     def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
         return CellBatchSampler(
@@ -322,9 +364,17 @@ class CorpusDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
-        return DataLoader(
+        sampler = self._sampler(indices, train)
+        fit_loop = self.trainer.fit_loop if self.trainer is not None else None
+        if train and fit_loop is not None and fit_loop.restarting:
+            # Lightning restores its loop progress before asking for this loader: a run resumed mid-epoch skips
+            # the batches of the epoch it already trained on, so it sees exactly the batches of an uninterrupted run.
+            # "processed", not "completed": checkpoints are written in on_train_batch_end, before the batch counts
+            # as completed, though its optimiser step is done.
+            sampler.skip_batches = fit_loop.epoch_loop.batch_progress.current.processed
+        return _CheckedLoader(
             self.dataset,
-            sampler=self._sampler(indices, train),
+            sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -207,7 +207,7 @@ def _file_statistics(spec: CorpusInput, target_sum: float, chunk_size: int, out:
         _, aggregate = aggregate_columns(codes.astype(np.int64))
         stats = GeneStatistics.empty(list(genes))
         for _, counts in source.iter_chunks(chunk_size):
-            normalised, _ = normalise_counts(counts, aggregate, target_sum)
+            normalised, _ = normalise_counts(counts, aggregate, target_sum, sort_indices=False)
             stats.update(normalised)
     stats.save(out)
     return out

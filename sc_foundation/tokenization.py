@@ -189,21 +189,23 @@ def aggregate_columns(codes: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
 
 
 def normalise_counts(
-    counts: sp.spmatrix, aggregate: sp.csr_matrix, target_sum: float
+    counts: sp.spmatrix, aggregate: sp.csr_matrix, target_sum: float, sort_indices: bool = True
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts per ``target_sum`` over the columns that ``aggregate`` keeps (see :func:`aggregate_columns`).
 
     Args:
         counts: (n_cells, n_input) raw counts.
         aggregate: (n_input, n_kept) column selector.
+        sort_indices: sort column indices within rows (tokenization needs it; statistics do not).
     Returns:
-        (n_cells, n_kept) float32 CSR with sorted column indices and no stored zeros, and (n_cells,) float32 total
+        (n_cells, n_kept) float32 CSR without stored zeros, and (n_cells,) float32 total
         counts over all input columns (the library size, as scGPT and Geneformer define it).
     """
     counts = sp.csr_matrix(counts, dtype=np.float32)
     totals = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
     kept = (counts @ aggregate).tocsr()
-    kept.sort_indices()
+    if sort_indices:
+        kept.sort_indices()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     kept.data *= np.repeat(scale, np.diff(kept.indptr))
     kept.eliminate_zeros()

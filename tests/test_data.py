@@ -161,3 +161,27 @@ def test_datamodule_without_masking_for_finetuning(store_dirs):
     assert "mask" not in batch and "labels" not in batch
     report = datamodule.padding_report()
     assert report["length_grouped"] < report["random"]
+
+
+def test_packed_and_padded_batches_get_the_same_masks(store_dirs):
+    for encoding, objective in (("binned", "value"), ("rank", "gene")):
+        corpus = CorpusStore(store_dirs[encoding])
+        collator = _collator(corpus, objective=objective)
+        cells = np.array([4, 17, 250, 301])
+        padded = collator(corpus.get_batch(cells), epoch=3)
+        packed = collator(corpus.get_packed(cells), epoch=3)
+        bounds = packed["cu_seqlens"]
+        for row in range(len(cells)):
+            n = bounds[row + 1] - bounds[row]
+            for key in ("mask", "labels", "input_ids", "values"):
+                assert np.array_equal(packed[key][0, bounds[row] : bounds[row + 1]], padded[key][row, :n]), key
+        assert packed["mask"].shape == packed["input_ids"].shape
+
+
+def test_sampler_skips_the_batches_a_resumed_run_already_trained_on(store):
+    sampler = CellBatchSampler(np.arange(len(store)), store.lengths, batch_size=16, seed=2)
+    sampler.set_epoch(4)
+    full = [b.tolist() for _, b in sampler]
+    sampler.skip_batches = 5
+    assert [b.tolist() for _, b in sampler] == full[5:]
+    assert [b.tolist() for _, b in sampler] == full, "the skip applies once"

@@ -1,29 +1,80 @@
-"""train.py composes its real Hydra config and builds the corpus store from it."""
+"""train.py composes its real Hydra configs, builds the corpus store, pretrains, exports and resumes."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 
 import train
+from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.export import load_pretrained
+from sc_foundation.modeling import ScFoundationForMaskedValueModeling
 from sc_foundation.store import CorpusStore
 
-CONF = str(Path(__file__).parents[1] / "conf")
+ROOT = Path(__file__).parents[1]
+CONF = str(ROOT / "conf")
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml"))
+TINY_RUN = [
+    "data.tokenizer.context_length=256",
+    "data.build_workers=1",
+    "data.min_cells_per_gene=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
-def test_train_builds_and_reuses_the_corpus_store(tmp_path, real_slice, capsys):
-    kang = real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(0, 14000, 70))
-    kang.write_h5ad(tmp_path / "kang.h5ad")
-    overrides = [
-        "data.datasets=[]",
-        f"data.files=[{tmp_path / 'kang.h5ad'}]",
-        f"paths.cache={tmp_path / 'cache'}",
-        "data.tokenizer.context_length=256",
-        "data.build_workers=1",
-        "data.min_cells_per_gene=1",
-    ]
+def compose_pretrain(overrides=()):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=overrides)
+        return compose(config_name="pretrain", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def kang_file(tmp_path_factory, real_slice):
+    path = tmp_path_factory.mktemp("kang") / "kang.h5ad"
+    real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(0, 14000, 70)).write_h5ad(path)
+    return path
+
+
+def data_overrides(kang_file, cache):
+    return ["data.datasets=[]", f"data.files=[{kang_file}]", f"paths.cache={cache}", *TINY_RUN]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_pretrain([f"experiment={experiment}"])
+    ScFoundationConfig(**cfg.model)  # plain constructor arguments
+    assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.trainer.max_steps > 0 and cfg.optim.learning_rate > 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+def test_model_and_trainer_groups_compose(size, trainer):
+    cfg = compose_pretrain([f"model={size}", f"trainer={trainer}", "logger=wandb"])
+    ScFoundationConfig(**cfg.model)
+    assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.gradient_clip_val == 1.0
+    assert (cfg.trainer.precision == "bf16-mixed") == (trainer != "cpu")
+    assert ("strategy" in cfg.trainer) == (trainer in ("ddp", "fsdp"))
+    assert cfg.logger.offline is True
+
+
+def test_output_dir_defaults_without_a_hydra_run(tmp_path):
+    cfg = compose_pretrain()
+    assert cfg.output_dir is None
+    assert train.output_dir(cfg).parts[0] == "outputs"
+    assert train.output_dir(compose_pretrain([f"output_dir={tmp_path}"])) == tmp_path
+
+
+def test_train_builds_and_reuses_the_corpus_store(tmp_path, kang_file, capsys):
+    overrides = data_overrides(kang_file, tmp_path / "cache")
+    cfg = compose_pretrain([*overrides, f"output_dir={tmp_path / 'out'}", "trainer.max_steps=2"])
     result = train.run(cfg)
     printed = capsys.readouterr().out
     assert "kang.h5ad" in printed and "corpus store:" in printed
@@ -35,3 +86,121 @@ def test_train_builds_and_reuses_the_corpus_store(tmp_path, real_slice, capsys):
 
     again = train.run(cfg)
     assert again["report"].n_cells == 200
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, kang_file):
+    folder = tmp_path_factory.mktemp("pretrain")
+    overrides = data_overrides(kang_file, folder / "cache")
+    steps = ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2"]
+    cfg = compose_pretrain([*overrides, *steps, f"output_dir={folder / 'out'}", "optim.warmup_steps=2"])
+    return cfg, train.run(cfg)
+
+
+def test_pretraining_exports_a_loadable_model(pretrained, capsys):
+    cfg, result = pretrained
+    out = Path(cfg.output_dir)
+    assert result["trainer"].global_step == 20
+    assert result["export"] == out / "export" / "final"
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "csv").glob("version_*/metrics.csv"))
+    for directory in (out / "export" / "final", out / "export" / "best"):
+        names = {p.name for p in directory.iterdir()}
+        assert names == {"config.json", "model.safetensors", "gene_vocab.json", "gene_tokenizer.json"}
+    assert not [p for p in (out / "export").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    trained = result["module"].model.eval()
+    model = load_pretrained(result["export"], device="cpu")
+    tokenizer = model.gene_tokenizer
+    assert isinstance(model, ScFoundationForMaskedValueModeling) and not model.training
+    assert tokenizer == CorpusStore(result["store"]).tokenizer
+    batch = next(iter(result["datamodule"].val_dataloader()))
+    with torch.no_grad():
+        expected, got = result["module"](batch), train.TrainingModule(model)(batch)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    for name, weight in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], weight, rtol=0, atol=0)
+
+
+class StepAtStart(pl.Callback):
+    def on_train_start(self, trainer, module):
+        self.step = trainer.global_step
+
+
+# CellBatchSampler cannot resume mid-epoch: the resumed run restarts the epoch's batches, which Lightning warns of.
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run writes to a new output_dir
+def test_resume_continues_from_the_last_checkpoint(pretrained, tmp_path):
+    cfg, _ = pretrained
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 20
+    probe = StepAtStart()
+    overrides = [f"ckpt_path={last}", f"output_dir={tmp_path}", "trainer.max_steps=26", "trainer.val_check_interval=10"]
+    resumed = train.run(compose_pretrain([*_overrides_of(cfg), *overrides]), callbacks=[probe])
+    assert probe.step == 20 and resumed["trainer"].global_step == 26
+    assert (tmp_path / "export" / "final" / "model.safetensors").is_file()
+
+
+class RecordBatches(pl.Callback):
+    """Records each training step's cells and masked positions."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.steps[trainer.global_step] = (batch["cell_index"].tolist(), batch["mask"].nonzero().tolist())
+
+
+def test_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(pretrained, tmp_path):
+    cfg, _ = pretrained  # 20 steps: one epoch of 11 batches, then 9 of the second
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    steps = ["trainer.max_steps=26", "trainer.val_check_interval=10"]
+    straight = RecordBatches()
+    train.run(compose_pretrain([*_overrides_of(cfg), *steps, f"output_dir={tmp_path / 'straight'}"]), [straight])
+    resumed = RecordBatches()
+    overrides = [*_overrides_of(cfg), *steps, f"ckpt_path={last}", f"output_dir={tmp_path / 'resumed'}"]
+    train.run(compose_pretrain(overrides), [resumed])
+    assert sorted(resumed.steps) == list(range(20, 26))
+    for step in range(20, 26):
+        assert resumed.steps[step] == straight.steps[step], f"step {step} differs after resuming"
+
+
+def test_resume_refuses_another_sampling_plan(pretrained, tmp_path):
+    cfg, _ = pretrained
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    overrides = [*_overrides_of(cfg), f"ckpt_path={last}", f"output_dir={tmp_path}", "data.loader.batch_size=8"]
+    with pytest.raises(ValueError, match="resume with the same seed"):
+        train.run(compose_pretrain([*overrides, "trainer.max_steps=26"]))
+
+
+def _overrides_of(cfg):
+    return ["data.datasets=[]", f"data.files=[{cfg.data.files[0]}]", f"paths.cache={cfg.paths.cache}", *TINY_RUN]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, kang_file):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        *data_overrides(kang_file, tmp_path / "cache"),
+        f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        f"callbacks=[{{_target_: tests.recording.RecordCells, directory: {tmp_path / 'cells'}}}]",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exported model:" in done.stdout
+    model = load_pretrained(out / "export" / "final", device="cpu")
+    assert model.config.hidden_size == 64
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    seen = [json.loads((tmp_path / "cells" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 4 * 16, "each rank trains 4 steps of 16 cells"
+    assert not set(seen[0]) & set(seen[1]), "the two ranks see disjoint cells"

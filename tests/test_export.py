@@ -1,0 +1,84 @@
+"""Exports are written atomically and load strictly with their tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.export import export_pretrained, load_pretrained
+from sc_foundation.genes import VOCAB_FILE
+from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
+from sc_foundation.store import CorpusStore, build_store
+from sc_foundation.tokenization import TOKENIZER_FILE, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, real_slice):
+    folder = tmp_path_factory.mktemp("export_store")
+    real_slice("pbmc3k/pbmc3k.h5ad", np.arange(0, 2700, 27)).write_h5ad(folder / "pbmc.h5ad")
+    config = TokenizerConfig(encoding="rank", context_length=128)
+    build_store([str(folder / "pbmc.h5ad")], folder / "store", tokenizer_config=config, min_cells_per_gene=1)
+    return CorpusStore(folder / "store").tokenizer
+
+
+def tiny(tokenizer, seed=0, head=ScFoundationForMaskedGeneModeling, encoding=None):
+    vocab = tokenizer.vocab
+    config = ScFoundationConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        value_encoding=encoding or tokenizer.config.encoding,
+        max_position_embeddings=tokenizer.config.context_length,
+        pad_token_id=vocab.pad_id,
+        cls_token_id=vocab.cls_id,
+        mask_token_id=vocab.mask_id,
+    )
+    torch.manual_seed(seed)
+    return head(config)
+
+
+def test_export_replaces_an_existing_export_and_leaves_no_temp_folders(tokenizer, tmp_path):
+    target = tmp_path / "export" / "final"
+    export_pretrained(tiny(tokenizer, seed=0), tokenizer, target)
+    newer = tiny(tokenizer, seed=1)
+    export_pretrained(newer, tokenizer, target)
+    assert [p.name for p in target.parent.iterdir()] == ["final"]
+    model = load_pretrained(target, device="cpu")
+    loaded_tokenizer = model.gene_tokenizer
+    assert isinstance(model, ScFoundationForMaskedGeneModeling)
+    assert loaded_tokenizer == tokenizer
+    for name, weight in newer.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], weight, rtol=0, atol=0)
+
+
+def test_a_failed_export_keeps_the_old_one(tokenizer, tmp_path, monkeypatch):
+    target = tmp_path / "final"
+    export_pretrained(tiny(tokenizer, seed=0), tokenizer, target)
+    before = (target / "model.safetensors").read_bytes()
+
+    def broken(directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_pretrained(tiny(tokenizer, seed=1), tokenizer, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert (target / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("missing", [VOCAB_FILE, TOKENIZER_FILE])
+def test_load_refuses_a_directory_without_tokenizer_files(tokenizer, tmp_path, missing):
+    export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "model")
+    (tmp_path / "model" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_pretrained(tmp_path / "model")
+
+
+def test_load_refuses_a_tokenizer_of_another_encoding(tokenizer, tmp_path):
+    model = tiny(tokenizer, head=ScFoundationForMaskedValueModeling, encoding="binned")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save(tmp_path / "model")  # a rank tokenizer beside a binned model
+    with pytest.raises(ValueError, match="does not fit"):
+        load_pretrained(tmp_path / "model")
