@@ -123,6 +123,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     out = output_dir(cfg)
     store = datamodule.store
     model = build_model(cfg, store)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False

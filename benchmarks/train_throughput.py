@@ -138,12 +138,20 @@ def build_or_reuse_store(slice_path: Path, args) -> tuple[Path, dict]:
     return store_dir, {"path": str(store_dir), "reused": reused, "seconds": seconds, "cells": report.n_cells}
 
 
-def draw_batches(store_dir: Path, args) -> tuple[list[dict], object]:
-    """``warmup_steps + steps`` masked pretraining batches from the real train loader, and the store."""
+def draw_batches(store_dir: Path, args, pack: bool = False) -> tuple[list[dict], object]:
+    """``warmup_steps + steps`` masked pretraining batches from the real train loader, and the store.
+
+    ``pack=True`` gives the same cells in the same batches, packed end to end (``cu_seqlens``) instead of padded.
+    """
     from sc_foundation.data import CorpusDataModule
 
     data = CorpusDataModule(
-        store_dir, batch_size=args.batch_size, val_fraction=0.0, mask_ratio=args.mask_ratio, seed=args.seed
+        store_dir,
+        batch_size=args.batch_size,
+        val_fraction=0.0,
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        pack=pack,
     )
     data.setup("fit")
     loader = data.train_dataloader()

@@ -65,6 +65,14 @@ def test_model_and_trainer_groups_compose(size, trainer):
     assert cfg.logger.offline is True
 
 
+def test_gradient_checkpointing_is_a_config_key(tmp_path, kang_file):
+    overrides = [*data_overrides(kang_file, tmp_path / "cache"), f"output_dir={tmp_path / 'out'}"]
+    cfg = compose_pretrain([*overrides, "gradient_checkpointing=true", "trainer.max_steps=2"])
+    result = train.run(cfg)
+    assert result["module"].model.is_gradient_checkpointing
+    assert (tmp_path / "out" / "export" / "final" / "model.safetensors").is_file()
+
+
 def test_output_dir_defaults_without_a_hydra_run(tmp_path):
     cfg = compose_pretrain()
     assert cfg.output_dir is None
