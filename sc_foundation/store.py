@@ -340,6 +340,7 @@ def build_store(
     out_dir: str | os.PathLike,
     *,
     tokenizer_config: TokenizerConfig | None = None,
+    tokenizer: GeneTokenizer | None = None,
     vocab: GeneVocab | str | os.PathLike | None = None,
     min_cells_per_gene: int = 10,
     obs_keys: Sequence[str] = (),
@@ -353,6 +354,8 @@ def build_store(
         inputs: files (paths, or :class:`CorpusInput` settings as objects or dicts).
         out_dir: the store directory.
         tokenizer_config: encoding, context length and the rest (default :class:`TokenizerConfig`).
+        tokenizer: a complete tokenizer to encode with as it is (vocabulary, settings and rank medians), e.g. a
+            pretrained model's ``gene_tokenizer`` for fine-tuning data; excludes ``tokenizer_config`` and ``vocab``.
         vocab: a fixed vocabulary (object, ``gene_vocab.json``/``vocab.txt`` path); by default one is built from
             the genes detected in at least ``min_cells_per_gene`` cells of the corpus.
         obs_keys: obs columns to keep with each cell (labels, donors...); files lacking one store nulls.
@@ -371,13 +374,20 @@ def build_store(
         )
     if not specs:
         raise ValueError("build_store needs at least one input file.")
-    config = tokenizer_config or TokenizerConfig()
+    if tokenizer is not None and (tokenizer_config is not None or vocab is not None):
+        raise ValueError("Pass either tokenizer= or tokenizer_config=/vocab=, not both.")
+    config = tokenizer.config if tokenizer is not None else tokenizer_config or TokenizerConfig()
+    if tokenizer is not None:
+        vocab = tokenizer.vocab
     fixed_vocab = None if vocab is None else vocab if isinstance(vocab, GeneVocab) else GeneVocab.from_file(vocab)
     out = Path(out_dir)
     plan = {
         "inputs": [s.fingerprint() for s in specs],
         "tokenizer": dataclasses.asdict(config),
         "vocab": None if fixed_vocab is None else hashlib.sha256("\n".join(fixed_vocab.tokens).encode()).hexdigest(),
+        "medians": None
+        if tokenizer is None or tokenizer.gene_medians is None
+        else hashlib.sha256(tokenizer.gene_medians.tobytes()).hexdigest(),
         "min_cells_per_gene": min_cells_per_gene,
         "obs_keys": list(obs_keys),
     }
@@ -387,7 +397,7 @@ def build_store(
 
     with _worker_pool(num_workers, len(specs)) as run:
         # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
-        if fixed_vocab is None or config.encoding == "rank":
+        if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
             (out / "stats").mkdir(exist_ok=True)
             todo = [
                 (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
@@ -398,12 +408,13 @@ def build_store(
             stats = GeneStatistics.empty([])
             for k in range(len(specs)):
                 stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
-        if fixed_vocab is None:
-            vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
-        else:
-            vocabulary = fixed_vocab
-        medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
-        tokenizer = GeneTokenizer(vocabulary, config, medians)
+        if tokenizer is None:
+            if fixed_vocab is None:
+                vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
+            else:
+                vocabulary = fixed_vocab
+            medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
+            tokenizer = GeneTokenizer(vocabulary, config, medians)
         saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
         if not saved:
             tokenizer.save(out)
@@ -422,7 +433,7 @@ def build_store(
     reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
     report = StoreReport(
         path=str(out),
-        n_vocab=len(vocabulary),
+        n_vocab=len(tokenizer.vocab),
         shards=reports,
         seconds=time.perf_counter() - started,
         resumed=[specs[k].name for k in done],

@@ -472,3 +472,21 @@ def test_directory_that_is_not_a_store_is_not_replaced(slices, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
     with pytest.raises(FileNotFoundError, match="build_store"):
         CorpusStore(out)
+
+
+def test_a_given_tokenizer_is_used_as_it_is(tmp_path, real_slice):
+    """Fine-tuning data must be encoded exactly as the pretrained model's data: same vocabulary, rank medians."""
+    from sc_foundation.store import CorpusStore, build_store
+    from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
+
+    real_slice("kang_ifnb/kang_ifnb.h5ad", 200).write_h5ad(tmp_path / "pre.h5ad")
+    real_slice("kang_ifnb/kang_ifnb.h5ad", range(5000, 5100)).write_h5ad(tmp_path / "fine.h5ad")
+    config = TokenizerConfig(encoding="rank", context_length=128)
+    build_store([tmp_path / "pre.h5ad"], tmp_path / "pre", tokenizer_config=config, min_cells_per_gene=1)
+    pretrained = GeneTokenizer.from_pretrained(tmp_path / "pre")
+    build_store([tmp_path / "fine.h5ad"], tmp_path / "fine", tokenizer=pretrained)
+    fine = CorpusStore(tmp_path / "fine")
+    assert fine.tokenizer == pretrained
+    assert not (tmp_path / "fine" / "stats").exists(), "no statistics pass: the medians are the pretrained ones"
+    with pytest.raises(ValueError, match="either tokenizer="):
+        build_store([tmp_path / "fine.h5ad"], tmp_path / "x", tokenizer=pretrained, tokenizer_config=config)
