@@ -56,18 +56,8 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def build_model(cfg: DictConfig, store: CorpusStore):
     """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
-    vocab, tokenizer = store.vocab, store.tokenizer.config
-    config = ScFoundationConfig(
-        **OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=len(vocab),
-        value_encoding=tokenizer.encoding,
-        n_bins=tokenizer.n_bins,
-        max_position_embeddings=tokenizer.context_length,
-        pad_token_id=vocab.pad_id,
-        cls_token_id=vocab.cls_id,
-        mask_token_id=vocab.mask_id,
-    )
-    head = ScFoundationForMaskedGeneModeling if tokenizer.encoding == "rank" else ScFoundationForMaskedValueModeling
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **OmegaConf.to_container(cfg.model, resolve=True))
+    head = ScFoundationForMaskedGeneModeling if config.value_encoding == "rank" else ScFoundationForMaskedValueModeling
     return head(config)
 
 

@@ -73,17 +73,7 @@ def build_model(args, store, backend: str):
     from sc_foundation.modeling import ScFoundationForMaskedValueModeling
 
     size = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{args.model}.yaml"))
-    vocab, tokenizer = store.vocab, store.tokenizer.config
-    config = ScFoundationConfig(
-        **{**size, "attention_backend": backend},
-        vocab_size=len(vocab),
-        value_encoding="binned",
-        n_bins=tokenizer.n_bins,
-        max_position_embeddings=args.context,
-        pad_token_id=vocab.pad_id,
-        cls_token_id=vocab.cls_id,
-        mask_token_id=vocab.mask_id,
-    )
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **size, attention_backend=backend)
     torch.manual_seed(args.seed)
     return ScFoundationForMaskedValueModeling(config).to(args.device)
 

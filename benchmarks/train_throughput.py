@@ -190,18 +190,13 @@ def build_models(size: dict, store, context: int, seed: int):
     from sc_foundation.configuration import ScFoundationConfig
     from sc_foundation.modeling import ScFoundationForMaskedValueModeling
 
-    vocab, tokenizer = store.vocab, store.tokenizer.config
-    ours_config = ScFoundationConfig(
-        vocab_size=len(vocab),
+    vocab = store.vocab
+    ours_config = ScFoundationConfig.from_tokenizer(
+        store.tokenizer,
         **size,
         hidden_dropout_prob=HIDDEN_DROPOUT,
         attention_dropout_prob=ATTENTION_DROPOUT,
-        value_encoding="binned",
-        n_bins=tokenizer.n_bins,
         max_position_embeddings=context,
-        pad_token_id=vocab.pad_id,
-        cls_token_id=vocab.cls_id,
-        mask_token_id=vocab.mask_id,
     )
     bert_config = BertConfig(
         vocab_size=len(vocab),

@@ -1,10 +1,13 @@
 """Configuration of the sc_foundation encoder: every architectural choice, saved as ``config.json``."""
 
 from dataclasses import field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+if TYPE_CHECKING:
+    from .tokenization import GeneTokenizer
 
 
 @strict
@@ -45,6 +48,11 @@ class ScFoundationConfig(PreTrainedConfig):
         mvc_weight: Weight of the masked-value-from-cell term of the masked value objective (scGPT's GEPC/MVC):
             each masked gene's value is predicted from the cell embedding and the gene embedding alone. 0 disables
             it and builds no parameters for it.
+        classifier_dropout: Dropout on the cell embedding in front of a classification head
+            (:class:`~sc_foundation.modeling.ScFoundationForCellClassification`); None takes ``hidden_dropout_prob``.
+        class_weights: Per-class weights of a classification head's cross-entropy, one per label in ``id2label``
+            order (e.g. inverse training-label frequencies for imbalanced classes); None weighs every class alike.
+            Kept in the config so that an exported classifier computes the loss it was trained with.
         pad_token_id: Vocabulary id of padding.
         cls_token_id: Vocabulary id of the CLS token.
         mask_token_id: Vocabulary id that replaces a masked gene (``"rank"`` encoding).
@@ -68,9 +76,28 @@ class ScFoundationConfig(PreTrainedConfig):
     condition_vocab_sizes: dict[str, int] = field(default_factory=dict)
     attention_backend: Literal["sdpa", "flash_varlen"] = "sdpa"
     mvc_weight: float | int = 0.0
+    classifier_dropout: float | int | None = None
+    class_weights: list[float] | None = None
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: "GeneTokenizer", **architecture) -> "ScFoundationConfig":
+        """A config whose vocabulary size, special token ids, value encoding, bins and positions match
+        ``tokenizer``; ``architecture`` (hidden_size, num_hidden_layers, ...) gives the rest and may override any
+        field."""
+        vocab, settings = tokenizer.vocab, tokenizer.config
+        matched = {
+            "vocab_size": len(vocab),
+            "value_encoding": settings.encoding,
+            "n_bins": settings.n_bins,
+            "max_position_embeddings": settings.context_length,
+            "pad_token_id": vocab.pad_id,
+            "cls_token_id": vocab.cls_id,
+            "mask_token_id": vocab.mask_id,
+        }
+        return cls(**(matched | architecture))
 
     def validate_sc_foundation(self):
         """Check the fields together (called by ``@strict`` after ``__init__`` and before saving)."""
@@ -100,6 +127,13 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(f"mvc_weight must be >= 0, got {self.mvc_weight}")
         if self.mvc_weight > 0 and self.value_encoding == "rank":
             raise ValueError("mvc_weight > 0 predicts expression values; the rank encoding has none")
+        if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+        if self.class_weights is not None:
+            if len(self.class_weights) != self.num_labels:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")
+            if min(self.class_weights) <= 0:
+                raise ValueError(f"class_weights must be positive, got {self.class_weights}")
         special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
         for name, token_id in special.items():
             if not 0 <= token_id < self.vocab_size:

@@ -22,18 +22,13 @@ def tokenizer(tmp_path_factory, real_slice):
 
 
 def tiny(tokenizer, seed=0, head=ScFoundationForMaskedGeneModeling, encoding=None):
-    vocab = tokenizer.vocab
-    config = ScFoundationConfig(
-        vocab_size=len(vocab),
+    config = ScFoundationConfig.from_tokenizer(
+        tokenizer,
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
         value_encoding=encoding or tokenizer.config.encoding,
-        max_position_embeddings=tokenizer.config.context_length,
-        pad_token_id=vocab.pad_id,
-        cls_token_id=vocab.cls_id,
-        mask_token_id=vocab.mask_id,
     )
     torch.manual_seed(seed)
     return head(config)

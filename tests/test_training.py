@@ -37,20 +37,13 @@ def store_dirs(tmp_path_factory, real_slice):
 
 def tiny_model(store_path, head):
     store = CorpusStore(store_path)
-    vocab, tokenizer = store.vocab, store.tokenizer.config
-    config = ScFoundationConfig(
-        vocab_size=len(vocab),
+    config = ScFoundationConfig.from_tokenizer(
+        store.tokenizer,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         hidden_dropout_prob=0.0,
-        value_encoding=tokenizer.encoding,
-        n_bins=tokenizer.n_bins,
-        max_position_embeddings=tokenizer.context_length,
-        pad_token_id=vocab.pad_id,
-        cls_token_id=vocab.cls_id,
-        mask_token_id=vocab.mask_id,
     )
     torch.manual_seed(0)
     return head(config)
