@@ -6,7 +6,8 @@ fixed list of ``--warmup-steps + --steps`` masked pretraining batches is drawn o
 takes: ``CorpusDataModule(mask_ratio=0.15)`` train loader (``CellBatchSampler`` with length grouping ->
 ``StoreBatchDataset`` -> ``MaskingCollator``), epoch after epoch if one epoch holds too few batches.
 
-For each size of :data:`SIZES` two models train on those very batches, in this process, fp32 on CPU:
+For each model size (width, depth, heads and intermediate size of ``conf/model/<size>.yaml``) two models train on
+those very batches, in this process, fp32 on CPU:
 
 * ``ours``: :class:`~sc_foundation.modeling.ScFoundationForMaskedValueModeling` (binned values, vocabulary and bins
   of the store), called through :class:`~sc_foundation.training.TrainingModule` (which drops the batch keys the model
@@ -45,10 +46,18 @@ import numpy as np
 from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, write_json_atomic
 
 KANG = "kang_ifnb/kang_ifnb.h5ad"
-SIZES = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
-    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
-}
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def model_shape(name: str) -> dict:
+    """Width, depth, heads and intermediate size of ``conf/model/<name>.yaml``: the sizes ``train.py`` trains."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml")
+    return {key: config[key] for key in SHAPE_KEYS}
+
+
+SIZES = ("tiny", "small")
 MODELS = ("ours", "hf_bert")
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
@@ -61,7 +70,7 @@ ATTENTION_DROPOUT = 0.0  # our config's default; BERT is set to match
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="conf/model/*.yaml names")
     parser.add_argument("--context", type=int, default=512, help="context length of the store's tokenizer")
     parser.add_argument("--batch-size", type=int, default=16, help="cells per batch")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results = {}
     for name in args.sizes:
-        results[name] = run_size(name, SIZES[name], batches, store, args)
+        results[name] = run_size(name, model_shape(name), batches, store, args)
         r = results[name]
         print(
             f"{name}: ours {r['ours']['params_total']:,} parameters ({r['ours']['params_non_embedding']:,} "
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
             "hidden_dropout": HIDDEN_DROPOUT,
             "attention_dropout": ATTENTION_DROPOUT,
             "hf_attn_implementation": "sdpa",
-            "sizes": {name: SIZES[name] for name in args.sizes},
+            "sizes": {name: model_shape(name) for name in args.sizes},
             "store": store_info,
             "slice": str(slice_path),
         },

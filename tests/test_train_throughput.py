@@ -43,7 +43,16 @@ def test_train_throughput_benchmark(train_throughput, tmp_path, shared_data):
     config = payload["config"]
     assert config["torch_threads"] == 1 and config["context"] == 64 and config["batch_size"] == 4
     assert config["steps"] == 2 and config["warmup_steps"] == 1 and config["cells"] == 120
-    assert config["sizes"]["tiny"] == train_throughput.SIZES["tiny"]
+    assert (
+        config["sizes"]["tiny"]
+        == train_throughput.model_shape("tiny")
+        == {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+        }
+    )
 
     tiny = payload["tiny"]
     assert tiny["timed_steps"] == 2 and tiny["cells"] == 8
