@@ -73,7 +73,7 @@ def build_model(args, store, backend: str):
     from sc_foundation.modeling import ScFoundationForMaskedValueModeling
 
     size = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{args.model}.yaml"))
-    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **size, attention_backend=backend)
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **{**size, "attention_backend": backend})
     torch.manual_seed(args.seed)
     return ScFoundationForMaskedValueModeling(config).to(args.device)
 

@@ -7,7 +7,12 @@ use: the data layer's worker processes import ``sc_foundation.store`` and must n
 import importlib
 
 from .configuration import ScFoundationConfig
-from .modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling, ScFoundationModel
+from .modeling import (
+    ScFoundationForCellClassification,
+    ScFoundationForMaskedGeneModeling,
+    ScFoundationForMaskedValueModeling,
+    ScFoundationModel,
+)
 
 _LAZY = {
     "CorpusDataModule": "data",
@@ -28,6 +33,7 @@ _LAZY = {
 
 __all__ = [
     "ScFoundationConfig",
+    "ScFoundationForCellClassification",
     "ScFoundationForMaskedGeneModeling",
     "ScFoundationForMaskedValueModeling",
     "ScFoundationModel",

@@ -10,16 +10,52 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .store import CorpusStore
 from .tokenization import hash_uniform
+
+
+def _group_codes(store: CorpusStore, column: str) -> np.ndarray:
+    """(n_cells,) int64 group code of each cell from an obs column."""
+    if column not in store.obs.columns:
+        raise ValueError(
+            f"split by {column!r}: not a column of the store's obs; columns: {list(store.obs.columns)}. "
+            "Add it with build_store(obs_keys=[...])."
+        )
+    return np.unique(store.obs[column].astype(str).to_numpy(), return_inverse=True)[1]
+
+
+def _hold_out_groups(codes: np.ndarray, fraction: float, rng: np.random.Generator, column: str) -> np.ndarray:
+    """(n,) bool: whole groups of ``codes`` (n,) held out, drawn at random until they hold about ``fraction`` of the
+    cells (at most twice that, or the smallest group when every group is larger)."""
+    sizes = np.bincount(codes)
+    target = fraction * len(codes)
+    chosen, total = [], 0
+    # Random groups until the target is reached, skipping any that would overshoot it more than twofold; if
+    # every group is that large, the smallest one.
+    for g in rng.permutation(len(sizes)):
+        if total >= target:
+            break
+        if sizes[g] > 0 and total + sizes[g] <= 2 * target:
+            chosen.append(g)
+            total += sizes[g]
+    if fraction > 0 and not chosen:
+        present = np.flatnonzero(sizes)
+        chosen = [int(present[np.argmin(sizes[present])])]
+    if len(chosen) == np.count_nonzero(sizes):
+        raise ValueError(
+            f"split by {column!r}: {np.count_nonzero(sizes)} group(s), too few to hold out {fraction:.0%} of the "
+            "cells and keep any for training. Split by another column or by cell."
+        )
+    return np.isin(codes, chosen)
 
 
 def split_cells(
@@ -39,37 +75,52 @@ def split_cells(
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
     n = len(store)
     rng = np.random.default_rng(seed)
-    if group_by is None:
-        val = rng.permutation(n)[: round(val_fraction * n)]
-    else:
-        if group_by not in store.obs.columns:
-            raise ValueError(
-                f"split group_by={group_by!r} is not a column of the store's obs; columns: {list(store.obs.columns)}. "
-                "Add it with build_store(obs_keys=[...])."
-            )
-        codes = np.unique(store.obs[group_by].astype(str).to_numpy(), return_inverse=True)[1]
-        sizes = np.bincount(codes)
-        target = val_fraction * n
-        chosen, total = [], 0
-        # Random groups until the target is reached, skipping any that would overshoot it more than twofold; if
-        # every group is that large, the smallest one.
-        for g in rng.permutation(len(sizes)):
-            if total >= target:
-                break
-            if total + sizes[g] <= 2 * target:
-                chosen.append(g)
-                total += sizes[g]
-        if val_fraction > 0 and not chosen:
-            chosen = [int(np.argmin(sizes))]
-        if len(chosen) == len(sizes):
-            raise ValueError(
-                f"group_by={group_by!r} has {len(sizes)} group(s): too few to hold out {val_fraction:.0%} of the "
-                "cells and keep any for training. Split by another column or by cell."
-            )
-        val = np.flatnonzero(np.isin(codes, chosen))
     is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
+    if group_by is None:
+        is_val[rng.permutation(n)[: round(val_fraction * n)]] = True
+    else:
+        is_val = _hold_out_groups(_group_codes(store, group_by), val_fraction, rng, group_by)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_train_val_test(
+    store: CorpusStore,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int = 0,
+    *,
+    labels: np.ndarray | None = None,
+    group_by: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Seeded three-way split of a store's cells, for fine-tuning and evaluating on held-out cells.
+
+    Args:
+        val_fraction, test_fraction: shares of all cells for validation and test (each > 0).
+        labels: (n_cells,) class of each cell; with it a split by cell is stratified (every split keeps the class
+            proportions; scikit-learn's ``train_test_split``).
+        group_by: obs column whose groups go whole to one split (the test groups first, then the validation groups
+            from the rest, as in :func:`split_cells`); excludes stratification.
+    Returns:
+        ``{"train", "val", "test"}`` -> sorted int64 store indices.
+    """
+    if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+        raise ValueError(f"need val_fraction, test_fraction > 0 summing below 1, got {val_fraction}, {test_fraction}")
+    cells = np.arange(len(store))
+    if group_by is not None:
+        rng = np.random.default_rng(seed)
+        codes = _group_codes(store, group_by)
+        is_test = _hold_out_groups(codes, test_fraction, rng, group_by)
+        rest = cells[~is_test]
+        is_val = _hold_out_groups(codes[rest], val_fraction / (1 - test_fraction), rng, group_by)
+        return {"train": rest[~is_val], "val": rest[is_val], "test": cells[is_test]}
+    rest, test = train_test_split(cells, test_size=test_fraction, random_state=seed, stratify=labels)
+    train, val = train_test_split(
+        rest,
+        test_size=val_fraction / (1 - test_fraction),
+        random_state=seed,
+        stratify=None if labels is None else labels[rest],
+    )
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
 class CellBatchSampler(Sampler):
@@ -253,13 +304,27 @@ class StoreBatchDataset(Dataset):
 
     Padded batches (default) hold ``input_ids`` (B, L) int64, ``values`` (B, L) float32, ``attention_mask`` (B, L)
     bool and ``cell_index`` (B,); packed batches hold ``input_ids``/``values`` (1, T), ``cu_seqlens`` (B + 1,) int32
-    and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added.
+    and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added; with ``labels``, an
+    (n_store_cells,) array of per-cell targets (class ids for annotation), ``labels`` (B,) holds the batch's cells'
+    entries, looked up by ``cell_index``. The two kinds of labels exclude each other.
     """
 
-    def __init__(self, store: CorpusStore, *, collator: MaskingCollator | None = None, pack: bool = False):
+    def __init__(
+        self,
+        store: CorpusStore,
+        *,
+        collator: MaskingCollator | None = None,
+        pack: bool = False,
+        labels: np.ndarray | None = None,
+    ):
+        if labels is not None and collator is not None:
+            raise ValueError("per-cell labels and a MaskingCollator (which makes token labels) exclude each other")
+        if labels is not None and len(labels) != len(store):
+            raise ValueError(f"labels has {len(labels)} entries for a store of {len(store)} cells")
         self.store = store
         self.collator = collator
         self.pack = pack
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.store)
@@ -269,6 +334,8 @@ class StoreBatchDataset(Dataset):
         batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
         if self.collator is not None:
             batch = self.collator(batch, epoch)
+        if self.labels is not None:
+            batch["labels"] = self.labels[batch["cell_index"]]
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
@@ -292,7 +359,7 @@ class _CheckedLoader(DataLoader):
 
 
 class CorpusDataModule(pl.LightningDataModule):
-    """Train/validation loaders over a corpus store.
+    """Train/validation (and test) loaders over a corpus store.
 
     Args:
         store_path: a store built by :func:`sc_foundation.store.build_store`.
@@ -304,6 +371,10 @@ class CorpusDataModule(pl.LightningDataModule):
         pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
         seed: seed of the split, the shuffles and the masks.
+        labels: (n_store_cells,) per-cell targets added to each batch as ``labels`` (B,) (see
+            :class:`StoreBatchDataset`); needs ``mask_ratio=None``.
+        splits: precomputed ``{"train", "val"[, "test"]}`` store indices (e.g. :func:`split_train_val_test`), used
+            instead of ``val_fraction`` and ``split_by``; a ``test`` split gets a ``test_dataloader``.
     """
 
     def __init__(
@@ -319,6 +390,8 @@ class CorpusDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        labels: np.ndarray | None = None,
+        splits: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__()
         self.store_path = str(store_path)
@@ -331,13 +404,19 @@ class CorpusDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+        self.labels = labels
+        self.splits = splits
         self.store: CorpusStore | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None:
             return
         self.store = CorpusStore(self.store_path)
-        self.train_indices, self.val_indices = split_cells(self.store, self.val_fraction, self.seed, self.split_by)
+        if self.splits is None:
+            self.train_indices, self.val_indices = split_cells(self.store, self.val_fraction, self.seed, self.split_by)
+        else:
+            self.train_indices, self.val_indices = self.splits["train"], self.splits["val"]
+        self.test_indices = None if self.splits is None else self.splits.get("test")
         collator = None
         if self.mask_ratio is not None:
             vocab = self.store.vocab
@@ -350,7 +429,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 vocab_size=len(vocab),
                 seed=self.seed,
             )
-        self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack)
+        self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, labels=self.labels)
 
     def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
         return CellBatchSampler(
@@ -386,6 +465,11 @@ class CorpusDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_indices, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_indices is None:
+            raise ValueError("no test split: pass splits={'train': ..., 'val': ..., 'test': ...}")
+        return self._loader(self.test_indices, train=False)
 
     def padding_report(self) -> dict[str, float]:
         """Padded share of token slots in one training epoch, with and without length grouping."""

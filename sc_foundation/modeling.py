@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
@@ -83,6 +89,21 @@ class ScFoundationMaskedGeneOutput(ModelOutput):
         logits: (M, V) at the masked positions when ``mask`` is given, else (B, L, V). Only the masked positions
             are scored in training because (B, L, V) would dwarf every other activation.
         cell_embedding: (n_cells, h).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+
+
+@dataclass
+class ScFoundationCellClassificationOutput(ModelOutput):
+    """Output of :class:`ScFoundationForCellClassification`.
+
+    Args:
+        loss: scalar cross-entropy (weighted by ``config.class_weights`` when set), when ``labels`` are given.
+        logits: (n_cells, C) class scores, C = ``config.num_labels``, in ``config.id2label`` order.
+        cell_embedding: (n_cells, h), the backbone's cell embedding the classifier reads.
     """
 
     loss: torch.Tensor | None = None
@@ -649,6 +670,48 @@ class ScFoundationForMaskedGeneModeling(ScFoundationPreTrainedModel):
         return output
 
 
+class ScFoundationForCellClassification(ScFoundationPreTrainedModel):
+    """Cell-level classification (e.g. cell-type annotation): dropout and a linear layer on the cell embedding.
+
+    The labels are ``config.id2label`` / ``config.label2id`` (transformers conventions; ``num_labels`` follows from
+    them). A linear read-out keeps the head's capacity small, so what it learns must come from the embedding (and
+    from the backbone, when that is fine-tuned too). A pretrained export loads into it with
+    ``from_pretrained(path, new_heads=["classifier"])``; the pretraining heads are dropped.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        self.sc_foundation = ScFoundationModel(config)
+        dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+        self.classifier = nn.Sequential(
+            OrderedDict(dropout=nn.Dropout(dropout), proj=nn.Linear(config.hidden_size, config.num_labels))
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ScFoundationCellClassificationOutput:
+        """Args as for :meth:`ScFoundationModel.forward` (nothing masked), plus ``labels``: (n_cells,) long class
+        ids."""
+        encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
+        logits = self.classifier(encoded.cell_embedding)  # (n_cells, h) -> (n_cells, C)
+        output = ScFoundationCellClassificationOutput(logits=logits, cell_embedding=encoded.cell_embedding)
+        if labels is not None:
+            weight = None
+            if self.config.class_weights is not None:
+                weight = torch.tensor(self.config.class_weights, dtype=torch.float32, device=logits.device)
+            output.loss = F.cross_entropy(logits.float(), labels.long(), weight=weight)
+        return output
+
+
 AutoConfig.register(ScFoundationConfig.model_type, ScFoundationConfig, exist_ok=True)
 AutoModel.register(ScFoundationConfig, ScFoundationModel, exist_ok=True)
 AutoModelForMaskedLM.register(ScFoundationConfig, ScFoundationForMaskedGeneModeling, exist_ok=True)
+AutoModelForSequenceClassification.register(ScFoundationConfig, ScFoundationForCellClassification, exist_ok=True)

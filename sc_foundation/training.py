@@ -115,6 +115,9 @@ class TrainingModule(pl.LightningModule):
         warmup_steps: optimiser steps of linear warm-up.
         max_steps: optimiser steps of the whole schedule; None takes ``trainer.estimated_stepping_batches``.
         min_lr_ratio: final learning rate as a fraction of ``learning_rate``.
+        backbone_lr_ratio: the backbone's parameters (``model.base_model``) learn at ``learning_rate`` times this,
+            the rest (the head) at ``learning_rate``; the schedule scales both alike. Below 1 it fine-tunes a
+            pretrained backbone gently while a new head learns at full rate. 1 (default) treats all parameters alike.
         peak_flops: peak FLOP/s of one device for the MFU estimate. The default is an H100 SXM's dense bf16 rate
             (989 TFLOP/s); set the peak of the device and precision in use (an A100 gives 312e12 in bf16).
     """
@@ -129,10 +132,15 @@ class TrainingModule(pl.LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         peak_flops: float = H100_BF16_DENSE_FLOPS,
+        backbone_lr_ratio: float = 1.0,
     ):
         super().__init__()
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}")
+        if backbone_lr_ratio < 0:
+            raise ValueError(f"backbone_lr_ratio must be >= 0, got {backbone_lr_ratio}")
+        if backbone_lr_ratio != 1.0 and getattr(model, "base_model", model) is model:
+            raise ValueError("backbone_lr_ratio needs a head model whose backbone is model.base_model")
         # The model's weights travel in the checkpoint's state_dict; the hyperparameters are the rest of the recipe.
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -143,6 +151,7 @@ class TrainingModule(pl.LightningModule):
         self.max_steps = max_steps
         self.min_lr_ratio = min_lr_ratio
         self.peak_flops = peak_flops
+        self.backbone_lr_ratio = backbone_lr_ratio
         signature = inspect.signature(model.forward).parameters
         self._forward_keys = set(signature)
         self._forward_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
@@ -161,6 +170,16 @@ class TrainingModule(pl.LightningModule):
             {"params": list(decay.values()), "weight_decay": self.weight_decay},
             {"params": list(no_decay.values()), "weight_decay": 0.0},
         ]
+        if self.backbone_lr_ratio != 1.0:
+            # Each group splits into head and backbone halves; heads come first, so train/lr logs the head's rate.
+            backbone = {id(p) for p in self.model.base_model.parameters()}
+            halves = []
+            for is_backbone in (False, True):
+                for group in groups:
+                    params = [p for p in group["params"] if (id(p) in backbone) == is_backbone]
+                    lr = self.learning_rate * (self.backbone_lr_ratio if is_backbone else 1.0)
+                    halves.append({**group, "params": params, "lr": lr})
+            groups = [group for group in halves if group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
         max_steps = self.max_steps
         if max_steps is None:

@@ -1,10 +1,20 @@
-"""DataModule pieces: splits, the length-grouped DDP-aware batch sampler, masking, loaders (real data slices)."""
+"""DataModule pieces: two- and three-way splits, the length-grouped DDP-aware batch sampler, masking, per-cell
+labels, loaders (real data slices)."""
+
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from sc_foundation.data import CellBatchSampler, CorpusDataModule, MaskingCollator, StoreBatchDataset, split_cells
+from sc_foundation.data import (
+    CellBatchSampler,
+    CorpusDataModule,
+    MaskingCollator,
+    StoreBatchDataset,
+    split_cells,
+    split_train_val_test,
+)
 from sc_foundation.store import CorpusStore, build_store
 from sc_foundation.tokenization import TokenizerConfig
 
@@ -185,3 +195,40 @@ def test_sampler_skips_the_batches_a_resumed_run_already_trained_on(store):
     sampler.skip_batches = 5
     assert [b.tolist() for _, b in sampler] == full[5:]
     assert [b.tolist() for _, b in sampler] == full, "the skip applies once"
+
+
+def test_three_way_split_is_seeded_stratified_or_grouped(store):
+    labels = store.obs["source"].cat.codes.to_numpy().astype(np.int64)  # 400 Kang and 120 CellBench cells
+    splits = split_train_val_test(store, 0.2, 0.2, seed=1, labels=labels)
+    again = split_train_val_test(store, 0.2, 0.2, seed=1, labels=labels)
+    assert all(np.array_equal(splits[name], again[name]) for name in ("train", "val", "test"))
+    assert np.array_equal(np.sort(np.concatenate(list(splits.values()))), np.arange(len(store)))
+    assert len(splits["test"]) == round(0.2 * len(store))
+    for rows in splits.values():  # every split keeps the label proportions
+        assert labels[rows].mean() == pytest.approx(labels.mean(), abs=0.02)
+    # Three batches (the Kang file, two CellBench protocols): each split takes whole ones.
+    grouped = split_train_val_test(store, 0.1, 0.1, seed=0, group_by="batch")
+    batches = store.obs["batch"].astype(str).to_numpy()
+    sides = [set(batches[grouped[name]]) for name in ("train", "val", "test")]
+    assert all(sides) and all(a.isdisjoint(b) for a, b in itertools.combinations(sides, 2))
+    with pytest.raises(ValueError, match="summing below 1"):
+        split_train_val_test(store, 0.5, 0.5)
+
+
+def test_datamodule_adds_per_cell_labels_by_store_row(store_dirs):
+    store = CorpusStore(store_dirs["binned"])
+    labels = np.arange(len(store), dtype=np.int64) * 10
+    splits = split_train_val_test(store, 0.2, 0.2)
+    datamodule = CorpusDataModule(store_dirs["binned"], 16, mask_ratio=None, labels=labels, splits=splits)
+    datamodule.setup()
+    for loader, name in ((datamodule.train_dataloader(), "train"), (datamodule.test_dataloader(), "test")):
+        batch = next(iter(loader))
+        assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == batch["cell_index"].shape
+        assert torch.equal(batch["labels"], batch["cell_index"] * 10)
+        assert set(batch["cell_index"].tolist()) <= set(splits[name].tolist())
+    with pytest.raises(ValueError, match="exclude each other"):
+        CorpusDataModule(store_dirs["binned"], 16, labels=labels).setup()
+    unsplit = CorpusDataModule(store_dirs["binned"], 16, mask_ratio=None)
+    unsplit.setup()
+    with pytest.raises(ValueError, match="no test split"):
+        unsplit.test_dataloader()

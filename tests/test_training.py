@@ -192,3 +192,18 @@ def test_resume_from_checkpoint_continues_the_run(store_dirs, tmp_path):
     for name, weight in saved.items():
         torch.testing.assert_close(probe.weights[name], weight)
     assert any(not torch.equal(saved[n], p) for n, p in resumed.model.named_parameters())
+
+
+def test_backbone_learns_at_a_fraction_of_the_rate(store_dirs):
+    model = tiny_model(store_dirs["binned"], ScFoundationForMaskedValueModeling)
+    module = TrainingModule(model, learning_rate=1e-3, warmup_steps=0, max_steps=10, backbone_lr_ratio=0.1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    backbone = {id(p) for p in model.base_model.parameters()}
+    for group in optimizer.param_groups:
+        sides = {id(p) in backbone for p in group["params"]}
+        assert len(sides) == 1  # a group is all backbone or all head
+        assert group["lr"] == pytest.approx(1e-4 if sides.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the head's group first: train/lr logs it
+    with pytest.raises(ValueError, match="base_model"):
+        TrainingModule(nn.Linear(2, 2), backbone_lr_ratio=0.5)

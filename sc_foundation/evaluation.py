@@ -1,0 +1,126 @@
+"""Task metrics, and the baselines they are compared with on the same cells and the same split.
+
+Annotation (DESIGN.md §6): accuracy and macro-F1 on held-out cells; the baselines are logistic regressions on
+log-normalised highly variable genes and on their principal components, everything fitted on the training cells only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import anndata
+import numpy as np
+import scanpy as sc
+import scipy.sparse
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .store import CorpusInput, CorpusStore
+
+UNKNOWN = -1
+"""Predicted class id of a cell called "unknown" (its top probability fell below the threshold)."""
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class F1 and the confusion matrix of predicted class ids.
+
+    Args:
+        y_true: (n,) int class ids into ``label_names``.
+        y_pred: (n,) int class ids, or :data:`UNKNOWN`: such a cell counts as wrong in every score.
+        label_names: (C,) the class names; every class counts in the macro average, present in ``y_true`` or not.
+    Returns:
+        ``accuracy``, ``macro_f1``, ``per_class_f1`` (name -> F1), ``confusion_matrix`` ((C, C) nested lists, rows
+        true, columns predicted, in ``labels`` order; unknown calls are left out of it), ``labels``, ``n_cells`` and
+        ``unknown_rate``.
+    """
+    classes = np.arange(len(label_names))
+    with warnings.catch_warnings():  # a class absent from both truth and predictions scores 0, which is meant
+        warnings.simplefilter("ignore")
+        per_class = f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(per_class.mean()),
+        "per_class_f1": {name: float(f) for name, f in zip(label_names, per_class, strict=True)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        "labels": list(label_names),
+        "n_cells": len(y_true),
+        "unknown_rate": float(np.mean(y_pred == UNKNOWN)) if len(y_pred) else 0.0,
+    }
+
+
+def store_counts(store: CorpusStore, inputs: Iterable[str | Mapping | CorpusInput]) -> anndata.AnnData:
+    """The raw counts of every store cell, read back from the files the store was built from.
+
+    Rows follow the store (row ``i`` is store cell ``i``), matched by each cell's ``source`` (the input's name)
+    and ``cell_id``; the genes are those all inputs share (by the names each input reads).
+
+    Returns:
+        AnnData (n_store_cells, n_shared_genes) of float32 counts in CSR.
+    """
+    specs = {spec.name: spec for spec in map(CorpusInput.coerce, inputs)}
+    parts = []
+    for source, cells in store.obs.groupby("source", observed=True, sort=False):
+        if source not in specs:
+            raise ValueError(f"store cells come from {source!r}, which is not among the inputs {sorted(specs)}")
+        with specs[source].open() as counts:
+            rows = counts.obs.index.get_indexer(cells["cell_id"])
+            if (rows < 0).any():
+                raise ValueError(f"{source}: {int((rows < 0).sum())} store cells are not in the file any more")
+            matrix = scipy.sparse.vstack([chunk for _, chunk in counts.iter_chunks()]).tocsr()[rows]
+            part = anndata.AnnData(matrix, var={"gene": counts.gene_names})
+        part.var_names = part.var["gene"].astype(str).to_numpy()
+        part.var_names_make_unique()
+        part.obs_names = cells.index.astype(str)  # the store rows
+        parts.append(part)
+    adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner")
+    if adata.n_vars == 0:
+        raise ValueError("the inputs share no gene names: the baselines need one gene space")
+    return adata[np.argsort(adata.obs_names.astype(int))].copy()
+
+
+def logistic_regression_baselines(
+    counts: anndata.AnnData,
+    labels: np.ndarray,
+    splits: Mapping[str, np.ndarray],
+    label_names: Sequence[str],
+    *,
+    n_top_genes: int = 2000,
+    n_pcs: int = 50,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Logistic regression on log-normalised HVGs and on their PCA, trained on ``splits["train"]``, scored on
+    ``splits["test"]``.
+
+    Per-cell normalisation (total 1e4, log1p) uses no other cell; the HVG selection (scanpy, Seurat flavour), the
+    scaling and the PCA are fitted on the training cells alone, so nothing is learnt from the test cells.
+
+    Args:
+        counts: (n_cells, n_genes) raw counts, rows indexed like ``labels`` and the splits (:func:`store_counts`).
+        labels: (n_cells,) int class ids.
+        splits: ``train`` and ``test`` row indices.
+    Returns:
+        ``hvg_logreg`` and ``pca_logreg`` -> :func:`classification_metrics` of the test cells.
+    """
+    adata = counts.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    train, test = splits["train"], splits["test"]
+    hvg = sc.pp.highly_variable_genes(adata[train], n_top_genes=min(n_top_genes, adata.n_vars), inplace=False)
+    x = adata.X[:, hvg["highly_variable"].to_numpy()].toarray()  # (n_cells, n_hvg)
+    n_components = min(n_pcs, len(train) - 1, x.shape[1])
+    models = {
+        "hvg_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
+        "pca_logreg": make_pipeline(
+            StandardScaler(),
+            PCA(n_components=n_components, random_state=seed),
+            LogisticRegression(max_iter=2000, random_state=seed),
+        ),
+    }
+    return {
+        name: classification_metrics(labels[test], model.fit(x[train], labels[train]).predict(x[test]), label_names)
+        for name, model in models.items()
+    }

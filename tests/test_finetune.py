@@ -1,0 +1,167 @@
+"""finetune.py: cell-type annotation from a pretrained export, with splits, metrics, baselines and a loadable export."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForSequenceClassification
+
+import finetune
+from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.export import export_pretrained, load_pretrained
+from sc_foundation.modeling import ScFoundationForCellClassification, ScFoundationForMaskedValueModeling
+from sc_foundation.store import CorpusStore, build_store
+from sc_foundation.tokenization import TokenizerConfig
+
+ROOT = Path(__file__).parents[1]
+CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~logger"]
+
+
+def compose_finetune(overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="finetune", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cellbench(shared_data):
+    return shared_data / CELLBENCH
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cellbench):
+    """A tiny, untrained masked-value model with a tokenizer built on cellbench: the fastest valid export.
+
+    The tokenizer keeps each cell's top genes: with random gene subsets an untrained backbone memorises the
+    training cells instead of learning their cell lines (val/loss rises from the start).
+    """
+    root = tmp_path_factory.mktemp("pretrained")
+    store = CorpusStore(
+        build_store(
+            [cellbench],
+            root / "store",
+            tokenizer_config=TokenizerConfig(context_length=256, truncation="top"),
+            min_cells_per_gene=5,
+        ).path
+    )
+    config = ScFoundationConfig.from_tokenizer(
+        store.tokenizer,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return export_pretrained(ScFoundationForMaskedValueModeling(config), store.tokenizer, root / "export")
+
+
+def overrides(pretrained, files, out, *extra):
+    return [f"pretrained={pretrained}", f"data.files={files}", f"output_dir={out}", *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def annotation(pretrained, cellbench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("annotation")
+    files = f"[{{path: {cellbench}, batch_key: batch}}]"
+    cfg = compose_finetune(overrides(pretrained, files, out, "trainer.max_steps=120"))
+    return finetune.run(cfg)
+
+
+def test_conf_composes():
+    cfg = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=annotation", "finetune.mode=lower_lr"])
+    assert cfg.label_key == "cell_type" and cfg.class_weights == "balanced" and cfg.unknown_threshold is None
+    assert cfg.early_stopping.patience > 0 and cfg.trainer.max_steps > 0 and cfg.trainer.accelerator == "cpu"
+
+
+def test_annotates_cellbench_cell_lines(annotation):
+    out, metrics = annotation["output_dir"], annotation["metrics"]
+    store = CorpusStore(annotation["store"])
+    splits = json.loads((out / "splits.json").read_text())
+    for name in ("train", "test"):  # a stratified split by cell keeps both protocols on each side
+        assert set(store.obs["batch"].iloc[splits[name]["store_index"]]) == set(store.obs["batch"])
+    assert store.obs["batch"].nunique() == 2
+    assert sum(metrics["n_cells"].values()) == len(store)
+    model = metrics["model"]
+    assert model["macro_f1"] >= 0.9, model
+    assert len(model["per_class_f1"]) == 3 and np.asarray(model["confusion_matrix"]).shape == (3, 3)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["model"] == model
+    for baseline in ("hvg_logreg", "pca_logreg"):
+        assert np.isfinite(saved["baselines"][baseline]["macro_f1"])
+        assert saved["baselines"][baseline]["n_cells"] == model["n_cells"] == metrics["n_cells"]["test"]
+
+
+def test_export_loads_and_reproduces_predictions(annotation):
+    model = load_pretrained(annotation["export"], device="cpu")
+    assert isinstance(model, ScFoundationForCellClassification)
+    assert sorted(model.config.id2label.values()) == annotation["metrics"]["model"]["labels"]
+    assert len(model.config.class_weights) == 3  # the balanced loss travels with the export
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(annotation["export"]), type(model))
+    batch = next(iter(annotation["datamodule"].test_dataloader()))
+    logits, _ = finetune.predict_logits(model, [batch])
+    again, _ = finetune.predict_logits(load_pretrained(annotation["export"], device="cpu"), [batch])
+    np.testing.assert_allclose(logits, again)
+    predicted = finetune.call_classes(logits, None)
+    assert (predicted == batch["labels"].numpy()).mean() > 0.8
+
+
+def test_frozen_mode_leaves_the_backbone_unchanged(pretrained, cellbench, tmp_path):
+    cfg = compose_finetune(
+        overrides(
+            pretrained,
+            f"[{cellbench}]",
+            tmp_path,
+            "finetune.mode=frozen",
+            "trainer.max_steps=10",
+            "trainer.val_check_interval=5",
+            "unknown_threshold=0.9",
+            "baselines.n_pcs=5",
+        )
+    )
+    result = finetune.run(cfg)
+    before = ScFoundationForCellClassification.from_pretrained(pretrained, new_heads=["classifier"], num_labels=3)
+    after = load_pretrained(result["export"], device="cpu")
+    for (name, old), (_, new) in zip(
+        before.base_model.state_dict().items(), after.base_model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(old, new), name
+    head = ScFoundationForCellClassification.from_pretrained(result["export"]).classifier.proj.weight
+    assert not torch.equal(head, before.classifier.proj.weight)
+    assert 0.0 <= result["metrics"]["model"]["unknown_rate"] <= 1.0
+
+
+@pytest.fixture
+def relabelled(real_slice, tmp_path):
+    def write(edit):
+        adata = real_slice(CELLBENCH, 60)
+        edit(adata)
+        path = tmp_path / "relabelled.h5ad"
+        adata.write_h5ad(path)
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda a: a.obs.drop(columns="cell_type", inplace=True),
+            r"relabelled.h5ad: label_key='cell_type' is not an obs column; obs columns: \['demuxlet_cls', 'batch'\]",
+        ),
+        (lambda a: a.obs.__setitem__("cell_type", "H1975"), "single class"),
+        (
+            lambda a: a.obs.__setitem__("cell_type", [np.nan] * 3 + ["H1975", "A549"] * 28 + ["H1975"]),
+            "3 of 60 cells have no 'cell_type' label",
+        ),
+    ],
+    ids=["missing_key", "single_class", "nan_labels"],
+)
+def test_bad_labels_are_refused(pretrained, relabelled, tmp_path, edit, message):
+    cfg = compose_finetune(overrides(pretrained, f"[{relabelled(edit)}]", tmp_path / "out"))
+    with pytest.raises(ValueError, match=message):
+        finetune.run(cfg)
