@@ -181,7 +181,7 @@ def shared_data_dir() -> Path | None:
     candidates += [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
-            return Path(candidate)
+            return Path(candidate).resolve()
     return None
 
 
