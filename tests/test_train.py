@@ -1,6 +1,7 @@
 """train.py composes its real Hydra configs, builds the corpus store, pretrains, exports and resumes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,14 @@ def test_gradient_checkpointing_is_a_config_key(tmp_path, kang_file):
     result = train.run(cfg)
     assert result["module"].model.is_gradient_checkpointing
     assert (tmp_path / "out" / "export" / "final" / "model.safetensors").is_file()
+
+
+def test_pretraining_on_packed_batches(tmp_path, kang_file):
+    overrides = [*data_overrides(kang_file, tmp_path / "cache"), f"output_dir={tmp_path / 'out'}"]
+    cfg = compose_pretrain([*overrides, "data.loader.pack=true", "trainer.max_steps=3"])
+    result = train.run(cfg)
+    assert math.isfinite(float(result["trainer"].callback_metrics["train/loss"]))
+    assert load_pretrained(tmp_path / "out" / "export" / "final", device="cpu").config.value_encoding == "binned"
 
 
 def test_output_dir_defaults_without_a_hydra_run(tmp_path):

@@ -207,3 +207,21 @@ def test_backbone_learns_at_a_fraction_of_the_rate(store_dirs):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the head's group first: train/lr logs it
     with pytest.raises(ValueError, match="base_model"):
         TrainingModule(nn.Linear(2, 2), backbone_lr_ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "head"), [("binned", ScFoundationForMaskedValueModeling), ("rank", ScFoundationForMaskedGeneModeling)]
+)
+def test_padded_and_packed_batches_give_the_same_loss(store_dirs, encoding, head):
+    """The same cells, masked identically, padded (SDPA with a key-padding mask) or packed (cu_seqlens; on the CPU
+    SDPA with a block-diagonal mask): one loss, so either layout trains the same model."""
+    module = TrainingModule(tiny_model(store_dirs[encoding], head), max_steps=10).eval()
+    losses = []
+    for pack in (False, True):
+        data = CorpusDataModule(store_dirs[encoding], batch_size=8, val_fraction=0.0, pack=pack, seed=3)
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        with torch.no_grad():
+            losses.append(module(batch).loss)
+    assert "cu_seqlens" in batch and batch["input_ids"].shape[0] == 1
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
