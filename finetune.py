@@ -1,17 +1,23 @@
-"""Fine-tuning entry point: ``python finetune.py task=annotation pretrained=DIR 'data.files=[...]' [overrides]``.
+"""Fine-tuning entry point: ``python finetune.py task=<annotation|integration> pretrained=DIR 'data.files=[...]'``.
 
-Cell-type annotation: checks the label column of every input, tokenizes the inputs with the pretrained model's own
-tokenizer into a corpus store, splits the cells into seeded train/val/test sets (``splits.json``), fine-tunes
-:class:`~sc_foundation.modeling.ScFoundationForCellClassification` (early stopping on ``val/loss``) and exports the
-best model to ``<output_dir>/export/best``. That export is then scored on the test cells, next to logistic-regression
-baselines on the same cells, in ``<output_dir>/metrics.json``. No resume checkpoints are written: a fine-tuning run
-is short, and the export is what later steps load.
+Both tasks tokenize the inputs with the pretrained model's own tokenizer into a corpus store, split the cells into
+seeded sets (``splits.json``), fine-tune a head with early stopping on ``val/loss``, export the best model to
+``<output_dir>/export/best`` and score that export next to baselines on the same cells in ``<output_dir>/metrics.json``.
+No resume checkpoints are written: a fine-tuning run is short, and the export is what later steps load.
+
+- ``task=annotation``: :class:`~sc_foundation.modeling.ScFoundationForCellClassification` on ``label_key``;
+  train/val/test split, scored on the test cells against logistic-regression baselines.
+- ``task=integration``: :class:`~sc_foundation.modeling.ScFoundationForBatchIntegration` with the batch from
+  ``batch_key`` (stored as the store's ``batch`` column); train/val split, and the scIB metrics of the embedding of
+  all cells (the scIB convention) against the unintegrated PCA and Harmony; the embeddings go to ``embeddings.npz``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -21,12 +27,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from sc_foundation.data import CorpusDataModule, split_train_val_test
+from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
-from sc_foundation.evaluation import UNKNOWN, classification_metrics, logistic_regression_baselines, store_counts
+from sc_foundation.evaluation import (
+    UNKNOWN,
+    classification_metrics,
+    integration_baselines,
+    integration_metrics,
+    logistic_regression_baselines,
+    store_counts,
+)
 from sc_foundation.export import load_pretrained
 from sc_foundation.genes import _atomic_write_text
-from sc_foundation.modeling import ScFoundationForCellClassification
+from sc_foundation.modeling import ScFoundationForBatchIntegration, ScFoundationForCellClassification
 from sc_foundation.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer
 from sc_foundation.training import TrainingModule
@@ -35,34 +48,49 @@ from train import ExportBest, export, output_dir
 MODES = ("full", "frozen", "lower_lr")
 
 
-def check_labels(inputs: Sequence, label_key: str) -> None:
-    """Refuse inputs whose labels cannot train a classifier, before anything is tokenized.
+def check_categories(
+    inputs: Sequence[CorpusInput], key: str, *, need: str, setting: str = "label_key", noun: str = "label"
+) -> None:
+    """Refuse an obs column that cannot serve as per-cell categories (labels, batches), before anything is tokenized.
 
+    Args:
+        key: the obs column every input must have.
+        need: why two or more categories are needed, appended to the single-category message.
+        setting, noun: the config key that named it and what it holds, for the messages.
     Raises:
-        ValueError: ``label_key`` is not an obs column of a file (naming the file and its columns), labels are
-            missing (how many, in which file, which cells), or all cells share one class.
+        ValueError: ``key`` is not an obs column of a file (naming the file and its columns), values are missing
+            (how many, in which file, which cells), or all cells share one value.
     """
-    classes = set()
-    for spec in map(CorpusInput.coerce, inputs):
+    values = set()
+    for spec in inputs:
         with spec.open() as source:
             obs = source.obs
-            if label_key not in obs.columns:
+            if key not in obs.columns:
                 raise ValueError(
-                    f"{spec.path}: label_key={label_key!r} is not an obs column; obs columns: {list(obs.columns)}"
+                    f"{spec.path}: {setting}={key!r} is not an obs column; obs columns: {list(obs.columns)}"
                 )
-            labels = obs[label_key]
-            missing = labels.isna().to_numpy()
+            column = obs[key]
+            missing = column.isna().to_numpy()
             if missing.any():
                 examples = ", ".join(map(str, obs.index[missing][:5]))
                 raise ValueError(
-                    f"{spec.path}: {int(missing.sum())} of {len(obs)} cells have no {label_key!r} label (NaN), "
-                    f"e.g. cells {examples}. Drop or label those cells first."
+                    f"{spec.path}: {int(missing.sum())} of {len(obs)} cells have no {key!r} {noun} (NaN), "
+                    f"e.g. cells {examples}. Drop or fill in those cells first."
                 )
-            classes.update(labels.astype(str).unique())
-    if len(classes) < 2:
-        raise ValueError(
-            f"label_key={label_key!r} has a single class {sorted(classes)}: a classifier needs two or more"
-        )
+            values.update(column.astype(str).unique())
+    if len(values) < 2:
+        raise ValueError(f"{setting}={key!r} has a single value {sorted(values)}: {need}")
+
+
+def with_batch_key(inputs: Sequence, batch_key: str) -> list[CorpusInput]:
+    """The inputs with ``batch_key`` as each one's batch column (the store's ``batch``), refusing an input that names
+    another one itself."""
+    specs = []
+    for spec in map(CorpusInput.coerce, inputs):
+        if spec.batch_key not in (None, batch_key):
+            raise ValueError(f"{spec.path}: its own batch_key={spec.batch_key!r} contradicts batch_key={batch_key!r}")
+        specs.append(dataclasses.replace(spec, batch_key=batch_key))
+    return specs
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
@@ -75,15 +103,16 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, C) and store indices (n,) of every cell the loader yields, with the model in eval mode."""
+def predict(model: torch.nn.Module, loader, field: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+    """The output ``field`` (n, ...) (e.g. ``logits`` (n, C), ``cell_embedding`` (n, h)) and the store indices (n,)
+    of every cell the loader yields, with the model in eval mode."""
     step = TrainingModule(model).eval()  # its forward drops batch keys the model does not take
-    logits, cells = [], []
+    outputs, cells = [], []
     for batch in loader:
         batch = {key: value.to(model.device) for key, value in batch.items()}
-        logits.append(step(batch).logits.float().cpu())
+        outputs.append(getattr(step(batch), field).float().cpu())
         cells.append(batch["cell_index"].cpu())
-    return torch.cat(logits).numpy(), torch.cat(cells).numpy()
+    return torch.cat(outputs).numpy(), torch.cat(cells).numpy()
 
 
 def call_classes(logits: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -96,66 +125,39 @@ def call_classes(logits: np.ndarray, threshold: float | None) -> np.ndarray:
     return predicted
 
 
-def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
-    """Everything ``finetune.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
-    if cfg.finetune.mode not in MODES:
-        raise ValueError(f"finetune.mode must be one of {MODES}, got {cfg.finetune.mode!r}")
-    if cfg.class_weights not in ("balanced", "none"):
-        raise ValueError(f"class_weights must be 'balanced' or 'none', got {cfg.class_weights!r}")
-    out = output_dir(cfg)
-    label_key, split = cfg.label_key, cfg.split
-    inputs = corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))
-    check_labels(inputs, label_key)
+def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):
+    """The pretrained tokenizer and the store of the inputs tokenized with it (obs columns ``obs_keys`` kept)."""
     tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
-    obs_keys = [key for key in dict.fromkeys([label_key, split.split_by]) if key and key not in RESERVED_COLUMNS]
     report = build_store(
         inputs,
         cfg.data.store_dir or out / "store",
         tokenizer=tokenizer,
-        obs_keys=obs_keys,
+        obs_keys=[key for key in dict.fromkeys(obs_keys) if key and key not in RESERVED_COLUMNS],
         chunk_size=cfg.data.chunk_size,
         num_workers=cfg.data.build_workers,
     )
     print(report.format())
+    return tokenizer, report.path
 
-    store = CorpusStore(report.path)
-    names = sorted(store.obs[label_key].astype(str).unique())
-    labels = pd.Categorical(store.obs[label_key].astype(str), categories=names).codes.astype(np.int64)
-    splits = split_train_val_test(
-        store,
-        split.val_fraction,
-        split.test_fraction,
-        split.seed,
-        labels=labels if split.stratify and split.split_by is None else None,
-        group_by=split.split_by,
-    )
-    splits_record = {
+
+def _categories(store: CorpusStore, column: str) -> tuple[list[str], np.ndarray]:
+    """The sorted category names of an obs column and each store cell's id into them, (n_cells,) int64."""
+    names = sorted(store.obs[column].astype(str).unique())
+    return names, pd.Categorical(store.obs[column].astype(str), categories=names).codes.astype(np.int64)
+
+
+def _write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[str, np.ndarray]) -> None:
+    record = {
         name: {"store_index": rows.tolist(), "cell_id": store.obs["cell_id"].iloc[rows].tolist()}
         for name, rows in splits.items()
     }
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "splits.json", json.dumps({"seed": split.seed, **splits_record}))
-    datamodule = CorpusDataModule(
-        report.path,
-        cfg.data.batch_size,
-        mask_ratio=None,
-        group_by_length=cfg.data.group_by_length,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        labels=labels,
-        splits=splits,
-    )
+    _atomic_write_text(out / "splits.json", json.dumps({"seed": cfg.split.seed, **record}))
 
-    pl.seed_everything(cfg.seed, workers=True)
-    weights = balanced_class_weights(labels[splits["train"]], len(names)) if cfg.class_weights == "balanced" else None
-    model = ScFoundationForCellClassification.from_pretrained(
-        cfg.pretrained,
-        new_heads=["classifier"],
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        class_weights=weights,
-        classifier_dropout=cfg.classifier_dropout,
-    )
+
+def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Sequence[pl.Callback]):
+    """Fine-tune ``model`` (a head fresh from ``from_pretrained``) by ``cfg.finetune.mode``, exporting the best
+    weights by ``val/loss`` to ``out/export/best``; returns the trainer, the module and that directory."""
     model.train()  # from_pretrained returns it in eval mode, which Lightning would keep (no dropout)
     if cfg.finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
@@ -179,10 +181,55 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     trainer.fit(module, datamodule=datamodule)
     if not (best.directory / "config.json").exists():  # no validation ran: the final weights are the best known
         export(trainer, module, tokenizer, best.directory)
+    return trainer, module, best.directory
+
+
+def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=annotation``: see the module docstring."""
+    if cfg.class_weights not in ("balanced", "none"):
+        raise ValueError(f"class_weights must be 'balanced' or 'none', got {cfg.class_weights!r}")
+    out = output_dir(cfg)
+    label_key, split = cfg.label_key, cfg.split
+    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    check_categories(inputs, label_key, need="a classifier needs two or more classes")
+    tokenizer, store_path = _tokenize(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    names, labels = _categories(store, label_key)
+    splits = split_train_val_test(
+        store,
+        split.val_fraction,
+        split.test_fraction,
+        split.seed,
+        labels=labels if split.stratify and split.split_by is None else None,
+        group_by=split.split_by,
+    )
+    _write_splits(cfg, out, store, splits)
+    datamodule = CorpusDataModule(
+        store_path,
+        cfg.data.batch_size,
+        mask_ratio=None,
+        group_by_length=cfg.data.group_by_length,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        per_cell={"labels": labels},
+        splits=splits,
+    )
+
+    pl.seed_everything(cfg.seed, workers=True)
+    weights = balanced_class_weights(labels[splits["train"]], len(names)) if cfg.class_weights == "balanced" else None
+    model = ScFoundationForCellClassification.from_pretrained(
+        cfg.pretrained,
+        new_heads=["classifier"],
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        class_weights=weights,
+        classifier_dropout=cfg.classifier_dropout,
+    )
+    trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
 
     # Score the export itself: what users load is what the numbers describe.
-    finetuned = load_pretrained(best.directory)
-    logits, cells = predict_logits(finetuned, datamodule.test_dataloader())
+    logits, cells = predict(load_pretrained(best), datamodule.test_dataloader())
     predicted = call_classes(logits, cfg.unknown_threshold)
     baselines = logistic_regression_baselines(
         store_counts(store, inputs),
@@ -208,15 +255,119 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     print(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
-        "store": report.path,
+        "store": store_path,
         "splits": splits,
         "labels": labels,
         "metrics": metrics,
-        "export": best.directory,
+        "export": best,
         "trainer": trainer,
         "module": module,
         "datamodule": datamodule,
     }
+
+
+def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=integration``: see the module docstring.
+
+    The metrics are of all cells, the scIB convention: the labels never reach the model (only the batches do, as
+    for Harmony), and the baselines see the same cells. The validation cells serve early stopping only.
+    """
+    out = output_dir(cfg)
+    batch_key, label_key, split = cfg.batch_key, cfg.label_key, cfg.split
+    files = OmegaConf.to_container(cfg.data.files, resolve=True)
+    inputs = with_batch_key(corpus_inputs([], files), batch_key)
+    check_categories(inputs, batch_key, setting="batch_key", noun="batch", need="integration needs two or more batches")
+    if label_key is not None:
+        check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
+    tokenizer, store_path = _tokenize(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    batch_names, batch_ids = _categories(store, "batch")
+    labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
+    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
+    splits = {"train": train, "val": val}
+    _write_splits(cfg, out, store, splits)
+    datamodule = CorpusDataModule(
+        store_path,
+        cfg.data.batch_size,
+        mask_ratio=None,
+        group_by_length=cfg.data.group_by_length,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        per_cell={"batch_ids": batch_ids},
+        splits=splits,
+    )
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model = ScFoundationForBatchIntegration.from_pretrained(
+        cfg.pretrained,
+        new_heads=["batch_embeddings", "decoder", *(["discriminator"] if cfg.dab_weight > 0 else [])],
+        batch_names=batch_names,
+        batch_embedding_size=cfg.batch_embedding_size,
+        dab_weight=cfg.dab_weight,
+    )
+    trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
+
+    # Embed with the export itself: what users load is what the numbers describe.
+    embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
+    embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
+    baselines, baseline_embeddings = integration_baselines(
+        store_counts(store, inputs),
+        batch_ids,
+        labels,
+        n_top_genes=cfg.baselines.n_top_genes,
+        n_pcs=cfg.baselines.n_pcs,
+        seed=cfg.seed,
+    )
+    metrics = {
+        "task": "integration",
+        "batch_key": batch_key,
+        "label_key": label_key,
+        "batches": batch_names,
+        "dab_weight": cfg.dab_weight,
+        "finetune_mode": cfg.finetune.mode,
+        "scored_cells": "all",
+        "n_cells": {"all": len(store), **{name: len(rows) for name, rows in splits.items()}},
+        "steps": trainer.global_step,
+        "model": integration_metrics(embedding, batch_ids, labels),
+        "baselines": baselines,
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    np.savez(
+        out / "embeddings.npz",
+        model=embedding,
+        **baseline_embeddings,
+        cell_id=store.obs["cell_id"].to_numpy(dtype=str),  # fixed-width strings: loads without pickle
+        batch=np.asarray(batch_names)[batch_ids],
+        **({} if labels is None else {"label": labels}),
+    )
+    score = "total" if label_key is not None else "batch"
+    summary = ", ".join(f"{name} {result[score]:.3f}" for name, result in baselines.items())
+    print(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "batch_ids": batch_ids,
+        "embedding": embedding,
+        "metrics": metrics,
+        "export": best,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
+
+
+TASKS = {"annotation": run_annotation, "integration": run_integration}
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Everything ``finetune.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
+    if cfg.task_name not in TASKS:
+        raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {cfg.task_name!r}")
+    if cfg.finetune.mode not in MODES:
+        raise ValueError(f"finetune.mode must be one of {MODES}, got {cfg.finetune.mode!r}")
+    return TASKS[cfg.task_name](cfg, callbacks)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")

@@ -8,6 +8,7 @@ import importlib
 
 from .configuration import ScFoundationConfig
 from .modeling import (
+    ScFoundationForBatchIntegration,
     ScFoundationForCellClassification,
     ScFoundationForMaskedGeneModeling,
     ScFoundationForMaskedValueModeling,
@@ -33,6 +34,7 @@ _LAZY = {
 
 __all__ = [
     "ScFoundationConfig",
+    "ScFoundationForBatchIntegration",
     "ScFoundationForCellClassification",
     "ScFoundationForMaskedGeneModeling",
     "ScFoundationForMaskedValueModeling",

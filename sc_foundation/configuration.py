@@ -53,6 +53,14 @@ class ScFoundationConfig(PreTrainedConfig):
         class_weights: Per-class weights of a classification head's cross-entropy, one per label in ``id2label``
             order (e.g. inverse training-label frequencies for imbalanced classes); None weighs every class alike.
             Kept in the config so that an exported classifier computes the loss it was trained with.
+        batch_names: The batches of a batch-integration head
+            (:class:`~sc_foundation.modeling.ScFoundationForBatchIntegration`), in batch-id order; None elsewhere.
+            Kept in the config so that an export says which batch each id of its batch embedding stands for.
+        batch_embedding_size: Width of the learned batch embedding that the integration head's expression decoder
+            reads beside the cell embedding.
+        dab_weight: Weight of the integration head's adversarial batch discriminator (scGPT's DAB): its
+            cross-entropy is added to the loss and its gradient reaches the encoder reversed. 0 disables it and
+            builds no parameters for it.
         pad_token_id: Vocabulary id of padding.
         cls_token_id: Vocabulary id of the CLS token.
         mask_token_id: Vocabulary id that replaces a masked gene (``"rank"`` encoding).
@@ -78,6 +86,9 @@ class ScFoundationConfig(PreTrainedConfig):
     mvc_weight: float | int = 0.0
     classifier_dropout: float | int | None = None
     class_weights: list[float] | None = None
+    batch_names: list[str] | None = None
+    batch_embedding_size: int = 16
+    dab_weight: float | int = 0.0
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2
@@ -134,6 +145,12 @@ class ScFoundationConfig(PreTrainedConfig):
                 raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")
             if min(self.class_weights) <= 0:
                 raise ValueError(f"class_weights must be positive, got {self.class_weights}")
+        if self.batch_names is not None and len(set(self.batch_names)) < 2:
+            raise ValueError(f"batch_names needs two or more distinct batches, got {self.batch_names}")
+        if self.batch_embedding_size < 1:
+            raise ValueError(f"batch_embedding_size must be positive, got {self.batch_embedding_size}")
+        if self.dab_weight < 0:
+            raise ValueError(f"dab_weight must be >= 0, got {self.dab_weight}")
         special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
         for name, token_id in special.items():
             if not 0 <= token_id < self.vocab_size:

@@ -304,9 +304,10 @@ class StoreBatchDataset(Dataset):
 
     Padded batches (default) hold ``input_ids`` (B, L) int64, ``values`` (B, L) float32, ``attention_mask`` (B, L)
     bool and ``cell_index`` (B,); packed batches hold ``input_ids``/``values`` (1, T), ``cu_seqlens`` (B + 1,) int32
-    and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added; with ``labels``, an
-    (n_store_cells,) array of per-cell targets (class ids for annotation), ``labels`` (B,) holds the batch's cells'
-    entries, looked up by ``cell_index``. The two kinds of labels exclude each other.
+    and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added. ``per_cell`` maps batch
+    keys to (n_store_cells,) arrays of per-cell targets (``labels``: class ids for annotation; ``batch_ids`` for
+    integration); each key then holds the batch's cells' entries, (B,), looked up by ``cell_index``. Per-cell
+    ``labels`` and the collator's token labels exclude each other.
     """
 
     def __init__(
@@ -315,16 +316,18 @@ class StoreBatchDataset(Dataset):
         *,
         collator: MaskingCollator | None = None,
         pack: bool = False,
-        labels: np.ndarray | None = None,
+        per_cell: Mapping[str, np.ndarray] | None = None,
     ):
-        if labels is not None and collator is not None:
+        per_cell = dict(per_cell or {})
+        if collator is not None and "labels" in per_cell:
             raise ValueError("per-cell labels and a MaskingCollator (which makes token labels) exclude each other")
-        if labels is not None and len(labels) != len(store):
-            raise ValueError(f"labels has {len(labels)} entries for a store of {len(store)} cells")
+        for key, array in per_cell.items():
+            if len(array) != len(store):
+                raise ValueError(f"per-cell {key!r} has {len(array)} entries for a store of {len(store)} cells")
         self.store = store
         self.collator = collator
         self.pack = pack
-        self.labels = labels
+        self.per_cell = per_cell
 
     def __len__(self) -> int:
         return len(self.store)
@@ -334,8 +337,8 @@ class StoreBatchDataset(Dataset):
         batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
         if self.collator is not None:
             batch = self.collator(batch, epoch)
-        if self.labels is not None:
-            batch["labels"] = self.labels[batch["cell_index"]]
+        for key, array in self.per_cell.items():
+            batch[key] = array[batch["cell_index"]]
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
@@ -371,10 +374,12 @@ class CorpusDataModule(pl.LightningDataModule):
         pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
         seed: seed of the split, the shuffles and the masks.
-        labels: (n_store_cells,) per-cell targets added to each batch as ``labels`` (B,) (see
-            :class:`StoreBatchDataset`); needs ``mask_ratio=None``.
+        per_cell: batch key -> (n_store_cells,) per-cell array, added to each batch as (B,) (see
+            :class:`StoreBatchDataset`); ``labels`` among them needs ``mask_ratio=None``.
         splits: precomputed ``{"train", "val"[, "test"]}`` store indices (e.g. :func:`split_train_val_test`), used
             instead of ``val_fraction`` and ``split_by``; a ``test`` split gets a ``test_dataloader``.
+
+    ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which).
     """
 
     def __init__(
@@ -390,7 +395,7 @@ class CorpusDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
-        labels: np.ndarray | None = None,
+        per_cell: Mapping[str, np.ndarray] | None = None,
         splits: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__()
@@ -404,7 +409,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
-        self.labels = labels
+        self.per_cell = per_cell
         self.splits = splits
         self.store: CorpusStore | None = None
 
@@ -429,7 +434,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 vocab_size=len(vocab),
                 seed=self.seed,
             )
-        self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, labels=self.labels)
+        self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, per_cell=self.per_cell)
 
     def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
         return CellBatchSampler(
@@ -470,6 +475,9 @@ class CorpusDataModule(pl.LightningDataModule):
         if self.test_indices is None:
             raise ValueError("no test split: pass splits={'train': ..., 'val': ..., 'test': ...}")
         return self._loader(self.test_indices, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(np.arange(len(self.store)), train=False)
 
     def padding_report(self) -> dict[str, float]:
         """Padded share of token slots in one training epoch, with and without length grouping."""

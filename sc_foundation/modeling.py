@@ -111,6 +111,47 @@ class ScFoundationCellClassificationOutput(ModelOutput):
     cell_embedding: torch.Tensor | None = None
 
 
+@dataclass
+class ScFoundationBatchIntegrationOutput(ModelOutput):
+    """Output of :class:`ScFoundationForBatchIntegration`.
+
+    Args:
+        loss: scalar, ``reconstruction_loss`` plus ``dab_weight`` times ``dab_loss``; when ``batch_ids`` are given.
+        reconstruction_loss: scalar MSE of the decoded values at the G real gene tokens of the batch.
+        dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0``.
+        predictions: (G,) decoded values at the real gene tokens, in row-major order; bins scaled to [0, 1].
+        batch_logits: (n_cells, n_batches) discriminator scores, when ``dab_weight > 0``.
+        cell_embedding: (n_cells, h), the integrated embedding.
+    """
+
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    dab_loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    batch_logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient times ``-scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Gradient reversal (Ganin & Lempitsky): ``x`` unchanged forward, its gradient multiplied by ``-scale``
+    backward. A discriminator behind it learns to predict its target, and what lies in front of it learns to
+    defeat the discriminator, in one minimisation."""
+    return _GradientReversal.apply(x, scale)
+
+
 def _cell_layout(
     input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -341,16 +382,17 @@ class ScFoundationMVCHead(nn.Module):
     """Predicts a gene's value from the cell embedding and the gene embedding alone (scGPT's GEPC/MVC idea).
 
     ``value = <GELU(W_g gene), W_c cell>``: a per-gene query read against the cell embedding, which therefore
-    has to carry the cell's expression profile.
+    has to carry the cell's expression profile. ``cell_size`` is the width of what stands for the cell: ``h``, or
+    more where the cell embedding comes with other cell-level inputs (a batch embedding, for integration).
     """
 
-    def __init__(self, config: ScFoundationConfig):
+    def __init__(self, config: ScFoundationConfig, cell_size: int | None = None):
         super().__init__()
         self.gene_query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.cell_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.cell_proj = nn.Linear(cell_size or config.hidden_size, config.hidden_size)
 
     def forward(self, gene_embedding: torch.Tensor, cell_embedding: torch.Tensor) -> torch.Tensor:
-        """gene_embedding (M, h), cell_embedding (M, h) of each gene's cell -> (M,) predicted values."""
+        """gene_embedding (M, h), cell_embedding (M, cell_size) of each gene's cell -> (M,) predicted values."""
         return (F.gelu(self.gene_query(gene_embedding)) * self.cell_proj(cell_embedding)).sum(-1)
 
 
@@ -708,6 +750,72 @@ class ScFoundationForCellClassification(ScFoundationPreTrainedModel):
             if self.config.class_weights is not None:
                 weight = torch.tensor(self.config.class_weights, dtype=torch.float32, device=logits.device)
             output.loss = F.cross_entropy(logits.float(), labels.long(), weight=weight)
+        return output
+
+
+class ScFoundationForBatchIntegration(ScFoundationPreTrainedModel):
+    """A cell embedding free of batch effects: the encoder is trained to make its batch information redundant.
+
+    1. A batch-conditioned expression decoder (scVI's idea, on the MVC head's form): the value of every real gene
+       token is predicted from its gene embedding and the cell embedding concatenated with a learned embedding of
+       the cell's batch. The batch embedding explains what is batch-specific in the values, so the cell embedding
+       need not carry it. The encoder reads the values unmasked (the decoder sees only the pooled cell embedding,
+       so there is nothing to copy) and gets no batch condition.
+    2. With ``config.dab_weight > 0``, an adversarial batch discriminator (scGPT's DAB): an MLP predicts the batch
+       from the cell embedding behind a gradient reversal (:func:`grad_reverse`), so the encoder is pushed to remove
+       what the discriminator can read.
+
+    Targets are the tokenizer's values: bin indices scaled to [0, 1] by ``n_bins - 1`` (as the MVC term), or log1p
+    values. The batches are ``config.batch_names``; a pretrained export loads into it with
+    ``from_pretrained(path, new_heads=["batch_embeddings", "decoder", "discriminator"], batch_names=[...])``.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        if config.value_encoding not in ("binned", "continuous"):
+            raise ValueError(f"the integration decoder predicts values; the {config.value_encoding} encoding has none")
+        if config.batch_names is None:
+            raise ValueError("batch integration needs config.batch_names, the batches in batch-id order")
+        h, n_batches = config.hidden_size, len(config.batch_names)
+        self.sc_foundation = ScFoundationModel(config)
+        self.batch_embeddings = nn.Embedding(n_batches, config.batch_embedding_size)
+        self.decoder = ScFoundationMVCHead(config, cell_size=h + config.batch_embedding_size)
+        self.discriminator = _mlp(h, h, n_batches) if config.dab_weight > 0 else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_ids: torch.Tensor | None = None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ScFoundationBatchIntegrationOutput:
+        """Args as for :meth:`ScFoundationModel.forward` (nothing masked), plus ``batch_ids``: (n_cells,) long ids
+        into ``config.batch_names``. Without them only the cell embedding is computed (inference)."""
+        encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
+        output = ScFoundationBatchIntegrationOutput(cell_embedding=encoded.cell_embedding)
+        if batch_ids is None:
+            return output
+        real = input_ids != self.config.cls_token_id  # (B, L): the gene tokens
+        if attention_mask is not None:
+            real = real & attention_mask.bool()
+        cell_ids, _, _ = _cell_layout(input_ids, cu_seqlens)
+        cell_ids = cell_ids[real]  # (G,)
+        cells = torch.cat([encoded.cell_embedding, self.batch_embeddings(batch_ids)], dim=-1)  # (n_cells, h + e)
+        genes = self.sc_foundation.embeddings.gene_embeddings(input_ids[real])  # (G, h)
+        output.predictions = self.decoder(genes, cells[cell_ids])  # (G,)
+        target = values[real].float()
+        if self.config.value_encoding == "binned":
+            target = target / (self.config.n_bins - 1)
+        output.reconstruction_loss = F.mse_loss(output.predictions.float(), target)
+        output.loss = output.reconstruction_loss
+        if self.discriminator is not None:
+            output.batch_logits = self.discriminator(grad_reverse(encoded.cell_embedding))  # (n_cells, n_batches)
+            output.dab_loss = F.cross_entropy(output.batch_logits.float(), batch_ids.long())
+            output.loss = output.loss + self.config.dab_weight * output.dab_loss
         return output
 
 

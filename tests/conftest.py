@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
+"""The CellBench 3-cell-line file under the shared data: two protocols (obs ``batch``), three ``cell_type`` labels."""
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -34,3 +37,45 @@ def real_slice(shared_data):
         return cache[key].copy()
 
     return load
+
+
+@pytest.fixture(scope="session")
+def cellbench(shared_data) -> Path:
+    return shared_data / CELLBENCH
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cellbench) -> Path:
+    """A tiny, untrained masked-value model with a tokenizer built on cellbench: the fastest valid export to
+    fine-tune.
+
+    The tokenizer keeps each cell's top genes: with random gene subsets an untrained backbone memorises the
+    training cells instead of learning their cell lines (val/loss rises from the start).
+    """
+    import torch
+
+    from sc_foundation.configuration import ScFoundationConfig
+    from sc_foundation.export import export_pretrained
+    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+    from sc_foundation.store import CorpusStore, build_store
+    from sc_foundation.tokenization import TokenizerConfig
+
+    root = tmp_path_factory.mktemp("pretrained")
+    store = CorpusStore(
+        build_store(
+            [cellbench],
+            root / "store",
+            tokenizer_config=TokenizerConfig(context_length=256, truncation="top"),
+            min_cells_per_gene=5,
+        ).path
+    )
+    config = ScFoundationConfig.from_tokenizer(
+        store.tokenizer,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return export_pretrained(ScFoundationForMaskedValueModeling(config), store.tokenizer, root / "export")

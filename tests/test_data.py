@@ -219,15 +219,19 @@ def test_datamodule_adds_per_cell_labels_by_store_row(store_dirs):
     store = CorpusStore(store_dirs["binned"])
     labels = np.arange(len(store), dtype=np.int64) * 10
     splits = split_train_val_test(store, 0.2, 0.2)
-    datamodule = CorpusDataModule(store_dirs["binned"], 16, mask_ratio=None, labels=labels, splits=splits)
+    per_cell = {"labels": labels, "batch_ids": labels + 1}
+    datamodule = CorpusDataModule(store_dirs["binned"], 16, mask_ratio=None, per_cell=per_cell, splits=splits)
     datamodule.setup()
+    predicted = torch.cat([batch["cell_index"] for batch in datamodule.predict_dataloader()])
+    assert sorted(predicted.tolist()) == list(range(len(store)))
     for loader, name in ((datamodule.train_dataloader(), "train"), (datamodule.test_dataloader(), "test")):
         batch = next(iter(loader))
         assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == batch["cell_index"].shape
         assert torch.equal(batch["labels"], batch["cell_index"] * 10)
+        assert torch.equal(batch["batch_ids"], batch["labels"] + 1)
         assert set(batch["cell_index"].tolist()) <= set(splits[name].tolist())
     with pytest.raises(ValueError, match="exclude each other"):
-        CorpusDataModule(store_dirs["binned"], 16, labels=labels).setup()
+        CorpusDataModule(store_dirs["binned"], 16, per_cell={"labels": labels}).setup()
     unsplit = CorpusDataModule(store_dirs["binned"], 16, mask_ratio=None)
     unsplit.setup()
     with pytest.raises(ValueError, match="no test split"):

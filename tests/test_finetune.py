@@ -10,53 +10,18 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
 import finetune
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.export import export_pretrained, load_pretrained
-from sc_foundation.modeling import ScFoundationForCellClassification, ScFoundationForMaskedValueModeling
-from sc_foundation.store import CorpusStore, build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.export import load_pretrained
+from sc_foundation.modeling import ScFoundationForCellClassification
+from sc_foundation.store import CorpusStore
+from tests.conftest import CELLBENCH
 
 ROOT = Path(__file__).parents[1]
-CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~logger"]
 
 
 def compose_finetune(overrides=()):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="finetune", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def cellbench(shared_data):
-    return shared_data / CELLBENCH
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cellbench):
-    """A tiny, untrained masked-value model with a tokenizer built on cellbench: the fastest valid export.
-
-    The tokenizer keeps each cell's top genes: with random gene subsets an untrained backbone memorises the
-    training cells instead of learning their cell lines (val/loss rises from the start).
-    """
-    root = tmp_path_factory.mktemp("pretrained")
-    store = CorpusStore(
-        build_store(
-            [cellbench],
-            root / "store",
-            tokenizer_config=TokenizerConfig(context_length=256, truncation="top"),
-            min_cells_per_gene=5,
-        ).path
-    )
-    config = ScFoundationConfig.from_tokenizer(
-        store.tokenizer,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    return export_pretrained(ScFoundationForMaskedValueModeling(config), store.tokenizer, root / "export")
 
 
 def overrides(pretrained, files, out, *extra):
@@ -102,8 +67,8 @@ def test_export_loads_and_reproduces_predictions(annotation):
     assert len(model.config.class_weights) == 3  # the balanced loss travels with the export
     assert isinstance(AutoModelForSequenceClassification.from_pretrained(annotation["export"]), type(model))
     batch = next(iter(annotation["datamodule"].test_dataloader()))
-    logits, _ = finetune.predict_logits(model, [batch])
-    again, _ = finetune.predict_logits(load_pretrained(annotation["export"], device="cpu"), [batch])
+    logits, _ = finetune.predict(model, [batch])
+    again, _ = finetune.predict(load_pretrained(annotation["export"], device="cpu"), [batch])
     np.testing.assert_allclose(logits, again)
     predicted = finetune.call_classes(logits, None)
     assert (predicted == batch["labels"].numpy()).mean() > 0.8
@@ -153,7 +118,7 @@ def relabelled(real_slice, tmp_path):
             lambda a: a.obs.drop(columns="cell_type", inplace=True),
             r"relabelled.h5ad: label_key='cell_type' is not an obs column; obs columns: \['demuxlet_cls', 'batch'\]",
         ),
-        (lambda a: a.obs.__setitem__("cell_type", "H1975"), "single class"),
+        (lambda a: a.obs.__setitem__("cell_type", "H1975"), "single value"),
         (
             lambda a: a.obs.__setitem__("cell_type", [np.nan] * 3 + ["H1975", "A549"] * 28 + ["H1975"]),
             "3 of 60 cells have no 'cell_type' label",

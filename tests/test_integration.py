@@ -1,0 +1,119 @@
+"""finetune.py task=integration: a batch-corrected embedding from a pretrained export, next to PCA and Harmony."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune
+from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.export import load_pretrained
+from sc_foundation.modeling import ScFoundationForBatchIntegration, grad_reverse
+from tests.conftest import CELLBENCH
+from tests.test_finetune import compose_finetune, overrides
+
+SCORES = ("nmi", "ari", "asw_label", "isolated_labels", "clisi", "asw_batch", "ilisi", "graph_connectivity")
+SUMMARIES = ("bio", "batch", "total", "avg_bio")
+
+
+@pytest.fixture(scope="module")
+def integration(pretrained, cellbench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("integration")
+    cfg = compose_finetune(
+        overrides(
+            pretrained,
+            f"[{cellbench}]",
+            out,
+            "task=integration",
+            "batch_key=batch",
+            "label_key=cell_type",
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=10",
+            "baselines.n_pcs=20",
+        )
+    )
+    return finetune.run(cfg)
+
+
+def test_gradient_reversal_negates_and_scales_the_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(4, 3)
+    y = grad_reverse(x, 0.5)
+    assert torch.equal(y, x)
+    (y * weight).sum().backward()
+    torch.testing.assert_close(x.grad, -0.5 * weight)
+
+
+def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_gradient():
+    config = ScFoundationConfig(
+        vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, n_bins=5
+    )
+    config.batch_names, config.dab_weight = ["a", "b"], 1.0
+    torch.manual_seed(0)
+    model = ScFoundationForBatchIntegration(config)
+    input_ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
+    inputs = {
+        "input_ids": input_ids,
+        "values": torch.tensor([[0.0, 1, 2, 3], [0, 4, 1, 0]]),
+        "attention_mask": input_ids != 0,
+        "batch_ids": torch.tensor([0, 1]),
+    }
+    output = model(**inputs)
+    assert output.predictions.shape == (5,)  # the gene tokens: CLS and padding are not decoded
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + output.dab_loss)
+    # Through the reversal the encoder gets the negated gradient of the discriminator's loss; the discriminator
+    # itself gets the plain one.
+    params = [model.sc_foundation.norm.weight, model.discriminator.fc_out.weight]
+    reversed_grads = torch.autograd.grad(output.dab_loss, params, retain_graph=True)
+    plain = F.cross_entropy(model.discriminator(output.cell_embedding), inputs["batch_ids"])
+    plain_grads = torch.autograd.grad(plain, params)
+    assert reversed_grads[0].abs().sum() > 0
+    torch.testing.assert_close(reversed_grads[0], -plain_grads[0])
+    torch.testing.assert_close(reversed_grads[1], plain_grads[1])
+    assert model(inputs["input_ids"], inputs["values"], inputs["attention_mask"]).loss is None
+
+
+def test_integrates_cellbench_protocols(integration):
+    out, metrics = integration["output_dir"], integration["metrics"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["batches"] == ["sc_celseq2", "sc_dropseq"] and saved["n_cells"]["all"] == 499
+    for name, scores in {"model": saved["model"], **saved["baselines"]}.items():
+        assert set(scores) == {*SCORES, *SUMMARIES}, name
+        # ARI is chance-corrected: a random clustering scores about 0, possibly a little below.
+        low = {key: -0.5 if key == "ari" else 0.0 for key in scores}
+        assert all(np.isfinite(scores[key]) and low[key] <= scores[key] <= 1.0 for key in scores), (name, scores)
+        assert scores["total"] == pytest.approx(0.6 * scores["bio"] + 0.4 * scores["batch"])
+    assert saved["baselines"]["harmony"]["ilisi"] > saved["baselines"]["pca"]["ilisi"]
+    embeddings = np.load(out / "embeddings.npz")
+    assert embeddings["model"].shape == (499, 32) and embeddings["pca"].shape == embeddings["harmony"].shape
+    assert len(embeddings["cell_id"]) == len(embeddings["batch"]) == len(embeddings["label"]) == 499
+
+
+def test_export_loads_and_reproduces_the_embedding(integration):
+    model = load_pretrained(integration["export"], device="cpu")
+    assert isinstance(model, ScFoundationForBatchIntegration)
+    assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"] and model.discriminator is not None
+    embedding, cells = finetune.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
+    np.testing.assert_allclose(embedding[np.argsort(cells)], integration["embedding"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("edit", "batch_key", "message"),
+    [
+        (lambda a: None, "protocol", r"relabelled.h5ad: batch_key='protocol' is not an obs column; obs columns: \["),
+        (lambda a: a.obs.__setitem__("batch", "sc_dropseq"), "batch", "batch_key='batch' has a single value"),
+    ],
+    ids=["missing_batch_key", "single_batch"],
+)
+def test_bad_batches_are_refused(pretrained, real_slice, tmp_path, edit, batch_key, message):
+    adata = real_slice(CELLBENCH, 60)
+    edit(adata)
+    path = tmp_path / "relabelled.h5ad"
+    adata.write_h5ad(path)
+    extra = ("task=integration", f"batch_key={batch_key}")
+    cfg = compose_finetune(overrides(pretrained, f"[{path}]", tmp_path / "out", *extra))
+    with pytest.raises(ValueError, match=message):
+        finetune.run(cfg)
