@@ -30,7 +30,6 @@ from pytorch_lightning.callbacks import EarlyStopping
 from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.evaluation import (
-    UNKNOWN,
     classification_metrics,
     integration_baselines,
     integration_metrics,
@@ -39,6 +38,7 @@ from sc_foundation.evaluation import (
 )
 from sc_foundation.export import load_pretrained
 from sc_foundation.genes import _atomic_write_text
+from sc_foundation.inference import call_classes
 from sc_foundation.modeling import ScFoundationForBatchIntegration, ScFoundationForCellClassification
 from sc_foundation.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer
@@ -113,16 +113,6 @@ def predict(model: torch.nn.Module, loader, field: str = "logits") -> tuple[np.n
         outputs.append(getattr(step(batch), field).float().cpu())
         cells.append(batch["cell_index"].cpu())
     return torch.cat(outputs).numpy(), torch.cat(cells).numpy()
-
-
-def call_classes(logits: np.ndarray, threshold: float | None) -> np.ndarray:
-    """(n,) predicted class ids from logits (n, C); :data:`UNKNOWN` where the top probability is below
-    ``threshold`` (None calls every cell)."""
-    probabilities = torch.from_numpy(logits).softmax(-1).numpy()
-    predicted = probabilities.argmax(-1)
-    if threshold is not None:
-        predicted = np.where(probabilities.max(-1) < threshold, UNKNOWN, predicted)
-    return predicted
 
 
 def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):

@@ -30,6 +30,9 @@ _LAZY = {
     "TrainingModule": "training",
     "load_pretrained": "export",
     "export_pretrained": "export",
+    "embed": "inference",
+    "annotate": "inference",
+    "transfer_labels": "inference",
 }
 
 __all__ = [

@@ -27,10 +27,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .inference import UNKNOWN
 from .store import CorpusInput, CorpusStore
-
-UNKNOWN = -1
-"""Predicted class id of a cell called "unknown" (its top probability fell below the threshold)."""
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> dict:

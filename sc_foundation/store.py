@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -223,23 +222,8 @@ def _write_shard(
     tmp = shard.with_name(f".{shard.name}.tmp")
     counts_in = empty = tokens = truncated = 0
     with spec.open() as source:
-        chunks = source.iter_chunks(chunk_size)
-        # Detection in the first chunk that holds any counts tells which listed genes carry signal (see GeneMatch);
-        # the chunks read to find it are kept and tokenized first. A file of empty cells matches on all its genes.
-        head: list = []
-        detected = np.zeros(source.n_genes, dtype=np.int64)
-        for chunk in chunks:
-            head.append(chunk)
-            detected += np.bincount(chunk[1].indices, minlength=source.n_genes)
-            if detected.any():
-                break
         try:
-            match = tokenizer.match_genes(
-                source.gene_names,
-                source=spec.path,
-                species=spec.species,
-                cells_per_gene=detected if detected.any() else None,
-            )
+            match, chunks = tokenizer.match_source(source, chunk_size=chunk_size, species=spec.species)
         except GeneMatchError as error:
             raise GeneMatchError(f"{error} {vocab_hint}".strip()) from error
         obs = source.obs
@@ -251,7 +235,7 @@ def _write_shard(
         keys = cell_keys(obs.index)
         schema = _shard_schema(obs_keys)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for start, counts in itertools.chain(head, chunks):
+            for start, counts in chunks:
                 n = counts.shape[0]
                 cells = tokenizer.encode(counts, match, keys[start : start + n])
                 counts_in += n

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from .genes import GeneResolution, GeneVocab, _atomic_write_text, resolve_genes
+
+if TYPE_CHECKING:
+    from .io import CountSource
 
 TOKENIZER_FILE = "gene_tokenizer.json"
 ENCODINGS = ("binned", "rank", "continuous")
@@ -355,6 +359,34 @@ class GeneTokenizer:
                 f"{resolution.names[dup[:10]].tolist()}. Remove the duplicates or set duplicates='sum'."
             )
         return match
+
+    def match_source(
+        self, source: CountSource, *, chunk_size: int, species: str = "auto"
+    ) -> tuple[GeneMatch, Iterator[tuple[int, sp.csr_matrix]]]:
+        """Match the genes of a whole :class:`~sc_foundation.io.CountSource` once, then hand back all its chunks.
+
+        Detection in the first chunk that holds any counts tells which listed genes carry signal (see
+        :class:`GeneMatch`); the chunks read to find it are not lost but come first in the returned iterator. A
+        source of empty cells matches on all its genes.
+
+        Returns:
+            The match, and ``source.iter_chunks(chunk_size)``'s ``(start_row, (k, n_genes) counts)`` from the start.
+        """
+        chunks = source.iter_chunks(chunk_size)
+        head: list[tuple[int, sp.csr_matrix]] = []
+        detected = np.zeros(source.n_genes, dtype=np.int64)
+        for chunk in chunks:
+            head.append(chunk)
+            detected += np.bincount(chunk[1].indices, minlength=source.n_genes)
+            if detected.any():
+                break
+        match = self.match_genes(
+            source.gene_names,
+            source=source.path,
+            species=species,
+            cells_per_gene=detected if detected.any() else None,
+        )
+        return match, itertools.chain(head, chunks)
 
     # --------------------------------------------------------------------------------------------- encode
     def encode(self, counts: sp.spmatrix, match: GeneMatch, keys: np.ndarray) -> TokenizedCells:

@@ -1,0 +1,320 @@
+"""Inference on an AnnData in a notebook: cell embeddings, cell-type annotation and kNN label transfer.
+
+``embed`` and ``annotate`` tokenize the counts on the fly with the model's own tokenizer (no corpus store), one
+chunk of cells at a time, and run the model in eval mode under ``torch.inference_mode()`` (bf16 autocast on CUDA).
+Within a chunk the cells are sorted by length before they are cut into batches, which cuts padding; since the
+model's output for a cell does not depend on the padding or on the other cells of its batch, the result does not
+depend on ``batch_size`` or on which cells are embedded together.
+
+Cells with no counts in any vocabulary gene have no tokens and cannot be embedded: they get NaN rows (and no label)
+and a warning with their number, rather than an error, so that one empty droplet does not stop a whole dataset. Drop
+them before ``sc.pp.neighbors``, which refuses NaNs (the warning says how).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+
+import anndata
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .export import load_pretrained
+from .io import counts_from_anndata
+from .modeling import ScFoundationForCellClassification, ScFoundationPreTrainedModel
+from .tokenization import GeneTokenizer, TokenizedCells, cell_keys
+
+__all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "transfer_labels"]
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN = -1
+"""Predicted class id of a cell called "unknown" (its top probability fell below the threshold)."""
+UNKNOWN_LABEL = "unknown"
+"""The label :func:`annotate` writes for such a cell."""
+
+_CHUNK_SIZE = 4096  # cells tokenized (and length-sorted) at a time: bounds memory, not the result
+_PAD_TO_MULTIPLE = 8  # as CorpusStore.get_batch: fewer distinct shapes for the attention kernels
+_PROGRESS_MIN_CELLS = 5000  # progress=None shows a bar from this many cells on
+
+
+def call_classes(logits: np.ndarray, threshold: float | None) -> np.ndarray:
+    """(n,) predicted class ids from logits (n, C); :data:`UNKNOWN` where the top probability is below
+    ``threshold`` (None calls every cell)."""
+    probabilities = torch.from_numpy(logits).softmax(-1).numpy()
+    predicted = probabilities.argmax(-1)
+    if threshold is not None:
+        predicted = np.where(probabilities.max(-1) < threshold, UNKNOWN, predicted)
+    return predicted
+
+
+def embed(
+    adata: anndata.AnnData,
+    model: str | os.PathLike | ScFoundationPreTrainedModel,
+    *,
+    key_added: str = "X_sc_foundation",
+    layer: str | None = None,
+    gene_key: str | None = None,
+    use_raw: bool = False,
+    species: str = "auto",
+    batch_size: int | None = None,
+    copy: bool = False,
+    progress: bool | None = None,
+) -> anndata.AnnData | None:
+    """Write the model's cell embedding of every cell into ``adata.obsm[key_added]``.
+
+    Args:
+        adata: (n_obs, n_vars) with raw counts in ``X``, ``layers[layer]`` or ``raw.X``.
+        model: an exported model directory (loaded with :func:`~sc_foundation.export.load_pretrained`) or a model
+            it returned (carrying ``gene_tokenizer``). Any head works: its backbone is run.
+        key_added: the ``obsm`` key; ``sc.pp.neighbors(adata, use_rep=key_added)`` reads it.
+        layer, use_raw, gene_key: where the counts and gene identifiers are, as in
+            :func:`~sc_foundation.io.counts_from_anndata`.
+        species: see :func:`sc_foundation.genes.resolve_genes`.
+        batch_size: cells per forward pass; default 256 on CUDA, 64 on CPU. Does not change the result.
+        copy: work on and return a copy of ``adata``, leaving it untouched.
+        progress: show a tqdm bar; None shows one from 5000 cells on.
+
+    Returns:
+        The copy when ``copy``, else None. ``obsm[key_added]`` is (n_obs, h) float32 in ``adata``'s cell order, NaN
+        rows for cells without matched counts; ``uns["sc_foundation"]`` holds the gene match (rate and summary).
+
+    Raises:
+        InvalidInputError: the matrix does not hold raw counts (the message says which ``layer=`` to use).
+        GeneMatchError: too few genes match the model's vocabulary.
+    """
+    adata = adata.copy() if copy else adata
+    outputs = _run(adata, _load(model), ("cell_embedding",), layer, gene_key, use_raw, species, batch_size, progress)
+    adata.obsm[key_added] = outputs["cell_embedding"]
+    adata.uns["sc_foundation"]["embedding_key"] = key_added
+    return adata if copy else None
+
+
+def annotate(
+    adata: anndata.AnnData,
+    model: str | os.PathLike | ScFoundationForCellClassification,
+    *,
+    key_added: str = "sc_foundation",
+    unknown_threshold: float | None = None,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    use_raw: bool = False,
+    species: str = "auto",
+    batch_size: int | None = None,
+    copy: bool = False,
+    progress: bool | None = None,
+) -> anndata.AnnData | None:
+    """Label every cell with a fine-tuned annotation model (``finetune.py task=annotation``).
+
+    Writes ``obs[f"{key_added}_label"]`` (categorical over ``config.id2label`` plus ``"unknown"``; missing for cells
+    without matched counts), ``obs[f"{key_added}_probability"]`` (the top class probability, in [0, 1]) and the
+    cell embedding into ``obsm[f"X_{key_added}"]`` from the same forward pass.
+
+    Args:
+        model: an exported :class:`~sc_foundation.modeling.ScFoundationForCellClassification` directory or model.
+        unknown_threshold: cells whose top probability is below it are labelled ``"unknown"``; None labels all.
+        Others: as for :func:`embed`.
+
+    Raises:
+        TypeError: the model is not a cell classifier.
+        Others: as for :func:`embed`.
+    """
+    model = _load(model)
+    if not isinstance(model, ScFoundationForCellClassification):
+        raise TypeError(
+            f"annotate needs a ScFoundationForCellClassification model (fine-tuned with finetune.py "
+            f"task=annotation); this one is a {type(model).__name__}. Use embed() for its cell embedding."
+        )
+    adata = adata.copy() if copy else adata
+    outputs = _run(adata, model, ("logits", "cell_embedding"), layer, gene_key, use_raw, species, batch_size, progress)
+    logits = outputs["logits"]
+    embedded = ~np.isnan(logits).any(axis=1)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    codes = np.full(adata.n_obs, -1)  # -1: a missing category
+    probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
+    if embedded.any():
+        predicted = call_classes(logits[embedded], unknown_threshold)
+        codes[embedded] = np.where(predicted == UNKNOWN, len(names), predicted)
+        probability[embedded] = torch.from_numpy(logits[embedded]).softmax(-1).max(-1).values.numpy()
+    adata.obs[f"{key_added}_label"] = pd.Categorical.from_codes(codes, categories=[*names, UNKNOWN_LABEL])
+    adata.obs[f"{key_added}_probability"] = probability
+    adata.obsm[f"X_{key_added}"] = outputs["cell_embedding"]
+    adata.uns["sc_foundation"]["embedding_key"] = f"X_{key_added}"
+    return adata if copy else None
+
+
+def transfer_labels(
+    reference: anndata.AnnData,
+    query: anndata.AnnData,
+    *,
+    label_key: str,
+    use_rep: str = "X_sc_foundation",
+    n_neighbors: int = 15,
+    key_added: str | None = None,
+) -> None:
+    """Predict ``query`` cells' labels from their nearest ``reference`` cells in an embedding (distance-weighted kNN).
+
+    Both AnnData need ``obsm[use_rep]`` from the same model (e.g. :func:`embed` on each). Reference cells with a
+    missing label or a NaN embedding are left out; query cells with a NaN embedding get no label.
+
+    Args:
+        reference: (n_ref, ...) with ``obs[label_key]`` and ``obsm[use_rep]`` (n_ref, h).
+        query: (n_query, ...) with ``obsm[use_rep]`` (n_query, h); written to.
+        label_key: the reference's ``obs`` column of labels.
+        n_neighbors: reference neighbours that vote (fewer if the reference has fewer usable cells).
+        key_added: the query's ``obs`` column for the label; default ``f"{label_key}_transferred"``. Its vote share
+            (distance-weighted, in [0, 1]) goes to ``f"{key_added}_probability"``.
+
+    Raises:
+        KeyError: ``use_rep`` or ``label_key`` is missing.
+        ValueError: the embeddings differ in width, or no reference cell is usable.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    for name, data in (("reference", reference), ("query", query)):
+        if use_rep not in data.obsm:
+            raise KeyError(
+                f"{name} has no obsm[{use_rep!r}] (it has {list(data.obsm)}). Run "
+                f"sc_foundation.embed({name}, model, key_added={use_rep!r}) first, with the same model for both."
+            )
+    if label_key not in reference.obs:
+        raise KeyError(f"reference has no obs[{label_key!r}]; its obs columns: {list(reference.obs.columns)}.")
+    ref_x = np.asarray(reference.obsm[use_rep], dtype=np.float32)  # (n_ref, h)
+    query_x = np.asarray(query.obsm[use_rep], dtype=np.float32)  # (n_query, h)
+    if ref_x.shape[1] != query_x.shape[1]:
+        raise ValueError(
+            f"obsm[{use_rep!r}] is {ref_x.shape[1]} wide in the reference but {query_x.shape[1]} in the query: embed "
+            "both with the same model."
+        )
+    labels = reference.obs[label_key]
+    usable = labels.notna().to_numpy() & ~np.isnan(ref_x).any(axis=1)
+    if not usable.any():
+        raise ValueError(f"no reference cell has both a {label_key!r} label and a finite obsm[{use_rep!r}] row.")
+    knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, int(usable.sum())), weights="distance")
+    knn.fit(ref_x[usable], labels[usable].astype(str).to_numpy())
+    embedded = ~np.isnan(query_x).any(axis=1)
+    codes = np.full(query.n_obs, -1)
+    share = np.full(query.n_obs, np.nan, dtype=np.float32)
+    if embedded.any():
+        votes = knn.predict_proba(query_x[embedded])  # (n_embedded, n_classes), columns in knn.classes_ order
+        codes[embedded] = votes.argmax(axis=1)
+        share[embedded] = votes.max(axis=1)
+    key = key_added or f"{label_key}_transferred"
+    query.obs[key] = pd.Categorical.from_codes(codes, categories=knn.classes_)
+    query.obs[f"{key}_probability"] = share
+
+
+def _load(model: str | os.PathLike | ScFoundationPreTrainedModel) -> ScFoundationPreTrainedModel:
+    """The model itself, or the export at a path loaded with its tokenizer."""
+    if isinstance(model, str | os.PathLike):
+        return load_pretrained(model)
+    if not isinstance(getattr(model, "gene_tokenizer", None), GeneTokenizer):
+        raise TypeError(
+            "the model carries no gene_tokenizer: pass an exported model directory or the model that "
+            "sc_foundation.load_pretrained returned."
+        )
+    return model
+
+
+def _run(
+    adata: anndata.AnnData,
+    model: ScFoundationPreTrainedModel,
+    fields: tuple[str, ...],
+    layer: str | None,
+    gene_key: str | None,
+    use_raw: bool,
+    species: str,
+    batch_size: int | None,
+    progress: bool | None,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` over every cell of ``adata``; record the gene match in ``adata.uns["sc_foundation"]``.
+
+    ``fields`` are output attributes of ``model``'s forward, except ``cell_embedding`` alone, which runs only the
+    backbone (a pretraining head's forward wants masks and targets).
+
+    Returns:
+        field -> (n_obs, ...) float32 in ``adata``'s cell order, NaN rows for cells without matched counts.
+    """
+    if model.config.condition_vocab_sizes:
+        raise ValueError(
+            f"this model's backbone is conditioned on {sorted(model.config.condition_vocab_sizes)}, which inference "
+            "does not supply; use a model without condition embeddings."
+        )
+    module = model.base_model if fields == ("cell_embedding",) else model
+    device = next(model.parameters()).device
+    batch_size = batch_size or (256 if device.type == "cuda" else 64)
+    tokenizer: GeneTokenizer = model.gene_tokenizer
+    source = counts_from_anndata(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
+    match, chunks = tokenizer.match_source(source, chunk_size=_CHUNK_SIZE, species=species)
+    logger.info(match.summary())
+    adata.uns["sc_foundation"] = {
+        "match_rate": match.match_rate,
+        "match_summary": match.summary(),
+        "n_genes_matched": match.n_matched,
+    }
+    keys = cell_keys(adata.obs_names)
+    outputs: dict[str, np.ndarray] = {}
+    show = adata.n_obs >= _PROGRESS_MIN_CELLS if progress is None else progress
+    was_training = model.training
+    model.eval()  # dropout off: the same cell always gets the same embedding
+    try:
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+            tqdm(total=adata.n_obs, unit="cells", disable=not show) as bar,
+        ):
+            for start, counts in chunks:
+                cells = tokenizer.encode(counts, match, keys[start : start + counts.shape[0]])
+                for rows, batch in _padded_batches(cells, tokenizer.vocab.pad_id, batch_size):
+                    result = module(**{name: tensor.to(device) for name, tensor in batch.items()})
+                    for name in fields:
+                        value = getattr(result, name).float().cpu().numpy()  # (B, ...)
+                        if name not in outputs:
+                            outputs[name] = np.full((adata.n_obs, *value.shape[1:]), np.nan, dtype=np.float32)
+                        outputs[name][start + rows] = value
+                bar.update(counts.shape[0])
+    finally:
+        model.train(was_training)
+    if not outputs:
+        raise ValueError(f"none of the {adata.n_obs} cells has counts in a vocabulary gene: nothing to embed.")
+    empty = int(np.isnan(outputs[fields[0]]).any(axis=1).sum())
+    adata.uns["sc_foundation"]["n_cells_empty"] = empty
+    if empty:
+        warnings.warn(
+            f"{empty} of {adata.n_obs} cells have no counts in any of the model's genes and cannot be embedded: their "
+            "rows are NaN. Drop them before sc.pp.neighbors, e.g. adata = adata[~np.isnan(adata.obsm[key]).any(1)].",
+            stacklevel=3,
+        )
+    return outputs
+
+
+def _padded_batches(
+    cells: TokenizedCells, pad_id: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Cut a tokenized chunk into padded batches of similar-length cells.
+
+    Yields:
+        ``rows`` (B,) int64, the chunk rows of the batch's cells (``cells.rows``), and the batch as
+        :meth:`~sc_foundation.store.CorpusStore.get_batch` lays it out: ``input_ids`` (B, L) int64 (``pad_id`` after
+        each cell), ``values`` (B, L) float32 (0 at padding), ``attention_mask`` (B, L) bool; L is the batch's
+        longest cell rounded up to a multiple of 8.
+    """
+    lengths = cells.lengths
+    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
+    for lo in range(0, len(order), batch_size):
+        index = order[lo : lo + batch_size]
+        width = int(-(-int(lengths[index].max()) // _PAD_TO_MULTIPLE) * _PAD_TO_MULTIPLE)
+        attention_mask = np.arange(width)[None, :] < lengths[index, None]  # (B, L)
+        input_ids = np.full(attention_mask.shape, pad_id, dtype=np.int64)
+        values = np.zeros(attention_mask.shape, dtype=np.float32)
+        # Boolean assignment fills row by row, left to right: each cell's tokens land in its row's first slots.
+        flat = np.concatenate([np.arange(cells.offsets[i], cells.offsets[i + 1]) for i in index])
+        input_ids[attention_mask] = cells.gene_ids[flat]
+        values[attention_mask] = cells.values[flat]
+        batch = {"input_ids": input_ids, "values": values, "attention_mask": attention_mask}
+        yield cells.rows[index], {name: torch.from_numpy(array) for name, array in batch.items()}

@@ -1,0 +1,160 @@
+"""Notebook inference on real cells with a tiny untrained export: embed, annotate, transfer_labels."""
+
+import anndata
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from sc_foundation import GeneMatchError, InvalidInputError, annotate, embed, load_pretrained, transfer_labels
+from sc_foundation.export import export_pretrained
+from sc_foundation.modeling import ScFoundationForCellClassification
+from sc_foundation.tokenization import GeneTokenizer
+
+from .conftest import CELLBENCH
+
+KEY = "X_sc_foundation"
+ROWS = np.arange(0, 499, 2)[:200]  # both protocols, all three cell lines
+
+
+@pytest.fixture
+def cells(real_slice):
+    """200 cellbench cells, raw counts in X; a fresh copy for every test, which may write to it."""
+    return real_slice(CELLBENCH, ROWS)
+
+
+@pytest.fixture(scope="module")
+def model(pretrained):
+    return load_pretrained(pretrained, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded(real_slice, model):
+    """(n_obs, h) embedding of ``cells``."""
+    return embed(real_slice(CELLBENCH, ROWS), model, copy=True).obsm[KEY]
+
+
+@pytest.fixture(scope="module")
+def classifier(pretrained, tmp_path_factory):
+    """The pretrained export with a fresh three-class head, exported and loaded back."""
+    names = ["H1975", "H2228", "HCC827"]
+    head = ScFoundationForCellClassification.from_pretrained(
+        pretrained,
+        new_heads=["classifier"],
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+    path = export_pretrained(head, GeneTokenizer.from_pretrained(pretrained), tmp_path_factory.mktemp("cls") / "m")
+    return load_pretrained(path, device="cpu")
+
+
+def test_embed_is_deterministic_and_independent_of_other_cells(cells, model, embedded):
+    assert embedded.shape == (cells.n_obs, model.config.hidden_size) and embedded.dtype == np.float32
+    assert np.isfinite(embedded).all()
+    np.testing.assert_array_equal(embed(cells, model, copy=True).obsm[KEY], embedded)
+    subset = np.arange(3, cells.n_obs, 7)  # other batch neighbours, other batch widths
+    alone = embed(cells[subset].copy(), model, batch_size=5, copy=True).obsm[KEY]
+    np.testing.assert_allclose(alone, embedded[subset], atol=1e-5)
+
+
+def test_gene_order_does_not_matter(cells, model, embedded):
+    order = np.random.default_rng(0).permutation(cells.n_vars)
+    shuffled = embed(cells[:, order].copy(), model, copy=True).obsm[KEY]
+    np.testing.assert_allclose(shuffled, embedded, atol=1e-5)
+
+
+def test_model_as_path_or_object_and_copy(cells, pretrained):
+    before = cells.copy()
+    result = embed(cells, pretrained, copy=True)  # both on the default device: CUDA (bf16) where there is one
+    assert result is not cells and KEY not in cells.obsm and "sc_foundation" not in cells.uns
+    assert (cells.X != before.X).nnz == 0 and cells.obs.equals(before.obs)
+    np.testing.assert_allclose(result.obsm[KEY], embed(cells, load_pretrained(pretrained), copy=True).obsm[KEY])
+    assert embed(cells, pretrained) is None and KEY in cells.obsm  # in place by default
+
+
+def test_unknown_genes_report_match_rate(cells, model):
+    fake = anndata.AnnData(
+        sp.csr_matrix(np.ones((cells.n_obs, 500), dtype=np.float32)),
+        obs=cells.obs,
+        var={"gene": [f"FAKEGENE{i}" for i in range(500)]},
+    )
+    fake.var_names = fake.var["gene"]
+    mixed = anndata.concat([cells, fake], axis=1, merge="first")
+    embed(mixed, model)
+    info = mixed.uns["sc_foundation"]
+    assert 0.5 < info["match_rate"] < 1.0
+    assert "FAKEGENE" in info["match_summary"]
+
+
+def test_refuses_normalised_counts_and_foreign_genes(cells, model):
+    normalised = cells.copy()
+    normalised.layers["counts"] = normalised.X.copy()
+    sc.pp.normalize_total(normalised)
+    sc.pp.log1p(normalised)
+    with pytest.raises(InvalidInputError, match="layer='counts'"):
+        embed(normalised, model)
+    embed(normalised, model, layer="counts")  # the fix the message names works
+
+    foreign = cells.copy()
+    foreign.var_names = [f"NOTAGENE{i}" for i in range(foreign.n_vars)]
+    with pytest.raises(GeneMatchError):
+        embed(foreign, model)
+
+
+def test_cells_without_matched_counts_get_nan_rows(cells, model, embedded):
+    counts = cells.X.tolil()
+    counts[[0, 5]] = 0
+    emptied = cells.copy()
+    emptied.X = counts.tocsr()
+    with pytest.warns(UserWarning, match="2 of 200 cells"):
+        embed(emptied, model)
+    result = emptied.obsm[KEY]
+    assert np.isnan(result[[0, 5]]).all()
+    np.testing.assert_allclose(np.delete(result, [0, 5], axis=0), np.delete(embedded, [0, 5], axis=0), atol=1e-5)
+
+
+def test_neighbors_run_on_the_embedding(cells, model):
+    embed(cells, model)
+    sc.pp.neighbors(cells, use_rep=KEY, n_neighbors=10)
+    assert cells.obsp["connectivities"].shape == (cells.n_obs, cells.n_obs)
+
+
+def test_annotate(cells, classifier, model):
+    annotate(cells, classifier)
+    labels = cells.obs["sc_foundation_label"]
+    assert set(labels.cat.categories) == {"H1975", "H2228", "HCC827", "unknown"}
+    assert labels.notna().all() and (labels != "unknown").all()
+    probability = cells.obs["sc_foundation_probability"].to_numpy()
+    assert ((probability >= 1 / 3) & (probability <= 1)).all()
+    assert cells.obsm["X_sc_foundation"].shape == (cells.n_obs, classifier.config.hidden_size)
+
+    annotate(cells, classifier, unknown_threshold=1.0, key_added="strict")
+    assert (cells.obs["strict_label"] == "unknown").all()
+    with pytest.raises(TypeError, match="ScFoundationForCellClassification"):
+        annotate(cells, model)
+
+
+def test_transfer_labels_recovers_cell_lines(cells):
+    """Across protocols, on a constructed embedding (PCA of log-normalised counts): an untrained tiny model does not
+    separate the cell lines, so this tests the transfer, not the model."""
+    cells = cells.copy()
+    sc.pp.normalize_total(cells)
+    sc.pp.log1p(cells)
+    sc.pp.pca(cells, n_comps=10, key_added=KEY)
+    batches = cells.obs["batch"].astype(str).to_numpy()
+    reference, query = cells[batches == batches[0]].copy(), cells[batches != batches[0]].copy()
+    transfer_labels(reference, query, label_key="cell_type")
+    predicted = query.obs["cell_type_transferred"].astype(str).to_numpy()
+    accuracy = np.mean(predicted == query.obs["cell_type"].astype(str).to_numpy())
+    assert accuracy > 0.9, accuracy
+    share = query.obs["cell_type_transferred_probability"].to_numpy()
+    assert ((share > 0) & (share <= 1)).all()
+
+
+def test_transfer_labels_refuses_missing_inputs(cells):
+    reference = cells.copy()
+    reference.obsm[KEY] = np.zeros((cells.n_obs, 4), dtype=np.float32)
+    with pytest.raises(KeyError, match="embed"):
+        transfer_labels(reference, cells.copy(), label_key="cell_type")
+    with pytest.raises(KeyError, match="no obs\\['celltype'\\]"):
+        transfer_labels(reference, reference.copy(), label_key="celltype")
