@@ -136,6 +136,20 @@ def _categories(store: CorpusStore, column: str) -> tuple[list[str], np.ndarray]
     return names, pd.Categorical(store.obs[column].astype(str), categories=names).codes.astype(np.int64)
 
 
+def _datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray], splits: dict) -> CorpusDataModule:
+    """Unmasked loaders over the task's store and splits, each batch carrying ``per_cell`` targets (B,)."""
+    return CorpusDataModule(
+        store_path,
+        cfg.data.batch_size,
+        mask_ratio=None,
+        group_by_length=cfg.data.group_by_length,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        per_cell=per_cell,
+        splits=splits,
+    )
+
+
 def _write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[str, np.ndarray]) -> None:
     record = {
         name: {"store_index": rows.tolist(), "cell_id": store.obs["cell_id"].iloc[rows].tolist()}
@@ -195,16 +209,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         group_by=split.split_by,
     )
     _write_splits(cfg, out, store, splits)
-    datamodule = CorpusDataModule(
-        store_path,
-        cfg.data.batch_size,
-        mask_ratio=None,
-        group_by_length=cfg.data.group_by_length,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        per_cell={"labels": labels},
-        splits=splits,
-    )
+    datamodule = _datamodule(cfg, store_path, {"labels": labels}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
     weights = balanced_class_weights(labels[splits["train"]], len(names)) if cfg.class_weights == "balanced" else None
@@ -277,16 +282,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
     splits = {"train": train, "val": val}
     _write_splits(cfg, out, store, splits)
-    datamodule = CorpusDataModule(
-        store_path,
-        cfg.data.batch_size,
-        mask_ratio=None,
-        group_by_length=cfg.data.group_by_length,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        per_cell={"batch_ids": batch_ids},
-        splits=splits,
-    )
+    datamodule = _datamodule(cfg, store_path, {"batch_ids": batch_ids}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
     model = ScFoundationForBatchIntegration.from_pretrained(
