@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .export import load_pretrained
 from .io import counts_from_anndata
 from .modeling import ScFoundationForCellClassification, ScFoundationPreTrainedModel
-from .tokenization import GeneTokenizer, TokenizedCells, cell_keys
+from .tokenization import GeneTokenizer, TokenizedCells, cell_keys, pad_cells
 
 __all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "transfer_labels"]
 
@@ -39,7 +39,6 @@ UNKNOWN_LABEL = "unknown"
 """The label :func:`annotate` writes for such a cell."""
 
 _CHUNK_SIZE = 4096  # cells tokenized (and length-sorted) at a time: bounds memory, not the result
-_PAD_TO_MULTIPLE = 8  # as CorpusStore.get_batch: fewer distinct shapes for the attention kernels
 _PROGRESS_MIN_CELLS = 5000  # progress=None shows a bar from this many cells on
 
 
@@ -299,22 +298,11 @@ def _padded_batches(
     """Cut a tokenized chunk into padded batches of similar-length cells.
 
     Yields:
-        ``rows`` (B,) int64, the chunk rows of the batch's cells (``cells.rows``), and the batch as
-        :meth:`~sc_foundation.store.CorpusStore.get_batch` lays it out: ``input_ids`` (B, L) int64 (``pad_id`` after
-        each cell), ``values`` (B, L) float32 (0 at padding), ``attention_mask`` (B, L) bool; L is the batch's
-        longest cell rounded up to a multiple of 8.
+        ``rows`` (B,) int64, the chunk rows of the batch's cells (``cells.rows``), and the batch laid out by
+        :func:`~sc_foundation.tokenization.pad_cells`, as tensors.
     """
-    lengths = cells.lengths
-    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
+    order = np.argsort(cells.lengths, kind="stable")  # similar lengths share a batch: less padding
     for lo in range(0, len(order), batch_size):
         index = order[lo : lo + batch_size]
-        width = int(-(-int(lengths[index].max()) // _PAD_TO_MULTIPLE) * _PAD_TO_MULTIPLE)
-        attention_mask = np.arange(width)[None, :] < lengths[index, None]  # (B, L)
-        input_ids = np.full(attention_mask.shape, pad_id, dtype=np.int64)
-        values = np.zeros(attention_mask.shape, dtype=np.float32)
-        # Boolean assignment fills row by row, left to right: each cell's tokens land in its row's first slots.
-        flat = np.concatenate([np.arange(cells.offsets[i], cells.offsets[i + 1]) for i in index])
-        input_ids[attention_mask] = cells.gene_ids[flat]
-        values[attention_mask] = cells.values[flat]
-        batch = {"input_ids": input_ids, "values": values, "attention_mask": attention_mask}
+        batch = pad_cells([cells.cell(i) for i in index], pad_id)
         yield cells.rows[index], {name: torch.from_numpy(array) for name, array in batch.items()}

@@ -44,6 +44,7 @@ from .tokenization import (
     aggregate_columns,
     cell_keys,
     normalise_counts,
+    pad_cells,
 )
 
 MANIFEST = "manifest.json"
@@ -529,16 +530,8 @@ class CorpusStore:
             ``pad_to_multiple``.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
-        width = int(-(-int(lengths.max(initial=1)) // pad_to_multiple) * pad_to_multiple)
-        input_ids = np.full((len(indices), width), self.vocab.pad_id, dtype=np.int64)
-        values = np.zeros((len(indices), width), dtype=np.float32)
-        # One slice copy per cell: with cells spread over many record batches this beats any vectorised gather.
-        for row, (b, s, n) in enumerate(zip(self._buffer[indices], self._start[indices], lengths, strict=True)):
-            input_ids[row, :n] = self._ids[b][s : s + n]
-            values[row, :n] = self._values[b][s : s + n]
-        attention_mask = np.arange(width)[None, :] < lengths[:, None]
-        return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask, "cell_index": indices}
+        batch = pad_cells([self[i] for i in indices], self.vocab.pad_id, pad_to_multiple)
+        return {**batch, "cell_index": indices}
 
     def get_packed(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Cells ``indices`` concatenated without padding (for varlen attention).

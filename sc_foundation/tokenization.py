@@ -175,6 +175,30 @@ class TokenizedCells:
         return self.gene_ids[lo:hi], self.values[lo:hi]
 
 
+def pad_cells(
+    cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pad_to_multiple: int = 8
+) -> dict[str, np.ndarray]:
+    """Tokenized cells as one padded batch: the layout every model input of this package has.
+
+    Args:
+        cells: B pairs of (gene ids, values) arrays of each cell's length (a store row, or ``TokenizedCells.cell``).
+        pad_to_multiple: L is the longest cell rounded up to this, so the attention kernels see fewer shapes.
+    Returns:
+        ``input_ids`` (B, L) int64 (``pad_id`` after each cell), ``values`` (B, L) float32 (0 at padding) and
+        ``attention_mask`` (B, L) bool.
+    """
+    lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
+    width = int(-(-int(lengths.max(initial=1)) // pad_to_multiple) * pad_to_multiple)
+    input_ids = np.full((len(cells), width), pad_id, dtype=np.int64)
+    values = np.zeros((len(cells), width), dtype=np.float32)
+    # One slice copy per cell: with cells spread over many memory-mapped buffers this beats any vectorised gather.
+    for row, ((ids, vals), n) in enumerate(zip(cells, lengths, strict=True)):
+        input_ids[row, :n] = ids
+        values[row, :n] = vals
+    attention_mask = np.arange(width)[None, :] < lengths[:, None]
+    return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask}
+
+
 def aggregate_columns(codes: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
     """Select and merge input columns by code.
 
