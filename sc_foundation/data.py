@@ -97,7 +97,8 @@ def split_train_val_test(
     Args:
         val_fraction, test_fraction: shares of all cells for validation and test (each > 0).
         labels: (n_cells,) class of each cell; with it a split by cell is stratified (every split keeps the class
-            proportions; scikit-learn's ``train_test_split``).
+            proportions; scikit-learn's ``train_test_split``). Classes too rare to reach every split (fewer than 3
+            cells) are pooled into one stratum, since scikit-learn refuses to stratify a class of one cell.
         group_by: obs column whose groups go whole to one split (the test groups first, then the validation groups
             from the rest, as in :func:`split_cells`); excludes stratification.
     Returns:
@@ -113,14 +114,26 @@ def split_train_val_test(
         rest = cells[~is_test]
         is_val = _hold_out_groups(codes[rest], val_fraction / (1 - test_fraction), rng, group_by)
         return {"train": rest[~is_val], "val": rest[is_val], "test": cells[is_test]}
-    rest, test = train_test_split(cells, test_size=test_fraction, random_state=seed, stratify=labels)
+    strata = None if labels is None else _strata(labels, 3)
+    rest, test = train_test_split(cells, test_size=test_fraction, random_state=seed, stratify=strata)
     train, val = train_test_split(
         rest,
         test_size=val_fraction / (1 - test_fraction),
         random_state=seed,
-        stratify=None if labels is None else labels[rest],
+        stratify=None if labels is None else _strata(labels[rest], 2),
     )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _strata(labels: np.ndarray, minimum: int) -> np.ndarray:
+    """(n,) stratum of each cell: its class, or one pooled stratum for the classes of fewer than ``minimum`` cells
+    (joined to the largest class when the pool itself is that small)."""
+    _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rare = counts[codes] < minimum
+    strata = np.where(rare, -1, codes)
+    if 0 < rare.sum() < minimum:
+        strata[rare] = np.argmax(counts)
+    return strata
 
 
 class CellBatchSampler(Sampler):

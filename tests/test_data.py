@@ -215,6 +215,15 @@ def test_three_way_split_is_seeded_stratified_or_grouped(store):
         split_train_val_test(store, 0.5, 0.5)
 
 
+def test_stratified_split_takes_classes_too_rare_for_every_split(store):
+    labels = store.obs["source"].cat.codes.to_numpy().astype(np.int64)
+    labels[[3, 10, 50]] = [7, 8, 8]  # a class of one cell and one of two: scikit-learn alone refuses these
+    splits = split_train_val_test(store, 0.2, 0.2, seed=1, labels=labels)
+    assert np.array_equal(np.sort(np.concatenate(list(splits.values()))), np.arange(len(store)))
+    for rows in splits.values():  # the common classes stay stratified
+        assert (labels[rows] == 0).mean() == pytest.approx((labels == 0).mean(), abs=0.02)
+
+
 def test_datamodule_adds_per_cell_labels_by_store_row(store_dirs):
     store = CorpusStore(store_dirs["binned"])
     labels = np.arange(len(store), dtype=np.int64) * 10
