@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import anndata
 import hydra
 import numpy as np
 import pandas as pd
@@ -30,16 +31,44 @@ from pytorch_lightning.callbacks import EarlyStopping
 from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.evaluation import (
+    bio_metrics,
     classification_metrics,
     integration_baselines,
     integration_metrics,
     logistic_regression_baselines,
+    multimodal_pca_baselines,
+    read_counts,
     store_counts,
 )
 from sc_foundation.export import load_pretrained
 from sc_foundation.genes import _atomic_write_text
-from sc_foundation.inference import call_classes
-from sc_foundation.modeling import ScFoundationForBatchIntegration, ScFoundationForCellClassification
+from sc_foundation.imputation import (
+    choose_panel,
+    expression_targets,
+    gene_mean_shares,
+    hide_entries,
+    imputation_metrics,
+    knn_smoothing_shares,
+    panel_shares,
+    vocabulary_counts,
+)
+from sc_foundation.inference import call_classes, impute
+from sc_foundation.io import write_h5ad_atomic
+from sc_foundation.modeling import (
+    ScFoundationForBatchIntegration,
+    ScFoundationForCellClassification,
+    ScFoundationForImputation,
+    ScFoundationForMultimodal,
+)
+from sc_foundation.multimodal import (
+    check_kind,
+    normalise_modality,
+    prediction_metrics,
+    read_modality,
+    ridge_from_rna_pca,
+    select_features,
+)
+from sc_foundation.scvi_baselines import scvi_available, scvi_normalized_expression
 from sc_foundation.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer
 from sc_foundation.training import TrainingModule
@@ -103,14 +132,14 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, field: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+def predict(model: torch.nn.Module, loader, field: str = "logits", **forward_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """The output ``field`` (n, ...) (e.g. ``logits`` (n, C), ``cell_embedding`` (n, h)) and the store indices (n,)
-    of every cell the loader yields, with the model in eval mode."""
+    of every cell the loader yields, with the model in eval mode; ``forward_kwargs`` go to every forward call."""
     step = TrainingModule(model).eval()  # its forward drops batch keys the model does not take
     outputs, cells = [], []
     for batch in loader:
         batch = {key: value.to(model.device) for key, value in batch.items()}
-        outputs.append(getattr(step(batch), field).float().cpu())
+        outputs.append(getattr(step(batch | forward_kwargs), field).float().cpu())
         cells.append(batch["cell_index"].cpu())
     return torch.cat(outputs).numpy(), torch.cat(cells).numpy()
 
@@ -157,6 +186,18 @@ def _write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[s
     }
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / "splits.json", json.dumps({"seed": cfg.split.seed, **record}))
+
+
+def _architecture_overrides(cfg: DictConfig) -> dict:
+    """Backbone settings a task may change without new weights: ``pooling`` (null keeps the pretrained one)."""
+    return {"pooling": cfg.pooling} if cfg.get("pooling") else {}
+
+
+@torch.no_grad()
+def init_decoder_bias(decoder: torch.nn.Module, bias: np.ndarray) -> None:
+    """Start a fresh feature decoder at the training cells' average (its bias (F,)): a short fine-tuning run then
+    spends its steps on what differs between cells, not on learning the mean."""
+    decoder.bias.copy_(torch.as_tensor(bias, dtype=decoder.bias.dtype))
 
 
 def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Sequence[pl.Callback]):
@@ -279,10 +320,13 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     store = CorpusStore(store_path)
     batch_names, batch_ids = _categories(store, "batch")
     labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
+    counts = store_counts(store, inputs)  # (n_cells, n_genes), store order: the decoder's targets and the baselines'
+    counts.obs["batch"] = np.asarray(batch_names)[batch_ids]
+    targets, gene_ids = expression_targets(counts, tokenizer, cfg.decoder_genes, inputs[0].species, "batch")
     train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
     splits = {"train": train, "val": val}
     _write_splits(cfg, out, store, splits)
-    datamodule = _datamodule(cfg, store_path, {"batch_ids": batch_ids}, splits)
+    datamodule = _datamodule(cfg, store_path, {"batch_ids": batch_ids, "counts": targets}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
     model = ScFoundationForBatchIntegration.from_pretrained(
@@ -291,14 +335,17 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         batch_names=batch_names,
         batch_embedding_size=cfg.batch_embedding_size,
         dab_weight=cfg.dab_weight,
+        decoder_gene_ids=gene_ids,
+        **_architecture_overrides(cfg),
     )
+    init_decoder_bias(model.decoder, np.log(panel_shares(targets[train]).mean(0) + 1e-8))
     trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
 
     # Embed with the export itself: what users load is what the numbers describe.
     embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
     embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
     baselines, baseline_embeddings = integration_baselines(
-        store_counts(store, inputs),
+        counts,
         batch_ids,
         labels,
         n_top_genes=cfg.baselines.n_top_genes,
@@ -344,7 +391,236 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     }
 
 
-TASKS = {"annotation": run_annotation, "integration": run_integration}
+def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=imputation``: see the module docstring.
+
+    The scVI protocol: a seeded ``hidden_fraction`` of the non-zero counts (over the vocabulary genes) is hidden
+    before anything else happens; the store, the model, the baselines and the panel all see only the corrupted
+    matrix, and every method is scored on the hidden entries that fall in the panel, in all cells. The validation
+    cells serve early stopping only.
+    """
+    out = output_dir(cfg)
+    split = cfg.split
+    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
+    vocab = vocabulary_counts(read_counts(inputs), tokenizer, inputs[0].species)
+    corrupted, hidden = hide_entries(vocab.X, cfg.hidden_fraction, cfg.hidden_seed)
+    corrupted = anndata.AnnData(corrupted, obs=vocab.obs[["source", "cell_id"]], var=vocab.var)
+    corrupted_path = write_h5ad_atomic(corrupted, out / "corrupted.h5ad")
+    _, store_path = _tokenize(cfg, out, [CorpusInput(path=str(corrupted_path))], [split.split_by])
+
+    store = CorpusStore(store_path)
+    rows = corrupted.obs_names.get_indexer(store.obs["cell_id"])  # store cell -> corrupted row
+    panel = choose_panel(corrupted, cfg.decoder_genes)
+    targets = corrupted.X[rows][:, panel].toarray()  # (n_store_cells, G) in store order
+    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
+    splits = {"train": train, "val": val}
+    _write_splits(cfg, out, store, splits)
+    datamodule = _datamodule(cfg, store_path, {"counts": targets}, splits)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model = ScFoundationForImputation.from_pretrained(
+        cfg.pretrained,
+        new_heads=["decoder"],
+        decoder_gene_ids=corrupted.var["token_id"].iloc[panel].tolist(),
+        **_architecture_overrides(cfg),
+    )
+    init_decoder_bias(model.decoder, np.log(panel_shares(targets[train]).mean(0) + 1e-8))
+    trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
+
+    # Impute through the public API, with the export: what users run is what the numbers describe.
+    imputed = corrupted[:, panel].copy()
+    impute(imputed, load_pretrained(best), layer_added="sc_foundation_imputed")
+    in_panel = np.isin(hidden["col"], panel)
+    entries = {"row": hidden["row"][in_panel], "col": np.searchsorted(panel, hidden["col"][in_panel])}
+    true = hidden["value"][in_panel]
+    library = np.asarray(imputed.X.sum(axis=1)).ravel()  # (n_cells,) corrupted panel totals, one for all methods
+    tokenized = np.zeros(imputed.n_obs, dtype=bool)
+    tokenized[rows] = True  # cells without tokens have no model prediction: score every method without them
+    scored = tokenized[entries["row"]]
+
+    def score(predicted_counts: np.ndarray) -> dict:
+        values = np.asarray(predicted_counts[entries["row"], entries["col"]]).ravel()
+        return imputation_metrics(true[scored], values[scored])
+
+    baseline_shares = {
+        "knn_smoothing": knn_smoothing_shares(imputed.X, n_pcs=cfg.baselines.n_pcs, seed=cfg.seed),
+        "gene_mean": gene_mean_shares(imputed.X),
+    }
+    if cfg.baselines.scvi:
+        baseline_shares["scvi"] = _scvi_or_reason(lambda: scvi_normalized_expression(imputed.X, seed=cfg.seed))
+    baselines = {
+        name: shares if isinstance(shares, dict) else score(shares * library[:, None])
+        for name, shares in baseline_shares.items()
+    }
+    metrics = {
+        "task": "imputation",
+        "hidden_fraction": cfg.hidden_fraction,
+        "panel_genes": len(panel),
+        "finetune_mode": cfg.finetune.mode,
+        "scored_cells": "all",
+        "n_cells": {"all": imputed.n_obs, **{name: len(rows) for name, rows in splits.items()}},
+        "n_hidden_entries": {
+            "all_genes": len(hidden["value"]),
+            "panel": int(in_panel.sum()),
+            "scored": int(scored.sum()),
+        },
+        "steps": trainer.global_step,
+        "model": score(imputed.layers["sc_foundation_imputed"].toarray()),
+        "baselines": baselines,
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_h5ad_atomic(imputed, out / "imputed.h5ad")
+    summary = ", ".join(f"{name} {result.get('median_l1', float('nan')):.3f}" for name, result in baselines.items())
+    print(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "metrics": metrics,
+        "export": best,
+        "imputed": imputed,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
+
+
+def _scvi_or_reason(fit):
+    """The scVI baseline's result, or why it was not run (scvi-tools is an optional extra)."""
+    if not scvi_available():
+        return {"skipped": 'scvi-tools is not installed: pip install -e ".[baselines]"'}
+    return fit()
+
+
+def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=multimodal``: see the module docstring.
+
+    Prediction of the second modality from RNA is scored on the test cells against ridge regression from the RNA
+    PCA (fitted on the training cells). The joint embedding (both modalities in) and the RNA-only embedding of all
+    cells are scored with scIB bio-conservation metrics on ``label_key``, against the RNA PCA and a PCA of RNA and
+    the second modality together.
+    """
+    out = output_dir(cfg)
+    label_key, split, modality = cfg.label_key, cfg.split, cfg.modality
+    check_kind(modality.kind)
+    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    modality_files = list(modality.files or [])
+    if len(modality_files) != len(inputs):
+        raise ValueError(
+            f"modality.files needs one {modality.kind} file per RNA file in data.files ({len(inputs)}), in the same "
+            f"order; got {len(modality_files)}: {modality_files}"
+        )
+    if label_key is not None:
+        check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
+    tokenizer, store_path = _tokenize(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    measured = _read_second_modality(store, inputs, modality_files, modality.layer)  # (n_store_cells, n_all)
+    features = select_features(measured, modality.kind, modality.n_features)
+    names = measured.var_names[features].tolist()
+    values = normalise_modality(measured.X[:, features], modality.kind)  # (n_store_cells, F)
+    labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
+    label_ids = None if labels is None else np.unique(labels, return_inverse=True)[1]
+    splits = split_train_val_test(
+        store,
+        split.val_fraction,
+        split.test_fraction,
+        split.seed,
+        labels=label_ids if split.stratify and split.split_by is None else None,
+        group_by=split.split_by,
+    )
+    _write_splits(cfg, out, store, splits)
+    datamodule = _datamodule(cfg, store_path, {"modality_values": values}, splits)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model = ScFoundationForMultimodal.from_pretrained(
+        cfg.pretrained,
+        new_heads=["modality_embeddings", "modality_decoder"],
+        modality=modality.kind,
+        modality_features=names,
+        modality_dropout=modality.dropout,
+        **_architecture_overrides(cfg),
+    )
+    mean = values[splits["train"]].mean(0)
+    init_decoder_bias(
+        model.modality_decoder, np.log(mean + 1e-4) - np.log1p(-mean + 1e-4) if modality.kind == "atac" else mean
+    )
+    trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
+
+    exported = load_pretrained(best)
+    predicted, cells = predict(exported, datamodule.test_dataloader(), "predictions")  # from RNA alone
+    order = np.argsort(cells)
+    test = cells[order]  # sorted store rows
+    counts = store_counts(store, inputs)
+    ridge = ridge_from_rna_pca(counts, values, splits["train"], test, n_top_genes=cfg.baselines.n_top_genes)
+    prediction = {
+        "model": prediction_metrics(values[test], predicted[order], names),
+        "baselines": {"ridge_rna_pca": prediction_metrics(values[test], ridge, names)},
+    }
+    embeddings = {}
+    for name, encode in (("joint", True), ("rna_only", False)):
+        embedding, cells = predict(exported, datamodule.predict_dataloader(), "cell_embedding", encode_modality=encode)
+        embeddings[name] = embedding[np.argsort(cells)]
+    metrics = {
+        "task": "multimodal",
+        "modality": modality.kind,
+        "features": len(names),
+        "label_key": label_key,
+        "finetune_mode": cfg.finetune.mode,
+        "n_cells": {name: len(rows) for name, rows in splits.items()},
+        "steps": trainer.global_step,
+        "prediction": prediction,
+    }
+    if labels is not None:
+        baseline_embeddings = multimodal_pca_baselines(counts, values, n_top_genes=cfg.baselines.n_top_genes)
+        metrics["embedding"] = {
+            "scored_cells": "all",
+            "model": {name: bio_metrics(x, labels) for name, x in embeddings.items()},
+            "baselines": {name: bio_metrics(x, labels) for name, x in baseline_embeddings.items()},
+        }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    np.savez(out / "embeddings.npz", **embeddings, cell_id=store.obs["cell_id"].to_numpy(dtype=str))
+    print(
+        f"{modality.kind} Pearson per feature {prediction['model']['pearson_feature_mean']:.3f} (ridge from RNA PCA "
+        f"{prediction['baselines']['ridge_rna_pca']['pearson_feature_mean']:.3f}); {out / 'metrics.json'}"
+    )
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "values": values,
+        "metrics": metrics,
+        "export": best,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
+
+
+def _read_second_modality(
+    store: CorpusStore, inputs: Sequence[CorpusInput], files: Sequence[str], layer: str | None
+) -> anndata.AnnData:
+    """The second modality's counts of every store cell, in store order, from the file paired with each input."""
+    parts, order = [], []
+    for spec, path in zip(inputs, files, strict=True):
+        rows = np.flatnonzero(store.obs["source"].to_numpy() == spec.name)
+        parts.append(read_modality(path, store.obs["cell_id"].iloc[rows].astype(str).tolist(), layer=layer))
+        order.append(rows)
+    features = parts[0].var_names
+    for path, part in zip(files, parts, strict=True):
+        if not part.var_names.equals(features):
+            raise ValueError(f"{path}: its features differ from {files[0]}'s; every modality file needs the same ones")
+    combined = anndata.concat(parts) if len(parts) > 1 else parts[0]
+    return combined[np.argsort(np.concatenate(order))].copy()
+
+
+TASKS = {
+    "annotation": run_annotation,
+    "integration": run_integration,
+    "imputation": run_imputation,
+    "multimodal": run_multimodal,
+}
 
 
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:

@@ -10,8 +10,10 @@ from .configuration import ScFoundationConfig
 from .modeling import (
     ScFoundationForBatchIntegration,
     ScFoundationForCellClassification,
+    ScFoundationForImputation,
     ScFoundationForMaskedGeneModeling,
     ScFoundationForMaskedValueModeling,
+    ScFoundationForMultimodal,
     ScFoundationModel,
 )
 
@@ -32,6 +34,8 @@ _LAZY = {
     "export_pretrained": "export",
     "embed": "inference",
     "annotate": "inference",
+    "impute": "inference",
+    "predict_modality": "inference",
     "transfer_labels": "inference",
 }
 
@@ -39,8 +43,10 @@ __all__ = [
     "ScFoundationConfig",
     "ScFoundationForBatchIntegration",
     "ScFoundationForCellClassification",
+    "ScFoundationForImputation",
     "ScFoundationForMaskedGeneModeling",
     "ScFoundationForMaskedValueModeling",
+    "ScFoundationForMultimodal",
     "ScFoundationModel",
     *_LAZY,
 ]

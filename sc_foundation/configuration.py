@@ -61,6 +61,16 @@ class ScFoundationConfig(PreTrainedConfig):
         dab_weight: Weight of the integration head's adversarial batch discriminator (scGPT's DAB): its
             cross-entropy is added to the loss and its gradient reaches the encoder reversed. 0 disables it and
             builds no parameters for it.
+        decoder_gene_ids: Vocabulary ids of the genes whose expression an expression decoder predicts (the panel of
+            :class:`~sc_foundation.modeling.ScFoundationForImputation` and of the integration head), in the order of
+            its outputs; None where there is no such decoder. Any vocabulary genes, expressed in a cell or not.
+        modality: The second modality of a multimodal head
+            (:class:`~sc_foundation.modeling.ScFoundationForMultimodal`): ``"protein"`` (CLR-normalised antibody
+            counts, predicted by regression) or ``"atac"`` (binary peak accessibility, predicted as probabilities);
+            None elsewhere.
+        modality_features: The names of that modality's features (antibodies, peaks), in feature-id order.
+        modality_dropout: While training a multimodal head, the share of cells whose second modality is withheld
+            from the encoder, so that it learns both to predict that modality from RNA alone and to embed both.
         pad_token_id: Vocabulary id of padding.
         cls_token_id: Vocabulary id of the CLS token.
         mask_token_id: Vocabulary id that replaces a masked gene (``"rank"`` encoding).
@@ -89,6 +99,10 @@ class ScFoundationConfig(PreTrainedConfig):
     batch_names: list[str] | None = None
     batch_embedding_size: int = 16
     dab_weight: float | int = 0.0
+    decoder_gene_ids: list[int] | None = None
+    modality: Literal["protein", "atac"] | None = None
+    modality_features: list[str] | None = None
+    modality_dropout: float | int = 0.5
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2
@@ -152,6 +166,19 @@ class ScFoundationConfig(PreTrainedConfig):
         if self.dab_weight < 0:
             raise ValueError(f"dab_weight must be >= 0, got {self.dab_weight}")
         special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
+        if self.decoder_gene_ids is not None:
+            ids = self.decoder_gene_ids
+            if not ids or len(set(ids)) != len(ids):
+                raise ValueError("decoder_gene_ids must be a non-empty list of distinct vocabulary ids")
+            outside = [i for i in ids if not 0 <= i < self.vocab_size or i in special.values()]
+            if outside:
+                raise ValueError(f"decoder_gene_ids holds ids that are not vocabulary genes: {outside[:10]}")
+        if self.modality is not None and (
+            not self.modality_features or len(set(self.modality_features)) != len(self.modality_features)
+        ):
+            raise ValueError(f"modality={self.modality!r} needs modality_features, a list of distinct feature names")
+        if not 0 <= self.modality_dropout < 1:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         for name, token_id in special.items():
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {self.vocab_size})")

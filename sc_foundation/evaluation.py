@@ -58,34 +58,47 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
     }
 
 
-def store_counts(store: CorpusStore, inputs: Iterable[str | Mapping | CorpusInput]) -> anndata.AnnData:
-    """The raw counts of every store cell, read back from the files the store was built from.
-
-    Rows follow the store (row ``i`` is store cell ``i``), matched by each cell's ``source`` (the input's name)
-    and ``cell_id``; the genes are those all inputs share (by the names each input reads).
+def read_counts(inputs: Iterable[str | Mapping | CorpusInput], obs_keys: Sequence[str] = ()) -> anndata.AnnData:
+    """The raw counts of every cell of the inputs, in one matrix.
 
     Returns:
-        AnnData (n_store_cells, n_shared_genes) of float32 counts in CSR.
+        AnnData (n_cells, n_shared_genes) of float32 counts in CSR, the inputs' cells in order; the genes are those
+        all inputs share (by the names each input reads, made unique). ``obs`` holds ``source`` (the input's name),
+        ``cell_id`` and the ``obs_keys`` columns; ``obs_names`` are ``source:cell_id``.
     """
-    specs = {spec.name: spec for spec in map(CorpusInput.coerce, inputs)}
     parts = []
-    for source, cells in store.obs.groupby("source", observed=True, sort=False):
-        if source not in specs:
-            raise ValueError(f"store cells come from {source!r}, which is not among the inputs {sorted(specs)}")
-        with specs[source].open() as counts:
-            rows = counts.obs.index.get_indexer(cells["cell_id"])
-            if (rows < 0).any():
-                raise ValueError(f"{source}: {int((rows < 0).sum())} store cells are not in the file any more")
-            matrix = scipy.sparse.vstack([chunk for _, chunk in counts.iter_chunks()]).tocsr()[rows]
-            part = anndata.AnnData(matrix, var={"gene": counts.gene_names})
+    for spec in map(CorpusInput.coerce, inputs):
+        with spec.open() as counts:
+            matrix = scipy.sparse.vstack([chunk for _, chunk in counts.iter_chunks()]).tocsr().astype(np.float32)
+            missing = [key for key in obs_keys if key not in counts.obs.columns]
+            if missing:
+                raise ValueError(f"{spec.path}: no obs columns {missing}; obs columns: {list(counts.obs.columns)}")
+            obs = counts.obs[list(obs_keys)].copy()
+            obs.insert(0, "cell_id", counts.obs.index.astype(str))
+            obs.insert(0, "source", spec.name)
+            part = anndata.AnnData(matrix, obs=obs, var={"gene": counts.gene_names})
         part.var_names = part.var["gene"].astype(str).to_numpy()
         part.var_names_make_unique()
-        part.obs_names = cells.index.astype(str)  # the store rows
+        part.obs_names = (part.obs["source"] + ":" + part.obs["cell_id"]).to_numpy()
         parts.append(part)
-    adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner")
+    adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
     if adata.n_vars == 0:
         raise ValueError("the inputs share no gene names: the baselines need one gene space")
-    return adata[np.argsort(adata.obs_names.astype(int))].copy()
+    return adata
+
+
+def store_counts(store: CorpusStore, inputs: Iterable[str | Mapping | CorpusInput]) -> anndata.AnnData:
+    """The raw counts of every store cell, read back from the files the store was built from (:func:`read_counts`).
+
+    Rows follow the store (row ``i`` is store cell ``i``), matched by each cell's ``source`` and ``cell_id``.
+    """
+    adata = read_counts(inputs)
+    rows = adata.obs_names.get_indexer(store.obs["source"].astype(str) + ":" + store.obs["cell_id"].astype(str))
+    if (rows < 0).any():
+        raise ValueError(
+            f"{int((rows < 0).sum())} store cells are not in the inputs {sorted(adata.obs['source'].unique())}"
+        )
+    return adata[rows].copy()
 
 
 def logistic_regression_baselines(
@@ -132,14 +145,52 @@ def logistic_regression_baselines(
     }
 
 
+def _neighbors(x: np.ndarray) -> NeighborsResults:
+    """Exact neighbours (scikit-learn) for the scIB graph scores: 90, as scib-metrics' ``Benchmarker`` uses for the
+    LISI scores; each cell is its own first neighbour."""
+    distances, indices = NearestNeighbors(n_neighbors=min(90, len(x) - 1)).fit(x).kneighbors(x)
+    return NeighborsResults(indices=indices, distances=distances)
+
+
+def bio_metrics(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    batches: np.ndarray | None = None,
+    neighbors: NeighborsResults | None = None,
+) -> dict:
+    """scIB bio-conservation scores of a cell embedding against cell-type labels, each in [0, 1], higher is better.
+
+    ``nmi`` and ``ari`` of k-means clusters (k = number of labels), ``asw_label``, ``isolated_labels`` (labels in the
+    fewest batches; all cells one batch when ``batches`` is None) and ``clisi``; ``bio`` is their mean and scGPT's
+    ``avg_bio`` the mean of nmi, ari and asw_label.
+
+    Args:
+        embedding: (n_cells, d); labels, batches: (n_cells,).
+    """
+    x = np.asarray(embedding, dtype=np.float32)
+    labels = np.asarray(labels)
+    batches = np.zeros(len(x), dtype=np.int64) if batches is None else np.asarray(batches)
+    neighbors = neighbors or _neighbors(x)
+    bio = {
+        **{name: float(value) for name, value in scib_metrics.nmi_ari_cluster_labels_kmeans(x, labels).items()},
+        "asw_label": float(scib_metrics.silhouette_label(x, labels)),
+        "isolated_labels": float(scib_metrics.isolated_labels(x, labels, batches)),
+        "clisi": float(scib_metrics.clisi_knn(neighbors, labels)),
+    }
+    return {
+        **bio,
+        "bio": float(np.mean(list(bio.values()))),
+        "avg_bio": float(np.mean([bio["nmi"], bio["ari"], bio["asw_label"]])),
+    }
+
+
 def integration_metrics(embedding: np.ndarray, batches: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """scIB bio-conservation and batch-correction scores of a cell embedding, each in [0, 1], higher is better.
+    """scIB bio-conservation (:func:`bio_metrics`) and batch-correction scores of a cell embedding, each in [0, 1],
+    higher is better.
 
     The neighbourhood sizes follow scib-metrics' ``Benchmarker``: 90 neighbours for the LISI scores, the first 15 of
-    them for graph connectivity (exact neighbours here, from scikit-learn; each cell is its own first neighbour).
-    Bio: ``nmi`` and ``ari`` of k-means clusters (k = number of labels), ``asw_label``, ``isolated_labels`` and
-    ``clisi``. Batch: ``asw_batch`` (within each label), ``ilisi`` and ``graph_connectivity``. kBET and PCR are left
-    out (diffusion maps and a regression per embedding for little extra signal on small data).
+    them for graph connectivity. Batch: ``asw_batch`` (within each label), ``ilisi`` and ``graph_connectivity``.
+    kBET and PCR are left out (diffusion maps and a regression per embedding for little extra signal on small data).
 
     Args:
         embedding: (n_cells, d).
@@ -148,36 +199,48 @@ def integration_metrics(embedding: np.ndarray, batches: np.ndarray, labels: np.n
             are computed within labels), and ``batch`` is that alone.
     Returns:
         The scores above, ``bio`` and ``batch`` (the means of their groups), ``total`` = 0.6·bio + 0.4·batch and
-        scGPT's ``avg_bio`` = mean(nmi, ari, asw_label); those needing labels only when ``labels`` is given.
+        ``avg_bio``; those needing labels only when ``labels`` is given.
     """
     x = np.asarray(embedding, dtype=np.float32)
     batches = np.asarray(batches)
-    k = min(90, len(x) - 1)
-    distances, indices = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
-    neighbors = NeighborsResults(indices=indices, distances=distances)
+    neighbors = _neighbors(x)
     scores = {"ilisi": float(scib_metrics.ilisi_knn(neighbors, batches))}
     if labels is None:
         return {**scores, "batch": scores["ilisi"]}
     labels = np.asarray(labels)
-    bio = {
-        **{name: float(value) for name, value in scib_metrics.nmi_ari_cluster_labels_kmeans(x, labels).items()},
-        "asw_label": float(scib_metrics.silhouette_label(x, labels)),
-        "isolated_labels": float(scib_metrics.isolated_labels(x, labels, batches)),
-        "clisi": float(scib_metrics.clisi_knn(neighbors, labels)),
-    }
+    bio = bio_metrics(x, labels, batches, neighbors)
     batch = {
         "asw_batch": float(scib_metrics.silhouette_batch(x, labels, batches)),
         **scores,
         "graph_connectivity": float(scib_metrics.graph_connectivity(neighbors.subset_neighbors(15), labels)),
     }
-    summary = {"bio": float(np.mean(list(bio.values()))), "batch": float(np.mean(list(batch.values())))}
-    return {
-        **bio,
-        **batch,
-        **summary,
-        "total": 0.6 * summary["bio"] + 0.4 * summary["batch"],
-        "avg_bio": float(np.mean([bio["nmi"], bio["ari"], bio["asw_label"]])),
-    }
+    batch["batch"] = float(np.mean(list(batch.values())))
+    return {**bio, **batch, "total": 0.6 * bio["bio"] + 0.4 * batch["batch"]}
+
+
+def multimodal_pca_baselines(
+    rna: anndata.AnnData, modality: np.ndarray, *, n_top_genes: int = 2000, n_pcs: int = 50, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Embeddings to compare a joint embedding with: the PCA of log-normalised RNA HVGs (``rna_pca``), and that PCA
+    beside the second modality's own PCA, each scaled to unit total variance so that neither dominates
+    (``rna_modality_pca``).
+
+    Args:
+        rna: (n_cells, n_genes) raw counts; modality: (n_cells, F) normalised second modality.
+    Returns:
+        name -> (n_cells, d) embeddings.
+    """
+    adata = rna.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=min(n_top_genes, adata.n_vars), subset=True)
+    rna_pca = sc.pp.pca(adata.X, n_comps=min(n_pcs, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
+    modality_pca = PCA(n_components=min(n_pcs, *modality.shape) - 1 or 1, random_state=seed).fit_transform(modality)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.sqrt(x.var(axis=0).sum())
+
+    return {"rna_pca": rna_pca, "rna_modality_pca": np.hstack([unit(rna_pca), unit(modality_pca)])}
 
 
 def integration_baselines(

@@ -1,10 +1,11 @@
-"""Inference on an AnnData in a notebook: cell embeddings, cell-type annotation and kNN label transfer.
+"""Inference on an AnnData in a notebook: cell embeddings, cell-type annotation, imputation, prediction of a second
+modality, and kNN label transfer.
 
-``embed`` and ``annotate`` tokenize the counts on the fly with the model's own tokenizer (no corpus store), one
-chunk of cells at a time, and run the model in eval mode under ``torch.inference_mode()`` (bf16 autocast on CUDA).
-Within a chunk the cells are sorted by length before they are cut into batches, which cuts padding; since the
-model's output for a cell does not depend on the padding or on the other cells of its batch, the result does not
-depend on ``batch_size`` or on which cells are embedded together.
+``embed``, ``annotate``, ``impute`` and ``predict_modality`` tokenize the counts on the fly with the model's own
+tokenizer (no corpus store), one chunk of cells at a time, and run the model in eval mode under
+``torch.inference_mode()`` (bf16 autocast on CUDA). Within a chunk the cells are sorted by length before they are
+cut into batches, which cuts padding; since the model's output for a cell does not depend on the padding or on the
+other cells of its batch, the result does not depend on ``batch_size`` or on which cells are embedded together.
 
 Cells with no counts in any vocabulary gene have no tokens and cannot be embedded: they get NaN rows (and no label)
 and a warning with their number, rather than an error, so that one empty droplet does not stop a whole dataset. Drop
@@ -21,15 +22,21 @@ from collections.abc import Iterator
 import anndata
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from .export import load_pretrained
 from .io import counts_from_anndata
-from .modeling import ScFoundationForCellClassification, ScFoundationPreTrainedModel
-from .tokenization import GeneTokenizer, TokenizedCells, cell_keys, pad_cells
+from .modeling import (
+    ScFoundationForCellClassification,
+    ScFoundationForImputation,
+    ScFoundationForMultimodal,
+    ScFoundationPreTrainedModel,
+)
+from .tokenization import GeneMatch, GeneTokenizer, TokenizedCells, cell_keys, pad_cells
 
-__all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "transfer_labels"]
+__all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "impute", "predict_modality", "transfer_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ def embed(
         GeneMatchError: too few genes match the model's vocabulary.
     """
     adata = adata.copy() if copy else adata
-    outputs = _run(adata, _load(model), ("cell_embedding",), layer, gene_key, use_raw, species, batch_size, progress)
+    outputs, _ = _run(adata, _load(model), ("cell_embedding",), layer, gene_key, use_raw, species, batch_size, progress)
     adata.obsm[key_added] = outputs["cell_embedding"]
     adata.uns["sc_foundation"]["embedding_key"] = key_added
     return adata if copy else None
@@ -130,7 +137,8 @@ def annotate(
             f"task=annotation); this one is a {type(model).__name__}. Use embed() for its cell embedding."
         )
     adata = adata.copy() if copy else adata
-    outputs = _run(adata, model, ("logits", "cell_embedding"), layer, gene_key, use_raw, species, batch_size, progress)
+    fields = ("logits", "cell_embedding")
+    outputs, _ = _run(adata, model, fields, layer, gene_key, use_raw, species, batch_size, progress)
     logits = outputs["logits"]
     embedded = ~np.isnan(logits).any(axis=1)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -145,6 +153,153 @@ def annotate(
     adata.obsm[f"X_{key_added}"] = outputs["cell_embedding"]
     adata.uns["sc_foundation"]["embedding_key"] = f"X_{key_added}"
     return adata if copy else None
+
+
+def impute(
+    adata: anndata.AnnData,
+    model: str | os.PathLike | ScFoundationForImputation,
+    *,
+    layer_added: str = "sc_foundation_imputed",
+    batch_key: str | None = None,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    use_raw: bool = False,
+    species: str = "auto",
+    batch_size: int | None = None,
+    copy: bool = False,
+    progress: bool | None = None,
+) -> anndata.AnnData | None:
+    """Impute expression with a fine-tuned imputation model (``finetune.py task=imputation``).
+
+    The model predicts each cell's expected shares of its counts over its gene panel (``config.decoder_gene_ids``);
+    the imputed counts are those shares times the cell's observed total over the same genes. Only the panel genes
+    present in ``adata`` are imputed (the shares renormalised over them); the other genes keep their observed counts.
+
+    Writes ``layers[layer_added]`` (n_obs, n_vars) float32 CSR (dense within the imputed genes), ``var[layer_added]``
+    (bool: the gene was imputed), and the cell embedding into ``obsm[f"X_{layer_added}"]``. Cells without matched
+    counts keep their observed values.
+
+    Args:
+        model: an exported :class:`~sc_foundation.modeling.ScFoundationForImputation` (or integration) model.
+        batch_key: for a batch-conditioned model (``config.batch_names``), the obs column with each cell's batch,
+            which must be one of the model's batches.
+        Others: as for :func:`embed`.
+
+    Raises:
+        TypeError: the model has no expression decoder.
+        ValueError: no panel gene is in ``adata``; the batches are missing or unknown to the model.
+        Others: as for :func:`embed`.
+    """
+    model = _load(model)
+    if not isinstance(model, ScFoundationForImputation):
+        raise TypeError(
+            f"impute needs a model with an expression decoder (finetune.py task=imputation or task=integration); "
+            f"this one is a {type(model).__name__}."
+        )
+    per_cell = _batch_ids(adata, model, batch_key)
+    adata = adata.copy() if copy else adata
+    fields = ("logits", "cell_embedding")
+    outputs, match = _run(adata, model, fields, layer, gene_key, use_raw, species, batch_size, progress, per_cell)
+    counts = _read_counts(adata, layer, gene_key, use_raw)  # (n_obs, n_vars) CSR
+    # The vocabulary id of each var (-1 unmatched), and its position in the panel (-1 outside it).
+    var_token = np.full(adata.n_vars, -1, dtype=np.int64)
+    rows, cols = match.aggregate.nonzero()
+    var_token[rows] = match.token_ids[cols]
+    panel = pd.Index(model.config.decoder_gene_ids)
+    position = np.where(var_token >= 0, panel.get_indexer(var_token), -1)
+    imputed_vars = np.flatnonzero(position >= 0)
+    if not len(imputed_vars):
+        raise ValueError(
+            f"none of the model's {len(panel)} panel genes is among adata's genes ({match.summary()}): "
+            "nothing to impute."
+        )
+    present, first = np.unique(position[imputed_vars], return_index=True)  # panel positions present in adata
+    shares = torch.from_numpy(outputs["logits"][:, present]).softmax(-1).numpy()  # (n_obs, G_present); NaN rows stay
+    # The observed total over the present panel genes, each counted once even when several vars map to it.
+    library = np.asarray(counts[:, imputed_vars[first]].sum(axis=1), dtype=np.float32)  # (n_obs, 1)
+    predicted = shares[:, np.searchsorted(present, position[imputed_vars])] * library  # (n_obs, n_imputed)
+    embedded = ~np.isnan(predicted).any(axis=1)
+    predicted[~embedded] = counts[~embedded][:, imputed_vars].toarray()  # nothing to impute from: keep observed
+    # The observed counts outside the imputed columns, plus the imputed columns (dense within the panel).
+    keep = np.ones(adata.n_vars, dtype=np.float32)
+    keep[imputed_vars] = 0
+    imputed_part = sp.csr_matrix(
+        (predicted.ravel(), (np.repeat(np.arange(adata.n_obs), len(imputed_vars)), np.tile(imputed_vars, adata.n_obs))),
+        shape=counts.shape,
+    )
+    result = (counts @ sp.diags(keep) + imputed_part).tocsr()
+    adata.layers[layer_added] = result
+    adata.var[layer_added] = position >= 0
+    adata.obsm[f"X_{layer_added}"] = outputs["cell_embedding"]
+    adata.uns["sc_foundation"]["imputed_genes"] = len(imputed_vars)
+    return adata if copy else None
+
+
+def predict_modality(
+    adata: anndata.AnnData,
+    model: str | os.PathLike | ScFoundationForMultimodal,
+    *,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    use_raw: bool = False,
+    species: str = "auto",
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> anndata.AnnData:
+    """Predict a second modality (protein or ATAC) from the RNA counts, with a fine-tuned multimodal model
+    (``finetune.py task=multimodal``).
+
+    Returns:
+        AnnData (n_obs, F) aligned to ``adata``'s cells (``obs`` copied), ``var_names`` the model's features
+        (``config.modality_features``): CLR-normalised protein values, or open probabilities of the ATAC peaks.
+        ``obsm["X_sc_foundation"]`` holds the RNA cell embedding, ``uns["sc_foundation"]`` the gene match and the
+        modality. Cells without matched counts get NaN rows.
+
+    Raises:
+        TypeError: the model is not multimodal.
+        Others: as for :func:`embed`.
+    """
+    model = _load(model)
+    if not isinstance(model, ScFoundationForMultimodal):
+        raise TypeError(
+            f"predict_modality needs a ScFoundationForMultimodal model (finetune.py task=multimodal); this one is "
+            f"a {type(model).__name__}."
+        )
+    fields = ("predictions", "cell_embedding")
+    probe = anndata.AnnData(obs=adata.obs[[]])  # records the match without writing into the caller's adata
+    outputs, _ = _run(adata, model, fields, layer, gene_key, use_raw, species, batch_size, progress, record=probe)
+    result = anndata.AnnData(outputs["predictions"], obs=adata.obs.copy())
+    result.var_names = list(model.config.modality_features)
+    result.obsm["X_sc_foundation"] = outputs["cell_embedding"]
+    values = "CLR-normalised counts" if model.config.modality == "protein" else "open probability"
+    result.uns["sc_foundation"] = {**probe.uns["sc_foundation"], "modality": model.config.modality, "values": values}
+    return result
+
+
+def _batch_ids(adata: anndata.AnnData, model: ScFoundationPreTrainedModel, batch_key: str | None) -> dict:
+    """``{"batch_ids": (n_obs,) int64}`` for a batch-conditioned model, else ``{}``; refuses missing or unknown
+    batches, naming them."""
+    names = model.config.batch_names
+    if names is None:
+        return {}
+    if batch_key is None or batch_key not in adata.obs:
+        raise ValueError(
+            f"this model decodes per batch {names}: pass batch_key=, the obs column with each cell's batch "
+            f"(obs columns: {list(adata.obs.columns)})"
+        )
+    ids = pd.Index(names).get_indexer(adata.obs[batch_key].astype(str))
+    if (ids < 0).any():
+        unknown = sorted(set(adata.obs[batch_key].astype(str)[ids < 0]))
+        raise ValueError(
+            f"obs[{batch_key!r}] holds batches the model was not trained on: {unknown[:10]}; it knows {names}"
+        )
+    return {"batch_ids": ids.astype(np.int64)}
+
+
+def _read_counts(adata: anndata.AnnData, layer: str | None, gene_key: str | None, use_raw: bool) -> sp.csr_matrix:
+    """(n_obs, n_vars) float32 CSR raw counts, as the tokenizer read them."""
+    source = counts_from_anndata(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
+    return sp.vstack([chunk for _, chunk in source.iter_chunks(_CHUNK_SIZE)]).tocsr().astype(np.float32)
 
 
 def transfer_labels(
@@ -230,14 +385,19 @@ def _run(
     species: str,
     batch_size: int | None,
     progress: bool | None,
-) -> dict[str, np.ndarray]:
-    """Run ``model`` over every cell of ``adata``; record the gene match in ``adata.uns["sc_foundation"]``.
+    per_cell: dict[str, np.ndarray] | None = None,
+    record: anndata.AnnData | None = None,
+) -> tuple[dict[str, np.ndarray], GeneMatch]:
+    """Run ``model`` over every cell of ``adata``; record the gene match in ``record.uns["sc_foundation"]``
+    (``adata``'s by default).
 
     ``fields`` are output attributes of ``model``'s forward, except ``cell_embedding`` alone, which runs only the
-    backbone (a pretraining head's forward wants masks and targets).
+    backbone (a pretraining head's forward wants masks and targets). ``per_cell`` maps forward arguments to
+    (n_obs, ...) arrays in ``adata`` order (e.g. batch ids); each batch gets its cells' rows.
 
     Returns:
-        field -> (n_obs, ...) float32 in ``adata``'s cell order, NaN rows for cells without matched counts.
+        field -> (n_obs, ...) float32 in ``adata``'s cell order, NaN rows for cells without matched counts; and
+        the gene match.
     """
     if model.config.condition_vocab_sizes:
         raise ValueError(
@@ -251,7 +411,8 @@ def _run(
     source = counts_from_anndata(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
     match, chunks = tokenizer.match_source(source, chunk_size=_CHUNK_SIZE, species=species)
     logger.info(match.summary())
-    adata.uns["sc_foundation"] = {
+    record = adata if record is None else record
+    record.uns["sc_foundation"] = {
         "match_rate": match.match_rate,
         "match_summary": match.summary(),
         "n_genes_matched": match.n_matched,
@@ -270,6 +431,8 @@ def _run(
             for start, counts in chunks:
                 cells = tokenizer.encode(counts, match, keys[start : start + counts.shape[0]])
                 for rows, batch in _padded_batches(cells, tokenizer.vocab.pad_id, batch_size):
+                    for name, array in (per_cell or {}).items():
+                        batch[name] = torch.from_numpy(array[start + rows])
                     result = module(**{name: tensor.to(device) for name, tensor in batch.items()})
                     for name in fields:
                         value = getattr(result, name).float().cpu().numpy()  # (B, ...)
@@ -282,14 +445,14 @@ def _run(
     if not outputs:
         raise ValueError(f"none of the {adata.n_obs} cells has counts in a vocabulary gene: nothing to embed.")
     empty = int(np.isnan(outputs[fields[0]]).any(axis=1).sum())
-    adata.uns["sc_foundation"]["n_cells_empty"] = empty
+    record.uns["sc_foundation"]["n_cells_empty"] = empty
     if empty:
         warnings.warn(
             f"{empty} of {adata.n_obs} cells have no counts in any of the model's genes and cannot be embedded: their "
             "rows are NaN. Drop them before sc.pp.neighbors, e.g. adata = adata[~np.isnan(adata.obsm[key]).any(1)].",
             stacklevel=3,
         )
-    return outputs
+    return outputs, match
 
 
 def _padded_batches(

@@ -28,7 +28,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
-__all__ = ["CountSource", "InvalidInputError", "counts_from_anndata", "open_counts", "validate_counts"]
+__all__ = [
+    "CountSource",
+    "InvalidInputError",
+    "counts_from_anndata",
+    "open_counts",
+    "validate_counts",
+    "write_h5ad_atomic",
+]
 
 SUPPORTED_FORMATS = (
     ".h5ad (AnnData), .h5 (10x Cell Ranger v2/v3), .h5mu (MuData, with modality=...), or a 10x folder holding "
@@ -310,6 +317,20 @@ def validate_counts(
                 f"{where} holds {int(fractional.sum()):,} non-integer values (e.g. "
                 f"{_examples(values[fractional])}): it looks log-normalised, but raw counts are required. {fix}"
             )
+
+
+def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file and a rename: a crash leaves the old file or none, never
+    half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _examples(values: np.ndarray) -> str:

@@ -112,23 +112,40 @@ class ScFoundationCellClassificationOutput(ModelOutput):
 
 
 @dataclass
-class ScFoundationBatchIntegrationOutput(ModelOutput):
-    """Output of :class:`ScFoundationForBatchIntegration`.
+class ScFoundationExpressionOutput(ModelOutput):
+    """Output of :class:`ScFoundationForImputation` and :class:`ScFoundationForBatchIntegration`.
 
     Args:
-        loss: scalar, ``reconstruction_loss`` plus ``dab_weight`` times ``dab_loss``; when ``batch_ids`` are given.
-        reconstruction_loss: scalar MSE of the decoded values at the G real gene tokens of the batch.
-        dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0``.
-        predictions: (G,) decoded values at the real gene tokens, in row-major order; bins scaled to [0, 1].
-        batch_logits: (n_cells, n_batches) discriminator scores, when ``dab_weight > 0``.
-        cell_embedding: (n_cells, h), the integrated embedding.
+        loss: scalar, ``reconstruction_loss`` plus ``dab_weight`` times ``dab_loss``; when ``counts`` are given.
+        reconstruction_loss: scalar multinomial negative log-likelihood of the panel counts, per count.
+        dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0`` and counts are given.
+        logits: (n_cells, G) scores of the G panel genes (``config.decoder_gene_ids``); their softmax is each gene's
+            expected share of the cell's panel counts.
+        batch_logits: (n_cells, n_batches) discriminator scores, when ``dab_weight > 0`` and counts are given.
+        cell_embedding: (n_cells, h), what the decoder reads (with the batch embedding, when batch-conditioned).
     """
 
     loss: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
     dab_loss: torch.Tensor | None = None
-    predictions: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
     batch_logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+
+
+@dataclass
+class ScFoundationMultimodalOutput(ModelOutput):
+    """Output of :class:`ScFoundationForMultimodal`.
+
+    Args:
+        loss: scalar prediction loss of the second modality (MSE for protein, binary cross-entropy for ATAC), when
+            ``modality_values`` are given.
+        predictions: (n_cells, F) the predicted second modality: CLR values (protein) or open probabilities (ATAC).
+        cell_embedding: (n_cells, h), of RNA alone or of both modalities (see ``encode_modality``).
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
     cell_embedding: torch.Tensor | None = None
 
 
@@ -396,6 +413,38 @@ class ScFoundationMVCHead(nn.Module):
         return (F.gelu(self.gene_query(gene_embedding)) * self.cell_proj(cell_embedding)).sum(-1)
 
 
+class ScFoundationFeatureDecoder(nn.Module):
+    """Scores every feature of a panel (genes, antibodies, peaks) for each cell, from what stands for the cell.
+
+    ``logits[c, f] = <MLP(cell_c), GELU(W_q feature_f)> + b_f``: the features are queries built from their own
+    embeddings (the gene embeddings for a gene panel), so the decoder has one bias per feature and no (h, F) output
+    matrix to learn from scratch. Like scVI's decoder, it reads only the cell-level representation, so that
+    representation has to carry the cell's whole profile, zeros included.
+    """
+
+    def __init__(self, config: ScFoundationConfig, cell_size: int, n_features: int):
+        super().__init__()
+        h = config.hidden_size
+        self.cell_mlp = _mlp(cell_size, h, h)
+        self.feature_query = nn.Linear(h, h)
+        self.bias = nn.Parameter(torch.empty(n_features))
+
+    def forward(self, cells: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """cells (n_cells, cell_size), features (F, h) embeddings -> logits (n_cells, F)."""
+        return self.cell_mlp(cells) @ F.gelu(self.feature_query(features)).T + self.bias
+
+
+def multinomial_nll(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean over cells of the multinomial negative log-likelihood per count.
+
+    Per cell ``-sum_g x_g log softmax(z)_g / sum_g x_g``; logits (n_cells, G), counts (n_cells, G) raw counts ->
+    scalar. A cell without counts adds 0.
+    """
+    log_shares = logits.float().log_softmax(-1)
+    counts = counts.float()
+    return (-(counts * log_shares).sum(-1) / counts.sum(-1).clamp(min=1)).mean()
+
+
 class ScFoundationPreTrainedModel(PreTrainedModel):
     """Weight initialisation and strict loading, shared by the backbone and every head.
 
@@ -422,8 +471,10 @@ class ScFoundationPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, ScFoundationEmbeddings) and module.value_encoding == "continuous":
             init.normal_(module.mask_value, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, ScFoundationGeneDecoder):
+        elif isinstance(module, ScFoundationGeneDecoder | ScFoundationFeatureDecoder):
             init.zeros_(module.bias)
+        elif isinstance(module, ScFoundationModalityEmbeddings):
+            init.normal_(module.modality_embedding, mean=0.0, std=self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The gene embedding table, (V, h)."""
@@ -505,6 +556,8 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         output_hidden_states: bool = False,
+        extra_embeddings: torch.Tensor | None = None,
+        extra_attention_mask: torch.Tensor | None = None,
     ) -> ScFoundationModelOutput:
         """Encode a padded (B, L) or packed (1, T) batch.
 
@@ -517,6 +570,10 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
             cu_seqlens: (n_cells + 1,) int, cumulative cell lengths from 0; marks a packed batch.
             max_seqlen: the longest cell of a packed batch.
             output_hidden_states: also return every block's output.
+            extra_embeddings: (B, K, h) tokens of another kind (a second modality's features, already embedded and
+                normalised) appended after each cell's gene tokens; padded batches only. They are attended to and
+                pooled like gene tokens, so ``last_hidden_state`` is (B, L + K, h).
+            extra_attention_mask: (B, K) bool, True at real extra tokens; required with ``extra_embeddings``.
 
         Returns:
             :class:`ScFoundationModelOutput`.
@@ -524,6 +581,17 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
         self._check_inputs(input_ids, values, attention_mask, mask, condition_ids, cu_seqlens, max_seqlen)
         cell_ids, positions, starts = _cell_layout(input_ids, cu_seqlens)
         hidden = self.embeddings(input_ids, values, mask, condition_ids, cell_ids, positions)  # (B, L, h)
+        if extra_embeddings is not None:
+            if cu_seqlens is not None or extra_attention_mask is None:
+                raise ValueError("extra_embeddings need a padded batch and their extra_attention_mask")
+            hidden = torch.cat([hidden, extra_embeddings.to(hidden.dtype)], dim=1)  # (B, L + K, h)
+            if attention_mask is None:
+                attention_mask = input_ids.new_ones(input_ids.shape, dtype=torch.bool)
+            attention_mask = torch.cat([attention_mask.bool(), extra_attention_mask.bool()], dim=1)  # (B, L + K)
+            # Pad ids stand for the extra tokens in the pooling, which reads only "not CLS" and the mask.
+            filler = input_ids.new_full(extra_attention_mask.shape, self.config.pad_token_id)
+            input_ids = torch.cat([input_ids, filler], dim=1)  # (B, L + K)
+            cell_ids, _, starts = _cell_layout(input_ids, None)
 
         attn_mask, varlen_cu_seqlens = None, None
         if cu_seqlens is None:
@@ -753,70 +821,196 @@ class ScFoundationForCellClassification(ScFoundationPreTrainedModel):
         return output
 
 
-class ScFoundationForBatchIntegration(ScFoundationPreTrainedModel):
-    """A cell embedding free of batch effects: the encoder is trained to make its batch information redundant.
+class ScFoundationForImputation(ScFoundationPreTrainedModel):
+    """Expression of a gene panel, zeros included, decoded from the cell embedding (imputation; scVI's objective).
 
-    1. A batch-conditioned expression decoder (scVI's idea, on the MVC head's form): the value of every real gene
-       token is predicted from its gene embedding and the cell embedding concatenated with a learned embedding of
-       the cell's batch. The batch embedding explains what is batch-specific in the values, so the cell embedding
-       need not carry it. The encoder reads the values unmasked (the decoder sees only the pooled cell embedding,
-       so there is nothing to copy) and gets no batch condition.
-    2. With ``config.dab_weight > 0``, an adversarial batch discriminator (scGPT's DAB): an MLP predicts the batch
-       from the cell embedding behind a gradient reversal (:func:`grad_reverse`), so the encoder is pushed to remove
-       what the discriminator can read.
+    The encoder reads a cell's tokens (its detected genes); :class:`ScFoundationFeatureDecoder` scores every panel
+    gene (``config.decoder_gene_ids``) from the cell embedding, and the softmax of those scores is each gene's expected
+    share of the cell's panel counts. The loss is the multinomial likelihood of the observed panel counts, so genes
+    the cell did not detect are targets too (at zero): the decoder learns expected expression, which is what
+    imputation reads back at genes whose counts dropped out. Works with every value encoding.
 
-    Targets are the tokenizer's values: bin indices scaled to [0, 1] by ``n_bins - 1`` (as the MVC term), or log1p
-    values. The batches are ``config.batch_names``; a pretrained export loads into it with
-    ``from_pretrained(path, new_heads=["batch_embeddings", "decoder", "discriminator"], batch_names=[...])``.
+    With ``config.batch_names``, the decoder also reads a learned embedding of the cell's batch (``batch_ids``), and
+    with ``config.dab_weight > 0`` an adversarial batch discriminator (scGPT's DAB) reads the cell embedding behind a
+    gradient reversal (:func:`grad_reverse`): see :class:`ScFoundationForBatchIntegration`, which requires them.
+    A pretrained export loads into it with ``from_pretrained(path, new_heads=["decoder"], decoder_gene_ids=[...])``.
     """
 
     def __init__(self, config: ScFoundationConfig):
         super().__init__(config)
-        if config.value_encoding not in ("binned", "continuous"):
-            raise ValueError(f"the integration decoder predicts values; the {config.value_encoding} encoding has none")
-        if config.batch_names is None:
-            raise ValueError("batch integration needs config.batch_names, the batches in batch-id order")
-        h, n_batches = config.hidden_size, len(config.batch_names)
+        if config.decoder_gene_ids is None:
+            raise ValueError("an expression decoder needs config.decoder_gene_ids, the vocabulary ids of its genes")
+        h = config.hidden_size
         self.sc_foundation = ScFoundationModel(config)
-        self.batch_embeddings = nn.Embedding(n_batches, config.batch_embedding_size)
-        self.decoder = ScFoundationMVCHead(config, cell_size=h + config.batch_embedding_size)
-        self.discriminator = _mlp(h, h, n_batches) if config.dab_weight > 0 else None
+        batched = config.batch_names is not None
+        self.batch_embeddings = nn.Embedding(len(config.batch_names), config.batch_embedding_size) if batched else None
+        cell_size = h + (config.batch_embedding_size if batched else 0)
+        self.decoder = ScFoundationFeatureDecoder(config, cell_size, len(config.decoder_gene_ids))
+        has_discriminator = batched and config.dab_weight > 0
+        self.discriminator = _mlp(h, h, len(config.batch_names)) if has_discriminator else None
         self.post_init()
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        values: torch.Tensor,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
         batch_ids: torch.Tensor | None = None,
         condition_ids: dict[str, torch.Tensor] | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-    ) -> ScFoundationBatchIntegrationOutput:
-        """Args as for :meth:`ScFoundationModel.forward` (nothing masked), plus ``batch_ids``: (n_cells,) long ids
-        into ``config.batch_names``. Without them only the cell embedding is computed (inference)."""
+    ) -> ScFoundationExpressionOutput:
+        """Args as for :meth:`ScFoundationModel.forward` (nothing masked), plus ``counts``: (n_cells, G) raw counts
+        of the panel genes, the targets; ``batch_ids``: (n_cells,) long ids into ``config.batch_names``, needed by
+        a batch-conditioned decoder. Without ``batch_ids`` such a model returns only the cell embedding."""
         encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
-        output = ScFoundationBatchIntegrationOutput(cell_embedding=encoded.cell_embedding)
-        if batch_ids is None:
+        output = ScFoundationExpressionOutput(cell_embedding=encoded.cell_embedding)
+        cells = encoded.cell_embedding  # (n_cells, h)
+        if self.batch_embeddings is not None:
+            if batch_ids is None:
+                if counts is not None:
+                    raise ValueError("this decoder is batch-conditioned: pass batch_ids with the counts")
+                return output
+            cells = torch.cat([cells, self.batch_embeddings(batch_ids)], dim=-1)  # (n_cells, h + e)
+        genes = torch.as_tensor(self.config.decoder_gene_ids, device=input_ids.device)
+        output.logits = self.decoder(cells, self.sc_foundation.embeddings.gene_embeddings(genes))  # (n_cells, G)
+        if counts is None:
             return output
-        real = input_ids != self.config.cls_token_id  # (B, L): the gene tokens
-        if attention_mask is not None:
-            real = real & attention_mask.bool()
-        cell_ids, _, _ = _cell_layout(input_ids, cu_seqlens)
-        cell_ids = cell_ids[real]  # (G,)
-        cells = torch.cat([encoded.cell_embedding, self.batch_embeddings(batch_ids)], dim=-1)  # (n_cells, h + e)
-        genes = self.sc_foundation.embeddings.gene_embeddings(input_ids[real])  # (G, h)
-        output.predictions = self.decoder(genes, cells[cell_ids])  # (G,)
-        target = values[real].float()
-        if self.config.value_encoding == "binned":
-            target = target / (self.config.n_bins - 1)
-        output.reconstruction_loss = F.mse_loss(output.predictions.float(), target)
+        output.reconstruction_loss = multinomial_nll(output.logits, counts)
         output.loss = output.reconstruction_loss
         if self.discriminator is not None:
             output.batch_logits = self.discriminator(grad_reverse(encoded.cell_embedding))  # (n_cells, n_batches)
             output.dab_loss = F.cross_entropy(output.batch_logits.float(), batch_ids.long())
             output.loss = output.loss + self.config.dab_weight * output.dab_loss
         return output
+
+
+class ScFoundationForBatchIntegration(ScFoundationForImputation):
+    """A cell embedding free of batch effects: the encoder is trained to make its batch information redundant.
+
+    1. The expression decoder of :class:`ScFoundationForImputation`, conditioned on a learned embedding of the
+       cell's batch (scVI's idea): the batch embedding explains what is batch-specific in the counts, so the cell
+       embedding need not carry it. The encoder itself gets no batch.
+    2. With ``config.dab_weight > 0``, an adversarial batch discriminator (scGPT's DAB): an MLP predicts the batch
+       from the cell embedding behind a gradient reversal, so the encoder is pushed to remove what it can read.
+
+    The batches are ``config.batch_names``; a pretrained export loads into it with ``from_pretrained(path,
+    new_heads=["batch_embeddings", "decoder", "discriminator"], batch_names=[...], decoder_gene_ids=[...])``.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        if config.batch_names is None:
+            raise ValueError("batch integration needs config.batch_names, the batches in batch-id order")
+        super().__init__(config)
+
+
+class ScFoundationModalityEmbeddings(nn.Module):
+    """A second modality's features as tokens: feature embedding + value embedding + the modality's embedding.
+
+    The modality embedding marks every token of that modality apart from the gene tokens, the way a token-type
+    embedding marks a segment; the LayerNorm puts the sum on the scale of the gene tokens' embeddings.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.feature_embeddings = nn.Embedding(len(config.modality_features), h)
+        self.value_embeddings = _mlp(1, h, h)
+        self.modality_embedding = nn.Parameter(torch.empty(h))
+        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def forward(self, feature_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """feature_ids (B, K) long, values (B, K) float -> (B, K, h)."""
+        embedding = self.feature_embeddings(feature_ids) + self.value_embeddings(values.unsqueeze(-1))
+        return self.norm(embedding + self.modality_embedding)
+
+
+class ScFoundationForMultimodal(ScFoundationPreTrainedModel):
+    """RNA and a second modality (protein or ATAC) in one encoder: predict the second from RNA, or embed both.
+
+    The gene tokens come from the tokenizer as always; the second modality's features enter as extra tokens
+    (:class:`ScFoundationModalityEmbeddings`, appended after the gene tokens; see ``extra_embeddings`` of
+    :meth:`ScFoundationModel.forward`): every antibody for protein, the open peaks for ATAC. A decoder with one
+    query per feature (:class:`ScFoundationFeatureDecoder`, its queries tied to the feature embeddings) predicts the
+    second modality from the cell embedding: CLR values by MSE (protein) or open probabilities by binary
+    cross-entropy (ATAC).
+
+    While training, each cell's second modality is withheld from the encoder with probability
+    ``config.modality_dropout``: the model learns to predict it from RNA alone (what :func:`predict_modality` does)
+    and to embed cells from both modalities (the joint embedding, ``encode_modality=True``). In eval mode the
+    second modality is an input only when ``encode_modality`` says so.
+    A pretrained export loads into it with ``from_pretrained(path, new_heads=["modality_embeddings",
+    "modality_decoder"], modality="protein", modality_features=[...])``.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__(config)
+        if config.modality is None:
+            raise ValueError("a multimodal head needs config.modality ('protein' or 'atac') and modality_features")
+        self.sc_foundation = ScFoundationModel(config)
+        self.modality_embeddings = ScFoundationModalityEmbeddings(config)
+        self.modality_decoder = ScFoundationFeatureDecoder(config, config.hidden_size, len(config.modality_features))
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        modality_values: torch.Tensor | None = None,
+        encode_modality: bool = False,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+    ) -> ScFoundationMultimodalOutput:
+        """Args as for :meth:`ScFoundationModel.forward` (padded batches only), plus ``modality_values``:
+        (B, F) float, the cells' second modality (CLR protein values or 0/1 accessibility), the target and, where
+        the cell is given it, an input; ``encode_modality``: in eval mode, give every cell its second modality as
+        input (the joint embedding) rather than none (prediction from RNA)."""
+        extra, extra_mask = None, None
+        if modality_values is not None:
+            if self.training:
+                given = torch.rand(modality_values.shape[0], device=input_ids.device) >= self.config.modality_dropout
+            else:
+                given = torch.full((modality_values.shape[0],), encode_modality, device=input_ids.device)
+            if given.any():
+                extra, extra_mask = self._modality_tokens(modality_values, given)
+        elif encode_modality:
+            raise ValueError("encode_modality=True needs the cells' modality_values")
+        encoded = self.sc_foundation(
+            input_ids,
+            values,
+            attention_mask,
+            condition_ids=condition_ids,
+            extra_embeddings=extra,
+            extra_attention_mask=extra_mask,
+        )
+        features = self.modality_embeddings.feature_embeddings.weight  # (F, h)
+        scores = self.modality_decoder(encoded.cell_embedding, features)  # (B, F)
+        atac = self.config.modality == "atac"
+        output = ScFoundationMultimodalOutput(
+            predictions=scores.sigmoid() if atac else scores, cell_embedding=encoded.cell_embedding
+        )
+        if modality_values is not None:
+            target = modality_values.float()
+            loss = F.binary_cross_entropy_with_logits if atac else F.mse_loss
+            output.loss = loss(scores.float(), target)
+        return output
+
+    def _modality_tokens(self, modality_values: torch.Tensor, given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second modality's tokens of the ``given`` (B,) cells: (B, K, h) embeddings and a (B, K) mask.
+
+        Protein: every antibody. ATAC: the open peaks only (non-zero values), which keeps K to the most open peaks
+        of a cell in the batch rather than the whole panel.
+        """
+        present = given[:, None].expand(modality_values.shape)  # (B, F)
+        if self.config.modality == "atac":
+            present = present & (modality_values != 0)
+        width = max(int(present.sum(-1).max()), 1)
+        # A stable sort puts each cell's present features first, in feature order.
+        order = torch.sort(present.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
+        mask = present.gather(-1, order)  # (B, K)
+        values = modality_values.gather(-1, order).to(self.dtype) * mask
+        return self.modality_embeddings(order, values), mask
 
 
 AutoConfig.register(ScFoundationConfig.model_type, ScFoundationConfig, exist_ok=True)

@@ -50,7 +50,7 @@ def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_grad
     config = ScFoundationConfig(
         vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, n_bins=5
     )
-    config.batch_names, config.dab_weight = ["a", "b"], 1.0
+    config.batch_names, config.dab_weight, config.decoder_gene_ids = ["a", "b"], 1.0, [5, 6, 7, 8, 9, 10]
     torch.manual_seed(0)
     model = ScFoundationForBatchIntegration(config)
     input_ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
@@ -59,9 +59,10 @@ def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_grad
         "values": torch.tensor([[0.0, 1, 2, 3], [0, 4, 1, 0]]),
         "attention_mask": input_ids != 0,
         "batch_ids": torch.tensor([0, 1]),
+        "counts": torch.tensor([[3.0, 1, 2, 0, 0, 0], [0, 0, 0, 4, 1, 0]]),
     }
     output = model(**inputs)
-    assert output.predictions.shape == (5,)  # the gene tokens: CLS and padding are not decoded
+    assert output.logits.shape == (2, 6)  # every panel gene of every cell, the undetected ones too
     torch.testing.assert_close(output.loss, output.reconstruction_loss + output.dab_loss)
     # Through the reversal the encoder gets the negated gradient of the discriminator's loss; the discriminator
     # itself gets the plain one.
@@ -73,6 +74,8 @@ def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_grad
     torch.testing.assert_close(reversed_grads[0], -plain_grads[0])
     torch.testing.assert_close(reversed_grads[1], plain_grads[1])
     assert model(inputs["input_ids"], inputs["values"], inputs["attention_mask"]).loss is None
+    with pytest.raises(ValueError, match="batch-conditioned: pass batch_ids"):
+        model(inputs["input_ids"], inputs["values"], inputs["attention_mask"], counts=inputs["counts"])
 
 
 def test_integrates_cellbench_protocols(integration):

@@ -1,0 +1,111 @@
+"""The expression decoder (imputation, integration) and the multimodal head, on hand-made batches."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+
+from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.modeling import ScFoundationForImputation, ScFoundationForMultimodal, multinomial_nll
+
+INPUT_IDS = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
+VALUES = torch.tensor([[0.0, 3, 1, 2], [0, 4, 1, 0]])
+MASK = INPUT_IDS != 0
+
+
+def tiny(**fields) -> ScFoundationConfig:
+    config = ScFoundationConfig(
+        vocab_size=20,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        n_bins=5,
+        hidden_dropout_prob=0.0,  # train mode then differs from eval mode only where a head makes it
+    )
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+def test_multinomial_nll_is_the_per_count_negative_log_likelihood():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    counts = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    log_p = logits[0].log_softmax(-1)
+    expected = -(log_p[0] + 3 * log_p[2]) / 4 / 2  # the empty second cell adds 0 to the mean over 2 cells
+    torch.testing.assert_close(multinomial_nll(logits, counts), expected)
+
+
+def test_imputation_decodes_every_panel_gene_and_learns_a_profile():
+    torch.manual_seed(0)
+    model = ScFoundationForImputation(tiny(decoder_gene_ids=[5, 6, 7, 8, 9, 10, 11]))
+    assert model.batch_embeddings is None and model.discriminator is None
+    counts = torch.tensor([[5.0, 1, 3, 0, 0, 0, 1], [0, 0, 0, 6, 2, 0, 0]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        output = model(INPUT_IDS, VALUES, MASK, counts=counts)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    assert output.logits.shape == (2, 7)
+    assert losses[-1] < 0.8 * losses[0]
+    # Each cell's decoded shares follow its own counts: gene 5 for the first cell, gene 8 for the second.
+    shares = output.logits.softmax(-1)
+    assert shares[0, 0] > shares[1, 0] and shares[1, 3] > shares[0, 3]
+    model.eval()
+    assert model(INPUT_IDS, VALUES, MASK).loss is None
+
+
+def test_decoder_genes_must_be_vocabulary_genes():
+    with pytest.raises(StrictDataclassError, match="not vocabulary genes: \\[1\\]"):
+        ScFoundationConfig(vocab_size=20, decoder_gene_ids=[1, 5])  # 1 is <cls>
+    with pytest.raises(ValueError, match="decoder_gene_ids"):
+        ScFoundationForImputation(tiny())
+
+
+@pytest.mark.parametrize("kind", ["protein", "atac"])
+def test_multimodal_predicts_from_rna_and_embeds_both(kind):
+    torch.manual_seed(0)
+    model = ScFoundationForMultimodal(tiny(modality=kind, modality_features=["f0", "f1", "f2"], modality_dropout=0.5))
+    target = (
+        torch.tensor([[1.0, 0, 1], [0, 1, 0]]) if kind == "atac" else torch.tensor([[1.5, -0.5, -1], [-1, 2, -1.0]])
+    )
+    model.eval()
+    rna_only = model(INPUT_IDS, VALUES, MASK, modality_values=target)
+    joint = model(INPUT_IDS, VALUES, MASK, modality_values=target, encode_modality=True)
+    assert rna_only.predictions.shape == (2, 3)
+    expected = F.binary_cross_entropy_with_logits if kind == "atac" else F.mse_loss
+    scores = torch.logit(rna_only.predictions) if kind == "atac" else rna_only.predictions
+    torch.testing.assert_close(rna_only.loss, expected(scores, target), rtol=1e-4, atol=1e-5)
+    # RNA-only predictions do not see the target; the joint embedding does read it.
+    other = model(INPUT_IDS, VALUES, MASK, modality_values=torch.zeros_like(target))
+    torch.testing.assert_close(other.cell_embedding, rna_only.cell_embedding)
+    assert not torch.allclose(joint.cell_embedding, rna_only.cell_embedding)
+    # A cell's joint embedding does not depend on the other cells of its batch (their modality tokens pad to K).
+    alone = model(INPUT_IDS[1:], VALUES[1:], MASK[1:], modality_values=target[1:], encode_modality=True)
+    torch.testing.assert_close(alone.cell_embedding, joint.cell_embedding[1:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the cells' modality_values"):
+        model(INPUT_IDS, VALUES, MASK, encode_modality=True)
+
+
+def test_multimodal_training_withholds_the_modality_from_some_cells():
+    torch.manual_seed(0)
+    model = ScFoundationForMultimodal(tiny(modality="protein", modality_features=["a", "b"], modality_dropout=0.5))
+    target = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    model.eval()
+    rna_only = model(INPUT_IDS, VALUES, MASK, modality_values=target).cell_embedding
+    joint = model(INPUT_IDS, VALUES, MASK, modality_values=target, encode_modality=True).cell_embedding
+    model.train()  # no dropout in this config: only the modality dropout differs between draws
+    seen = set()
+    for _ in range(20):
+        embedding = model(INPUT_IDS, VALUES, MASK, modality_values=target).cell_embedding.detach()
+        for cell in range(2):
+            if torch.allclose(embedding[cell], rna_only[cell], atol=1e-5):
+                seen.add("withheld")
+            elif torch.allclose(embedding[cell], joint[cell], atol=1e-5):
+                seen.add("given")
+    assert seen == {"withheld", "given"}
+    assert np.isfinite(float(model(INPUT_IDS, VALUES, MASK, modality_values=target).loss))
