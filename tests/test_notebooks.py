@@ -1,0 +1,216 @@
+"""The example notebooks in notebooks/: committed without outputs, and each one runs end to end on real data.
+
+Every notebook starts with a code cell tagged ``parameters`` (papermill's convention) holding the inputs a user edits.
+The test executes a copy of the notebook with nbclient in a fresh ``python3`` kernel whose working directory is a
+temporary folder: it inserts a cell right after the parameters cell that overrides them (the tiny ``pretrained``
+export of conftest.py, the shared data, a temporary output folder, a short fine-tuning run), and appends a probe cell
+that writes a few of the notebook's own variables to a JSON file, which the case's ``check`` then examines. The
+executed copy goes to the test's temporary folder (kept for debugging), never back into the repository.
+
+Adding a notebook takes one entry in ``CASES``: its parameter overrides, the probe expression and the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell
+
+from tests.conftest import CELLBENCH
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+CELL_TIMEOUT_S = 600  # per cell; a whole notebook takes seconds to tens of seconds on 2 cores
+# Quiet, short fine-tuning: no progress bar or model summary in the cell output, no CSV logger.
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~logger"]
+# Short: MAX_STEPS=20 with two validations (early stopping and the best export work), smaller baselines.
+SHORT = ["trainer.val_check_interval=10", "baselines.n_top_genes=500", "baselines.n_pcs=20"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a case's parameters and checks can use."""
+
+    pretrained: Path
+    data: Path
+    output_dir: Path
+
+
+@dataclass(frozen=True)
+class Case:
+    parameters: Callable[[Run], dict]
+    """Values assigned (as Python literals) in the cell inserted after the notebook's parameters cell."""
+    probe: str
+    """An expression evaluated in the kernel after the last cell; it must be JSON-serialisable."""
+    check: Callable[[dict, Run], None]
+    """Assertions on the probe's value (and on files the notebook wrote)."""
+    images: int = 1
+    """How many images (plots) the executed notebook shows at least."""
+
+
+def _check_embed(probe: dict, run: Run) -> None:
+    n_obs, hidden = probe["embedding_shape"]
+    assert n_obs == probe["n_obs"] == 700 and hidden == probe["hidden_size"] == 32
+    assert probe["all_finite"]
+    assert 0.5 <= probe["match_rate"] <= 1.0
+    assert probe["clusters"] in ("leiden", "kmeans") and probe["n_clusters"] >= 2
+    assert probe["umap_shape"] == [n_obs, 2]
+    assert -1.0 <= probe["ari"] <= 1.0
+
+
+def _check_annotation(probe: dict, run: Run) -> None:
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert metrics["task"] == "annotation" and 0 < metrics["steps"] <= 20
+    assert math.isfinite(metrics["model"]["macro_f1"]) and 0.0 <= metrics["model"]["macro_f1"] <= 1.0
+    assert probe["names"] == metrics["model"]["labels"] and len(probe["names"]) == 3
+    # annotate() on the AnnData, tokenizing on the fly, sees the test cells as finetune.py scored them from its store.
+    assert probe["n_test"] == metrics["n_cells"]["test"] == metrics["model"]["n_cells"]
+    assert probe["ours"]["accuracy"] == pytest.approx(metrics["model"]["accuracy"])
+    assert probe["ours"]["macro_f1"] == pytest.approx(metrics["model"]["macro_f1"])
+    assert probe["ours"]["confusion_matrix"] == metrics["model"]["confusion_matrix"]
+    assert set(probe["table_index"]) >= {"sc_foundation (annotate)", "hvg_logreg", "pca_logreg"}
+    assert all(math.isfinite(f1) for f1 in probe["table_macro_f1"])
+
+
+def _check_integration(probe: dict, run: Run) -> None:
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert metrics["task"] == "integration" and 0 < metrics["steps"] <= 20
+    assert probe["table_index"] == ["sc_foundation", "pca", "harmony"]
+    for column in ("total", "bio", "batch", "avg_bio", "ilisi", "nmi"):
+        assert column in probe["table_columns"]
+    assert all(math.isfinite(x) for x in probe["table_total"])
+    assert probe["table_total"][0] == pytest.approx(metrics["model"]["total"])
+    for key in ("X_pca", "X_harmony", "X_sc_foundation", "X_umap_pca", "X_umap_harmony", "X_umap_sc_foundation"):
+        assert probe["obsm_shapes"][key][0] == 499, key
+    assert probe["obsm_shapes"]["X_sc_foundation"] == [499, 32]
+    # sc_foundation.embed() on the AnnData reproduces the embedding finetune.py computed from its store.
+    assert probe["embed_difference"] < 1e-4
+
+
+CASES: dict[str, Case] = {
+    "01_embed_pbmc": Case(
+        parameters=lambda run: {"PRETRAINED": str(run.pretrained), "REPO": str(ROOT), "DATA": str(run.data)},
+        probe="""{
+            "n_obs": adata.n_obs,
+            "embedding_shape": list(adata.obsm["X_sc_foundation"].shape),
+            "hidden_size": model.config.hidden_size,
+            "all_finite": bool(np.isfinite(adata.obsm["X_sc_foundation"]).all()),
+            "match_rate": float(adata.uns["sc_foundation"]["match_rate"]),
+            "clusters": CLUSTERS,
+            "n_clusters": int(adata.obs[CLUSTERS].nunique()),
+            "umap_shape": list(adata.obsm["X_umap"].shape),
+            "ari": float(ari),
+        }""",
+        check=_check_embed,
+    ),
+    "02_annotation": Case(
+        parameters=lambda run: {
+            "PRETRAINED": str(run.pretrained),
+            "REPO": str(ROOT),
+            "DATA": str(run.data),
+            "OUTPUT_DIR": str(run.output_dir),
+            "MAX_STEPS": 20,
+            "OVERRIDES": [*QUIET, *SHORT],
+        },
+        probe="""{
+            "names": names,
+            "n_test": test.n_obs,
+            "ours": ours,
+            "table_index": list(table.index),
+            "table_macro_f1": [float(x) for x in table["macro_f1"]],
+        }""",
+        check=_check_annotation,
+    ),
+    "03_integration": Case(
+        parameters=lambda run: {
+            "PRETRAINED": str(run.pretrained),
+            "REPO": str(ROOT),
+            "DATA": str(run.data),
+            "OUTPUT_DIR": str(run.output_dir),
+            "MAX_STEPS": 20,
+            "OVERRIDES": [*QUIET, *SHORT],
+        },
+        probe="""{
+            "table_index": list(table.index),
+            "table_columns": list(table.columns),
+            "table_total": [float(x) for x in table["total"]],
+            "obsm_shapes": {key: list(value.shape) for key, value in adata.obsm.items()},
+            "embed_difference": float(difference),
+        }""",
+        check=_check_integration,
+    ),
+}
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def parameters_cell(notebook) -> int:
+    """Index of the notebook's first code cell, which must be tagged ``parameters``."""
+    index = next(i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code")
+    assert "parameters" in notebook.cells[index].metadata.get("tags", []), "the first code cell is not 'parameters'"
+    return index
+
+
+def test_every_notebook_has_a_case():
+    names = {path.stem for path in notebook_paths()}
+    assert names, f"no notebooks in {NOTEBOOKS}"
+    assert names == set(CASES), f"notebooks without a case: {names - set(CASES)}; cases without: {set(CASES) - names}"
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda path: path.stem)
+def test_committed_notebooks_have_no_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    parameters_cell(notebook)
+    code = [(i, cell) for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+    executed = [i for i, cell in code if cell.outputs or cell.execution_count is not None]
+    assert not executed, f"{path.name}: cells {executed} have outputs; strip them (jupyter nbconvert --clear-output)"
+    timed = [i for i, cell in code if "execution" in cell.metadata]
+    assert not timed, f"{path.name}: cells {timed} carry execution timings in their metadata; strip them"
+    assert "widgets" not in notebook.metadata, f"{path.name}: saved widget state; strip it"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    if not (shared_data / CELLBENCH).exists():
+        pytest.skip(f"{CELLBENCH} is missing from {shared_data}")
+    case = CASES[name]
+    run = Run(pretrained=Path(pretrained), data=shared_data, output_dir=tmp_path / "output")
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    injected = "\n".join(f"{key} = {value!r}" for key, value in case.parameters(run).items())
+    notebook.cells.insert(
+        parameters_cell(notebook) + 1,
+        new_code_cell(f"# Injected by tests/test_notebooks.py\n{injected}", metadata={"tags": ["injected"]}),
+    )
+    probe_file = tmp_path / "probe.json"
+    probe = f"import json as _json\n_json.dump({case.probe.strip()}, open({str(probe_file)!r}, 'w'))"
+    notebook.cells.append(new_code_cell(probe, metadata={"tags": ["probe"]}))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    # The kernel inherits this environment: no Weights & Biases, no downloads.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("SC_FOUNDATION_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    client = NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
+    try:
+        client.execute()
+    finally:
+        nbformat.write(notebook, tmp_path / f"{name}.executed.ipynb")  # a copy, for debugging a failure
+    assert not list(workdir.iterdir()), f"the notebook wrote into its working directory: {list(workdir.iterdir())}"
+    case.check(json.loads(probe_file.read_text()), run)
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= case.images
+    assert all(cell.execution_count for cell in notebook.cells if cell.cell_type == "code")
