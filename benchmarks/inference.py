@@ -1,0 +1,292 @@
+"""Benchmark: embedding throughput of ``sc_foundation.embed`` on real cells, on the CPU (and on CUDA when present).
+
+What is timed is the public inference path a user calls on an AnnData: ``sc_foundation.embed(adata, model)``, which
+matches the genes to the model's vocabulary, tokenizes the counts on the fly (chunks of cells), sorts each chunk by
+length, pads batches of ``--batch-size`` cells and runs the backbone forward under ``torch.inference_mode()`` (fp32 on
+the CPU, bf16 autocast on CUDA, as ``embed`` does by itself), copying each batch's embedding back to a NumPy array.
+
+The cells are real: ``--cells`` evenly spaced cells of ``--dataset`` (Kang IFN-beta: control and stimulated PBMCs
+alike; or pbmc3k), raw counts, written once as an ``.h5ad`` slice under the cache folder and read into memory before
+timing. The tokenizer is the one a pretraining run on those cells would have: a binned corpus store of the slice at
+``--context`` (built once, reused while its plan matches) gives the vocabulary and settings, and the models are
+built from it with ``ScFoundationConfig.from_tokenizer`` as ``train.py`` does, with the architecture of
+``conf/model/<size>.yaml``. Weights are untrained (throughput does not depend on them); each model is exported and
+loaded back with ``load_pretrained``, the way a user gets one.
+
+Per model size and device: one untimed warm-up call of ``embed`` on the first ``--warmup-cells`` cells, then
+``--repeats`` timed calls on all cells; reported are cells/s and real tokens/s of the median call, the seconds of
+every call, the batch size, the torch threads and the mean tokens per cell (``<cls>`` included). The JSON records the
+machine (and its load average: it may be shared); ``gpu.measured`` is false, with the reason, without CUDA.
+
+    python benchmarks/inference.py --out inference.json [--sizes tiny small] [--cells 2000] [--dataset kang_ifnb]
+        [--context 1024] [--batch-size 64] [--gpu-batch-size 256] [--threads N] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, write_json_atomic
+
+DATASETS = {"kang_ifnb": "kang_ifnb/kang_ifnb.h5ad", "pbmc3k": "pbmc3k/pbmc3k.h5ad"}
+SIZES = ("tiny", "small")
+CPU_BATCH_SIZE = 64  # embed()'s own default on the CPU
+GPU_BATCH_SIZE = 256  # and on CUDA
+
+
+def model_config(name: str) -> dict:
+    """The architecture of ``conf/model/<name>.yaml`` (``ScFoundationConfig`` arguments), as ``train.py`` reads it."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="conf/model/*.yaml names")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="kang_ifnb", help="shared dataset of the cells")
+    parser.add_argument("--cells", type=int, default=2000, help="evenly spaced cells of the dataset to embed")
+    parser.add_argument("--context", type=int, default=1024, help="context length of the tokenizer (conf/data default)")
+    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="cells per forward pass on the CPU")
+    parser.add_argument("--gpu-batch-size", type=int, default=GPU_BATCH_SIZE, help="cells per forward pass on CUDA")
+    parser.add_argument("--warmup-cells", type=int, default=128, help="cells of the untimed warm-up call per model")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls over all cells per model and device")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable CPUs)")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurement even when CUDA is there")
+    parser.add_argument(
+        "--min-cells-per-gene", type=int, default=1, help="vocabulary: genes detected in at least this many cells"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation and the tokenizer's seed")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the slice and store are cached")
+    args = parser.parse_args(argv)
+    if min(args.cells, args.batch_size, args.gpu_batch_size, args.warmup_cells, args.repeats, args.context) < 1:
+        parser.error("--cells, --batch-size, --gpu-batch-size, --warmup-cells, --repeats and --context must be >= 1")
+    return args
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------- the data
+def cells_slice(args) -> Path:
+    """``args.cells`` evenly spaced cells of the dataset as an ``.h5ad`` file in the cache folder (written once)."""
+    import anndata
+
+    source = args.data_dir / DATASETS[args.dataset]
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: the benchmark embeds the shared real data.")
+    path = args.cache_dir / f"inference-{args.dataset}-{args.cells}.h5ad"
+    if path.exists():
+        return path
+    backed = anndata.read_h5ad(source, backed="r")
+    try:
+        if args.cells > backed.n_obs:
+            raise ValueError(f"--cells {args.cells} exceeds the {backed.n_obs} cells of {source}")
+        rows = np.unique(np.linspace(0, backed.n_obs - 1, args.cells).round().astype(np.int64))
+        adata = backed[rows].to_memory()
+    finally:
+        backed.file.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.h5ad")
+    adata.write_h5ad(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def tokenizer_store(slice_path: Path, args) -> tuple[object, dict]:
+    """The binned corpus store of the slice (built once, reused while its plan matches) and facts about it."""
+    from sc_foundation.store import MANIFEST, CorpusStore, build_store
+    from sc_foundation.tokenization import TokenizerConfig
+
+    store_dir = args.cache_dir / f"inference-store-{slice_path.stem}-ctx{args.context}-min{args.min_cells_per_gene}"
+    manifest = store_dir / MANIFEST
+    before = manifest.stat().st_mtime_ns if manifest.exists() else None
+    started = time.perf_counter()
+    report = build_store(
+        [str(slice_path)],
+        store_dir,
+        tokenizer_config=TokenizerConfig(encoding="binned", context_length=args.context, seed=args.seed),
+        min_cells_per_gene=args.min_cells_per_gene,
+        overwrite=True,
+    )
+    seconds = time.perf_counter() - started
+    reused = before is not None and manifest.stat().st_mtime_ns == before
+    store = CorpusStore(store_dir)
+    lengths = store.obs["length"].to_numpy()
+    info = {
+        "path": str(store_dir),
+        "reused": reused,
+        "seconds": seconds,
+        "cells": report.n_cells,
+        "mean_tokens_per_cell": float(np.mean(lengths)),
+        "max_tokens_per_cell": int(np.max(lengths)),
+    }
+    return store, info
+
+
+# ------------------------------------------------------------------------------------------- the measure
+def load_model(size: str, tokenizer, directory: Path, device: str, seed: int):
+    """An untrained masked-value model of ``conf/model/<size>.yaml`` for ``tokenizer``, exported to ``directory``
+    and loaded back with ``load_pretrained`` on ``device``."""
+    import torch
+
+    from sc_foundation.configuration import ScFoundationConfig
+    from sc_foundation.export import export_pretrained, load_pretrained
+    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+
+    if not (directory / "config.json").exists():
+        torch.manual_seed(seed)
+        config = ScFoundationConfig.from_tokenizer(tokenizer, **model_config(size))
+        export_pretrained(ScFoundationForMaskedValueModeling(config), tokenizer, directory)
+    return load_pretrained(directory, device=device)
+
+
+def parameter_counts(model) -> dict:
+    backbone = model.base_model
+    embeddings = sum(p.numel() for name, p in backbone.named_parameters() if "embed" in name)
+    total = sum(p.numel() for p in backbone.parameters())
+    return {"params_backbone": total, "params_backbone_non_embedding": total - embeddings}
+
+
+def measure(model, adata, args, batch_size: int, mean_tokens: float) -> dict:
+    """Warm-up then timed ``embed`` calls over all cells of ``adata`` (in memory, raw counts)."""
+    import sc_foundation
+
+    warmup = adata[: min(args.warmup_cells, adata.n_obs)].copy()
+    sc_foundation.embed(warmup, model, batch_size=batch_size, progress=False)  # untimed: first-call costs
+    seconds = []
+    for _ in range(args.repeats):
+        cells = adata.copy()
+        started = time.perf_counter()
+        sc_foundation.embed(cells, model, batch_size=batch_size, progress=False)
+        seconds.append(time.perf_counter() - started)
+    embedding = cells.obsm["X_sc_foundation"]
+    median = statistics.median(seconds)
+    return {
+        "cells_per_s": adata.n_obs / median,
+        "tokens_per_s": adata.n_obs * mean_tokens / median,
+        "seconds": median,
+        "seconds_all": seconds,
+        "cells": adata.n_obs,
+        "cells_embedded": int((~np.isnan(embedding).any(axis=1)).sum()),
+        "embedding_width": int(embedding.shape[1]),
+        "batch_size": batch_size,
+        "mean_tokens_per_cell": mean_tokens,
+        "match_rate": float(cells.uns["sc_foundation"]["match_rate"]),
+        **parameter_counts(model),
+    }
+
+
+def format_table(payload: dict) -> str:
+    head = f"{'device':<6} {'size':<6} {'params':>11} {'batch':>6} {'threads':>7} {'cells/s':>10} {'tokens/s':>12}"
+    lines = [head, "-" * len(head)]
+    for device in ("cpu", "gpu"):
+        for size, r in payload[device].items():
+            if not isinstance(r, dict) or "cells_per_s" not in r:
+                continue
+            threads = r.get("threads", "")
+            lines.append(
+                f"{device:<6} {size:<6} {r['params_backbone']:>11,} {r['batch_size']:>6} {threads:>7} "
+                f"{r['cells_per_s']:>10.1f} {r['tokens_per_s']:>12,.0f}"
+            )
+    if not payload["gpu"]["measured"]:
+        lines.append(f"gpu: not measured ({payload['gpu']['reason']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import anndata
+    import torch
+
+    args = parse_args(argv)
+    threads = args.threads or usable_cpus()
+    torch.set_num_threads(threads)
+    machine = machine_info()
+    slice_path = cells_slice(args)
+    store, store_info = tokenizer_store(slice_path, args)
+    tokenizer = store.tokenizer
+    adata = anndata.read_h5ad(slice_path)
+    mean_tokens = store_info["mean_tokens_per_cell"]
+    built = "reused" if store_info["reused"] else f"built in {store_info['seconds']:.1f} s"
+    print(
+        f"inference benchmark: {adata.n_obs:,} {args.dataset} cells at context {args.context} (store {built}), "
+        f"{mean_tokens:.0f} tokens per cell on average, vocabulary {len(tokenizer.vocab):,}, CPU batch "
+        f"{args.batch_size}, {threads} torch threads, {args.repeats} timed call(s) per model",
+        flush=True,
+    )
+    gpu_measured = torch.cuda.is_available() and not args.no_gpu
+    cpu_results: dict = {}
+    gpu_results: dict = {
+        "measured": gpu_measured,
+        "reason": None if gpu_measured else ("--no-gpu" if args.no_gpu else "CUDA not available"),
+    }
+    if gpu_measured:
+        gpu_results["device_name"] = torch.cuda.get_device_name(0)
+        gpu_results["dtype"] = "bfloat16 autocast (embed's own on CUDA)"
+    with tempfile.TemporaryDirectory(prefix="inference-bench-", dir=args.cache_dir) as exports:
+        for size in args.sizes:
+            directory = Path(exports) / size
+            model = load_model(size, tokenizer, directory, "cpu", args.seed)
+            cpu_results[size] = {
+                **measure(model, adata, args, args.batch_size, mean_tokens),
+                "threads": torch.get_num_threads(),
+                "device": "cpu",
+                "dtype": "float32",
+            }
+            print(f"cpu {size}: {cpu_results[size]['cells_per_s']:.1f} cells/s", flush=True)
+            del model
+            if gpu_measured:
+                model = load_model(size, tokenizer, directory, "cuda", args.seed)
+                gpu_results[size] = {
+                    **measure(model, adata, args, args.gpu_batch_size, mean_tokens),
+                    "device": "cuda",
+                    "dtype": "bfloat16-autocast",
+                }
+                print(f"gpu {size}: {gpu_results[size]['cells_per_s']:.1f} cells/s", flush=True)
+                del model
+                torch.cuda.empty_cache()
+    machine["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    payload = {
+        "machine": machine,
+        "config": {
+            "dataset": args.dataset,
+            "cells": adata.n_obs,
+            "context": args.context,
+            "encoding": tokenizer.config.encoding,
+            "vocab_size": len(tokenizer.vocab),
+            "mean_tokens_per_cell": mean_tokens,
+            "batch_size": args.batch_size,
+            "gpu_batch_size": args.gpu_batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "warmup_cells": min(args.warmup_cells, adata.n_obs),
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "min_cells_per_gene": args.min_cells_per_gene,
+            "sizes": {size: model_config(size) for size in args.sizes},
+            "store": store_info,
+            "slice": str(slice_path),
+        },
+        "cpu": cpu_results,
+        "gpu": gpu_results,
+    }
+    write_json_atomic(args.out, payload)
+    print(format_table(payload))
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

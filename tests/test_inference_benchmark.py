@@ -1,0 +1,67 @@
+"""Smoke test of the inference benchmark: it embeds a handful of real cells end to end and reports sane figures."""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+CELLS = 40
+
+
+@pytest.fixture(scope="module")
+def inference_benchmark():
+    """The benchmark script as a module (it imports its helper ``_corpus`` as a sibling)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("inference")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def assert_positive(record: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_inference_benchmark(inference_benchmark, tmp_path, shared_data):
+    out = tmp_path / "inference.json"
+    argv = [
+        "--out", str(out), "--sizes", "tiny", "--cells", str(CELLS), "--context", "64", "--batch-size", "16",
+        "--warmup-cells", "8", "--repeats", "2", "--threads", "1", "--no-gpu",
+        "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(shared_data),
+    ]  # fmt: skip
+    payload = inference_benchmark.main(argv)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert {"machine", "config", "cpu", "gpu"} <= set(payload)
+    assert payload["machine"]["cpu_count"] >= 1 and payload["machine"]["torch"]
+    config = payload["config"]
+    assert config["cells"] == CELLS and config["dataset"] == "kang_ifnb" and config["context"] == 64
+    assert config["torch_threads"] == 1 and config["batch_size"] == 16 and config["repeats"] == 2
+    assert config["warmup_cells"] == 8 and config["encoding"] == "binned" and config["vocab_size"] > 100
+    assert config["sizes"]["tiny"] == inference_benchmark.model_config("tiny")
+    assert config["sizes"]["tiny"]["hidden_size"] == 64 and config["sizes"]["tiny"]["num_hidden_layers"] == 2
+    # Truncated at the context (the <cls> token included), and Kang cells have more detected genes than 64.
+    assert 32 < config["mean_tokens_per_cell"] <= 64
+
+    assert set(payload["cpu"]) == {"tiny"}
+    tiny = payload["cpu"]["tiny"]
+    assert_positive(tiny, ["cells_per_s", "tokens_per_s", "seconds", "params_backbone", "match_rate"])
+    assert tiny["cells"] == tiny["cells_embedded"] == CELLS and tiny["embedding_width"] == 64
+    assert tiny["batch_size"] == 16 and tiny["threads"] == 1 and tiny["device"] == "cpu" and tiny["dtype"] == "float32"
+    assert len(tiny["seconds_all"]) == 2 and min(tiny["seconds_all"]) <= tiny["seconds"] <= max(tiny["seconds_all"])
+    assert tiny["cells_per_s"] == pytest.approx(CELLS / tiny["seconds"])
+    assert tiny["tokens_per_s"] == pytest.approx(tiny["cells_per_s"] * config["mean_tokens_per_cell"])
+    assert 0.5 <= tiny["match_rate"] <= 1.0
+    assert payload["gpu"] == {"measured": False, "reason": "--no-gpu"}
+    # The exported models were temporary: only the slice and the store stay in the cache.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        f"inference-kang_ifnb-{CELLS}.h5ad",
+        f"inference-store-inference-kang_ifnb-{CELLS}-ctx64-min1",
+    ]
