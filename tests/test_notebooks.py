@@ -93,6 +93,16 @@ def _check_integration(probe: dict, run: Run) -> None:
     assert probe["embed_difference"] < 1e-4
 
 
+def _check_protein(probe: dict, run: Run) -> None:
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert metrics["task"] == "multimodal" and metrics["modality"] == "protein" and 0 < metrics["steps"] <= 20
+    assert probe["shape"] == [metrics["n_cells"]["test"], 49] and probe["all_finite"]
+    assert probe["obs_names_match"]
+    # predict_modality() on the AnnData reproduces the scores finetune.py computed from its store.
+    assert probe["ours"] == pytest.approx(metrics["prediction"]["model"]["pearson_feature_mean"], abs=1e-4)
+    assert probe["table_index"][-1] == "ridge_rna_pca"
+
+
 CASES: dict[str, Case] = {
     "01_embed_pbmc": Case(
         parameters=lambda run: {"PRETRAINED": str(run.pretrained), "REPO": str(ROOT), "DATA": str(run.data)},
@@ -144,6 +154,25 @@ CASES: dict[str, Case] = {
             "embed_difference": float(difference),
         }""",
         check=_check_integration,
+    ),
+    "04_rna_to_protein": Case(
+        parameters=lambda run: {
+            "PRETRAINED": str(run.pretrained),
+            "REPO": str(ROOT),
+            "DATA": str(run.data),
+            "OUTPUT_DIR": str(run.output_dir),
+            "MAX_STEPS": 20,
+            "OVERRIDES": [*QUIET, *SHORT],
+        },
+        probe="""{
+            "shape": list(predicted.shape),
+            "all_finite": bool(np.isfinite(predicted.X).all()),
+            "obs_names_match": list(predicted.obs_names) == list(test.obs_names),
+            "ours": float(ours["pearson_feature_mean"]),
+            "table_index": list(table.index),
+        }""",
+        check=_check_protein,
+        images=2,
     ),
 }
 
