@@ -1,15 +1,27 @@
-"""Fine-tuning entry point: ``python finetune.py task=<annotation|integration> pretrained=DIR 'data.files=[...]'``.
+"""Fine-tuning entry point: ``python finetune.py task=<annotation|integration|imputation|multimodal> pretrained=DIR
+'data.files=[...]'``.
 
-Both tasks tokenize the inputs with the pretrained model's own tokenizer into a corpus store, split the cells into
-seeded sets (``splits.json``), fine-tune a head with early stopping on ``val/loss``, export the best model to
-``<output_dir>/export/best`` and score that export next to baselines on the same cells in ``<output_dir>/metrics.json``.
+Every task tokenizes the inputs with the pretrained model's own tokenizer into a corpus store, splits the cells into
+seeded sets (``splits.json``), fine-tunes a head with early stopping on ``val/loss``, exports the best model to
+``<output_dir>/export/best`` and scores that export next to baselines on the same cells in
+``<output_dir>/metrics.json``.
 No resume checkpoints are written: a fine-tuning run is short, and the export is what later steps load.
 
 - ``task=annotation``: :class:`~sc_foundation.modeling.ScFoundationForCellClassification` on ``label_key``;
   train/val/test split, scored on the test cells against logistic-regression baselines.
 - ``task=integration``: :class:`~sc_foundation.modeling.ScFoundationForBatchIntegration` with the batch from
   ``batch_key`` (stored as the store's ``batch`` column); train/val split, and the scIB metrics of the embedding of
-  all cells (the scIB convention) against the unintegrated PCA and Harmony; the embeddings go to ``embeddings.npz``.
+  all cells (the scIB convention) against the unintegrated PCA, Harmony and scVI; the embeddings go to
+  ``embeddings.npz``.
+- ``task=imputation``: :class:`~sc_foundation.modeling.ScFoundationForImputation` on counts of which a seeded 10% of
+  the non-zero entries were hidden first (the scVI protocol); train/val split, scored on the hidden entries of all
+  cells against kNN smoothing, the gene means and scVI.
+- ``task=multimodal``: :class:`~sc_foundation.modeling.ScFoundationForMultimodal` with a second modality (protein or
+  ATAC) from ``modality.files``; train/val/test split, the prediction from RNA scored on the test cells against ridge
+  regression from the RNA PCA, and the joint embedding of all cells by scIB bio conservation.
+
+The scVI baselines run when scvi-tools is installed (the ``baselines`` extra) and ``baselines.scvi`` is true;
+``metrics.json`` says under ``skipped_baselines`` which did not run and why.
 """
 
 from __future__ import annotations
@@ -68,7 +80,7 @@ from sc_foundation.multimodal import (
     ridge_from_rna_pca,
     select_features,
 )
-from sc_foundation.scvi_baselines import scvi_available, scvi_normalized_expression
+from sc_foundation.scvi_baselines import scvi_available, scvi_latent, scvi_normalized_expression
 from sc_foundation.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer
 from sc_foundation.training import TrainingModule
@@ -352,6 +364,11 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         n_pcs=cfg.baselines.n_pcs,
         seed=cfg.seed,
     )
+    if _run_scvi(cfg):
+        baseline_embeddings["scvi"] = scvi_latent(
+            counts, batch_ids, n_top_genes=cfg.baselines.n_top_genes, seed=cfg.seed
+        )
+        baselines["scvi"] = integration_metrics(baseline_embeddings["scvi"], batch_ids, labels)
     metrics = {
         "task": "integration",
         "batch_key": batch_key,
@@ -364,6 +381,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         "steps": trainer.global_step,
         "model": integration_metrics(embedding, batch_ids, labels),
         "baselines": baselines,
+        "skipped_baselines": _skipped_baselines(cfg),
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     np.savez(
@@ -447,12 +465,9 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "knn_smoothing": knn_smoothing_shares(imputed.X, n_pcs=cfg.baselines.n_pcs, seed=cfg.seed),
         "gene_mean": gene_mean_shares(imputed.X),
     }
-    if cfg.baselines.scvi:
-        baseline_shares["scvi"] = _scvi_or_reason(lambda: scvi_normalized_expression(imputed.X, seed=cfg.seed))
-    baselines = {
-        name: shares if isinstance(shares, dict) else score(shares * library[:, None])
-        for name, shares in baseline_shares.items()
-    }
+    if _run_scvi(cfg):
+        baseline_shares["scvi"] = scvi_normalized_expression(imputed.X, seed=cfg.seed)
+    baselines = {name: score(shares * library[:, None]) for name, shares in baseline_shares.items()}
     metrics = {
         "task": "imputation",
         "hidden_fraction": cfg.hidden_fraction,
@@ -468,10 +483,11 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "steps": trainer.global_step,
         "model": score(imputed.layers["sc_foundation_imputed"].toarray()),
         "baselines": baselines,
+        "skipped_baselines": _skipped_baselines(cfg),
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     write_h5ad_atomic(imputed, out / "imputed.h5ad")
-    summary = ", ".join(f"{name} {result.get('median_l1', float('nan')):.3f}" for name, result in baselines.items())
+    summary = ", ".join(f"{name} {result['median_l1']:.3f}" for name, result in baselines.items())
     print(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
@@ -486,11 +502,18 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     }
 
 
-def _scvi_or_reason(fit):
-    """The scVI baseline's result, or why it was not run (scvi-tools is an optional extra)."""
+def _run_scvi(cfg: DictConfig) -> bool:
+    """Whether to fit the scVI baseline: asked for (``baselines.scvi``) and installed (the ``baselines`` extra)."""
+    return bool(cfg.baselines.scvi) and scvi_available()
+
+
+def _skipped_baselines(cfg: DictConfig) -> dict[str, str]:
+    """Baselines left out of a run, and why, for metrics.json."""
+    if not cfg.baselines.scvi:
+        return {"scvi": "baselines.scvi=false"}
     if not scvi_available():
-        return {"skipped": 'scvi-tools is not installed: pip install -e ".[baselines]"'}
-    return fit()
+        return {"scvi": 'scvi-tools is not installed: pip install -e ".[baselines]"'}
+    return {}
 
 
 def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:

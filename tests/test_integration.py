@@ -32,6 +32,7 @@ def integration(pretrained, cellbench, tmp_path_factory):
             "trainer.max_steps=30",
             "trainer.val_check_interval=10",
             "baselines.n_pcs=20",
+            "baselines.scvi=false",  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
         )
     )
     return finetune.run(cfg)

@@ -30,7 +30,7 @@ CELL_TIMEOUT_S = 600  # per cell; a whole notebook takes seconds to tens of seco
 # Quiet, short fine-tuning: no progress bar or model summary in the cell output, no CSV logger.
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~logger"]
 # Short: MAX_STEPS=20 with two validations (early stopping and the best export work), smaller baselines.
-SHORT = ["trainer.val_check_interval=10", "baselines.n_top_genes=500", "baselines.n_pcs=20"]
+SHORT = ["trainer.val_check_interval=10", "baselines.n_top_genes=500", "baselines.n_pcs=20", "baselines.scvi=false"]
 
 
 @dataclass(frozen=True)
