@@ -273,6 +273,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         label2id={name: i for i, name in enumerate(names)},
         class_weights=weights,
         classifier_dropout=cfg.classifier_dropout,
+        **_architecture_overrides(cfg),
     )
     trainer, module, best = _fit(cfg, out, model, tokenizer, datamodule, callbacks)
 

@@ -116,7 +116,8 @@ class ScFoundationExpressionOutput(ModelOutput):
     """Output of :class:`ScFoundationForImputation` and :class:`ScFoundationForBatchIntegration`.
 
     Args:
-        loss: scalar, ``reconstruction_loss`` plus ``dab_weight`` times ``dab_loss``; when ``counts`` are given.
+        loss: scalar, ``reconstruction_loss`` plus (in training mode) ``dab_weight`` times ``dab_loss``; when
+            ``counts`` are given.
         reconstruction_loss: scalar multinomial negative log-likelihood of the panel counts, per count.
         dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0`` and counts are given.
         logits: (n_cells, G) scores of the G panel genes (``config.decoder_gene_ids``); their softmax is each gene's
@@ -882,7 +883,10 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
         if self.discriminator is not None:
             output.batch_logits = self.discriminator(grad_reverse(encoded.cell_embedding))  # (n_cells, n_batches)
             output.dab_loss = F.cross_entropy(output.batch_logits.float(), batch_ids.long())
-            output.loss = output.loss + self.config.dab_weight * output.dab_loss
+            # Only training minimises the adversarial sum; in eval mode (validation, early stopping) the loss is the
+            # reconstruction alone, since a falling or rising discriminator loss says nothing of a better model.
+            if self.training:
+                output.loss = output.loss + self.config.dab_weight * output.dab_loss
         return output
 
 

@@ -75,6 +75,9 @@ def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_grad
     torch.testing.assert_close(reversed_grads[0], -plain_grads[0])
     torch.testing.assert_close(reversed_grads[1], plain_grads[1])
     assert model(inputs["input_ids"], inputs["values"], inputs["attention_mask"]).loss is None
+    model.eval()  # validation: the reconstruction alone, without the adversarial term
+    evaluated = model(**inputs)
+    torch.testing.assert_close(evaluated.loss, evaluated.reconstruction_loss)
     with pytest.raises(ValueError, match="batch-conditioned: pass batch_ids"):
         model(inputs["input_ids"], inputs["values"], inputs["attention_mask"], counts=inputs["counts"])
 

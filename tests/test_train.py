@@ -221,3 +221,15 @@ def test_ddp_on_two_cpu_processes(tmp_path, kang_file):
     seen = [json.loads((tmp_path / "cells" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 4 * 16, "each rank trains 4 steps of 16 cells"
     assert not set(seen[0]) & set(seen[1]), "the two ranks see disjoint cells"
+
+
+def test_a_stale_cached_store_is_rebuilt_or_refused(kang_file, real_slice, tmp_path):
+    overrides = data_overrides(kang_file, tmp_path / "cache")
+    first = train.build_corpus(compose_pretrain(overrides))
+    other = tmp_path / "other.h5ad"
+    real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(200, 320)).write_h5ad(other)
+    changed = [*overrides, f"data.files=[{other}]"]  # same store_dir, other inputs: a stale plan
+    with pytest.raises(FileExistsError, match="holds a store built from other inputs or settings"):
+        train.build_corpus(compose_pretrain([*changed, "data.rebuild_stale_store=false"]))
+    rebuilt = train.build_corpus(compose_pretrain(changed))
+    assert rebuilt.path == first.path and rebuilt.n_cells == 120 != first.n_cells
