@@ -1,0 +1,768 @@
+"""Benchmark: fine-tuning quality of our model against the baselines ``finetune.py`` computes, on real data.
+
+Every fine-tuning task runs once through ``finetune.run`` (the configs composed from ``conf/finetune.yaml`` with the
+overrides of the :data:`TASKS` table below) on fixed, seeded splits, and the scores of our fine-tuned export and of
+each baseline are read back from that run's ``metrics.json``. The baselines are the ones ``finetune.py`` fits on the
+same split and cells (logistic regressions for annotation, PCA / Harmony / scVI for integration, kNN smoothing / gene
+means / scVI for imputation, ridge from the RNA PCA and PCA embeddings for multimodal); this script never recomputes
+them. The project's goal is to beat every baseline on every task: each table marks the best value per metric and says
+plainly, per metric and overall, whether we beat every baseline (a tie does not count as beating it).
+
+The pretrained model is ``--pretrained DIR`` (an export directory); without it, the README's main command is run first
+in-process (``train.run`` with ``conf/pretrain.yaml`` as is: the tiny model, 150 steps on the default corpus), its
+output under ``OUT/pretrain`` and its corpus store under ``OUT/pretrain/corpus_store`` (reused by a later run with the
+same plan), and its ``export/best`` is used.
+
+Outputs in ``--out``, each written to a temporary file and renamed (``quality.json`` and ``quality.md`` are rewritten
+after every task, so an interrupted run leaves the finished tasks readable):
+
+* ``quality.json``: command, dates, machine, the pretrained export and its config, and per task its data, overrides,
+  wall time, fine-tuning steps, the headline tables (values per method, best per metric, our verdict per metric) and
+  the full ``metrics.json`` path; a task that raised has ``status: "error"`` with the message and traceback.
+* ``quality.md``: the same as markdown tables, one section per task.
+* PNGs: ``annotation_confusion.png`` (ours beside the HVG logistic regression), ``integration_umap.png`` (UMAPs of
+  every embedding in the run's ``embeddings.npz``, coloured by batch and by cell type), ``atac_umap.png`` (the joint
+  and RNA-only embeddings of the ATAC task by cell type).
+* ``tasks/<name>/``: each fine-tuning run's own output directory (``metrics.json``, ``splits.json``, export, ...);
+  ``data/``: the seeded cell subsets some tasks train on.
+
+A task that raises is recorded and the others still run; the script then exits with status 1.
+
+    python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
+        [--max-steps N] [--seed 0] [--set KEY=VALUE ...] [--data-dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from _corpus import DEFAULT_DATA, REPO_ROOT, machine_info, write_json_atomic
+
+SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_atac.h5ad"
+
+# The default task table. ``task``: finetune.py's task; ``files`` / ``modality_files``: inputs under --data-dir (str,
+# or a dict of CorpusInput fields); ``subset``: a seeded subset of that many cells (the same cells of every file of the
+# task) written to OUT/data first, None for all cells; ``overrides``: Hydra overrides of conf/finetune.yaml (the
+# steps, validation interval and task keys). --max-steps replaces every trainer.max_steps, --set adds overrides.
+TASKS: dict[str, dict] = {
+    "annotation": {
+        "task": "annotation",
+        "description": "PBMC 68k subset (10x), 10 FACS-sorted cell types; test split scored",
+        "files": ["pbmc68k_reduced/pbmc68k_reduced_counts.h5ad"],
+        "subset": None,
+        "overrides": ["label_key=cell_type", "trainer.max_steps=300", "trainer.val_check_interval=20"],
+    },
+    "annotation_cellbench": {
+        "task": "annotation",
+        "description": "CellBench: 3 lung-cancer cell lines, two protocols; test split scored (an easy case)",
+        "files": [{"path": "cellbench_3cl/cellbench_3cl.h5ad", "batch_key": "batch"}],
+        "subset": None,
+        "overrides": ["label_key=cell_type", "trainer.max_steps=150", "trainer.val_check_interval=20"],
+    },
+    "integration": {
+        "task": "integration",
+        "description": "CellBench: protocols (CEL-seq2 / Drop-seq) as batches, 3 cell lines; all cells scored",
+        "files": ["cellbench_3cl/cellbench_3cl.h5ad"],
+        "subset": None,
+        "overrides": [
+            "batch_key=batch",
+            "label_key=cell_type",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=20",
+        ],
+    },
+    "imputation": {
+        "task": "imputation",
+        "description": "PBMC 3k (10x v1): 10% of the non-zero counts hidden, scored on those in the panel",
+        "files": [{"path": "pbmc3k/pbmc3k.h5ad", "gene_key": "gene_ids"}],
+        "subset": None,
+        "overrides": ["trainer.max_steps=300", "trainer.val_check_interval=20"],
+    },
+    "protein": {
+        "task": "multimodal",
+        "description": "ECCITE-seq PBMC: 49 surface proteins (CLR) predicted from RNA; test split scored",
+        "files": ["eccite_pbmc/eccite_rna.h5ad"],
+        "modality_files": ["eccite_pbmc/eccite_adt.h5ad"],
+        "subset": None,
+        "overrides": ["modality.kind=protein", "trainer.max_steps=300", "trainer.val_check_interval=20"],
+    },
+    "atac": {
+        "task": "multimodal",
+        "description": "SNARE-seq mouse cortex: 2000 most open peaks predicted from RNA (test split); joint embedding "
+        "scored on 15 cell types (all cells)",
+        "files": [SNARE_RNA],
+        "modality_files": [SNARE_ATAC],
+        "subset": 2000,
+        "overrides": [
+            "modality.kind=atac",
+            "label_key=cell_type",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=20",
+        ],
+    },
+}
+
+# Headline metrics per kind of comparison: (key in metrics.json, higher is better).
+HEADLINES = {
+    "annotation": [("accuracy", True), ("macro_f1", True)],
+    "integration": [("bio", True), ("batch", True), ("total", True), ("avg_bio", True)],
+    "imputation": [("median_l1", False), ("pearson", True), ("pearson_log1p", True)],
+    "prediction": [("pearson_feature_mean", True), ("pearson_cell_mean", True)],
+    "embedding": [("nmi", True), ("ari", True), ("asw_label", True), ("avg_bio", True), ("bio", True)],
+}
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for quality.json, quality.md, PNGs and runs")
+    parser.add_argument("--pretrained", type=Path, default=None, help="an export directory (default: pretrain one)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
+    parser.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps of every task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the subsets and the training")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override of conf/finetune.yaml for every task (repeatable), e.g. baselines.scvi=false",
+    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be at least 1")
+    args.tasks = list(dict.fromkeys(args.tasks))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def write_text_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure_atomic(figure, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def finite_or_none(value):
+    """A JSON-safe number: NaN and infinities (undefined scores) become None."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------- pretrained model
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def pretrain(out: Path, seed: int) -> dict:
+    """Run the README's main command (``train.run`` on ``conf/pretrain.yaml``) into ``out``; its export/best."""
+    import train
+
+    overrides = [f"output_dir={out}", f"data.store_dir={out / 'corpus_store'}", f"seed={seed}", *QUIET]
+    cfg = compose("pretrain", overrides)
+    started = time.perf_counter()
+    result = train.run(cfg)
+    return {
+        "path": str(result["best_export"]),
+        "trained_here": True,
+        "output_dir": str(out),
+        "overrides": overrides,
+        "steps": int(result["trainer"].global_step),
+        "max_steps": int(cfg.trainer.max_steps),
+        "model_group": shape_group(dict(cfg.model)),
+        "corpus": {"datasets": list(cfg.data.datasets), "cells": int(result["report"].n_cells)},
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def describe_export(path: Path) -> dict:
+    """The architecture and tokenizer of an export (its config.json and gene_tokenizer.json)."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "value_encoding",
+        "n_bins",
+        "pooling",
+        "max_position_embeddings",
+    )
+    tokenizer_file = path / "gene_tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text()).get("config", {}) if tokenizer_file.exists() else {}
+    return {"model": {key: config.get(key) for key in keys}, "tokenizer": tokenizer}
+
+
+def steps_from_logs(export: Path) -> int | None:
+    """The last logged training step of the run an export came from (``<run>/csv/version_*/metrics.csv``), if any."""
+    import csv
+
+    steps = []
+    for metrics in export.parent.parent.glob("csv/version_*/metrics.csv"):
+        with open(metrics) as handle:
+            steps += [int(row["step"]) for row in csv.DictReader(handle) if row.get("step")]
+    return max(steps) + 1 if steps else None
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+def subset_files(relative: list, data_dir: Path, out: Path, n_cells: int, seed: int) -> list:
+    """The same seeded ``n_cells`` cells of every file (rows sorted), written to ``out``; the new file specs."""
+    import anndata
+
+    specs = [dict(item) if isinstance(item, dict) else {"path": item} for item in relative]
+    sizes = set()
+    for spec in specs:
+        backed = anndata.read_h5ad(data_dir / spec["path"], backed="r")
+        sizes.add(backed.n_obs)
+        backed.file.close()
+    if len(sizes) != 1:
+        raise ValueError(f"the files of a subset must have the same cells; they have {sorted(sizes)} rows")
+    total = sizes.pop()
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n_cells, total), replace=False))
+    written = []
+    for spec in specs:
+        source = data_dir / spec["path"]
+        path = out / f"{Path(spec['path']).stem}_{len(rows)}cells_seed{seed}.h5ad"
+        backed = anndata.read_h5ad(source, backed="r")
+        try:
+            adata = backed[rows].to_memory()
+        finally:
+            backed.file.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.h5ad")
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+        written.append({**spec, "path": str(path)})
+    return written
+
+
+def hydra_value(spec) -> str:
+    """A file spec (path string or dict of CorpusInput fields) as a Hydra override value, every string quoted."""
+
+    def quote(text) -> str:
+        return "'" + str(text).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{key}: {quote(value)}" for key, value in spec.items()) + "}"
+    return quote(spec)
+
+
+def task_overrides(name: str, spec: dict, files: list, modality_files: list, args, pretrained: Path) -> list[str]:
+    overrides = [
+        f"task={spec['task']}",
+        f"pretrained={hydra_value(pretrained)}",
+        f"data.files=[{', '.join(map(hydra_value, files))}]",
+        f"output_dir={hydra_value(args.out / 'tasks' / name)}",
+        f"seed={args.seed}",
+        *QUIET,
+        *spec["overrides"],
+    ]
+    if modality_files:
+        overrides.append(f"modality.files=[{', '.join(hydra_value(f['path']) for f in modality_files)}]")
+    if args.max_steps is not None:
+        overrides = [o for o in overrides if not o.startswith("trainer.max_steps=")]
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    return [*overrides, *args.extra]
+
+
+def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
+    """Fine-tune and score one task; fills ``record`` as it goes (so a failure keeps what was known)."""
+    import finetune
+
+    spec = TASKS[name]
+    files = [dict(f) if isinstance(f, dict) else {"path": f} for f in spec["files"]]
+    modality_files = [{"path": f} for f in spec.get("modality_files", [])]
+    record["data"] = {"files": [f["path"] for f in files], "modality_files": [f["path"] for f in modality_files]}
+    if spec.get("subset"):
+        written = subset_files(files + modality_files, args.data_dir, args.out / "data", spec["subset"], args.seed)
+        files, modality_files = written[: len(files)], written[len(files) :]
+        record["data"]["subset"] = {
+            "cells": spec["subset"],
+            "seed": args.seed,
+            "written": [f["path"] for f in written],
+            "note": "a seeded random subset of the cells (the same cells in every file of the task)",
+        }
+    else:
+        files = [{**f, "path": str(args.data_dir / f["path"])} for f in files]
+        modality_files = [{"path": str(args.data_dir / f["path"])} for f in modality_files]
+        record["data"]["subset"] = None
+    files = [f["path"] if len(f) == 1 else f for f in files]
+    overrides = task_overrides(name, spec, files, modality_files, args, pretrained)
+    record["overrides"] = overrides
+    cfg = compose("finetune", overrides)
+    started = time.perf_counter()
+    result = finetune.run(cfg)
+    record["finetune_wall_s"] = time.perf_counter() - started
+    metrics = result["metrics"]
+    out = Path(result["output_dir"])
+    record["output_dir"] = str(out)
+    record["metrics_file"] = str(out / "metrics.json")
+    record["steps"] = metrics.get("steps")
+    record["n_cells"] = metrics.get("n_cells")
+    record["comparisons"] = comparisons(spec["task"], metrics)
+    return {"metrics": metrics, "output_dir": out}
+
+
+def comparisons(task: str, metrics: dict) -> dict[str, dict]:
+    """The headline tables of one run's metrics.json."""
+    if task in ("annotation", "integration", "imputation"):
+        return {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}
+    tables = {
+        "prediction": compare(
+            "prediction", {"model": metrics["prediction"]["model"]}, metrics["prediction"]["baselines"], "model"
+        )
+    }
+    if "embedding" in metrics:
+        embedding = metrics["embedding"]
+        tables["embedding"] = compare("embedding", embedding["model"], embedding["baselines"], "joint")
+    return tables
+
+
+def compare(kind: str, ours: dict[str, dict], baselines: dict[str, dict], primary: str) -> dict:
+    """One table: values per method, the best method per metric, and per metric whether each of our rows beats
+    every (non-skipped) baseline: ``win`` (strictly better than all), ``tie`` (equal to the best baseline) or
+    ``loss``; ``beats_all_baselines`` is whether the ``primary`` row wins every metric."""
+    headline = HEADLINES[kind]
+    skipped = {name: scores["skipped"] for name, scores in baselines.items() if "skipped" in scores}
+    scored = {name: scores for name, scores in baselines.items() if "skipped" not in scores}
+    rows = {
+        name: {key: finite_or_none(scores.get(key)) for key, _ in headline}
+        for name, scores in {**ours, **scored}.items()
+    }
+    best, verdicts = {}, {name: {} for name in ours}
+    for key, higher in headline:
+        sign = 1 if higher else -1
+        values = {name: row[key] for name, row in rows.items() if row[key] is not None}
+        best[key] = max(values, key=lambda name: sign * values[name]) if values else None
+        baseline_values = [sign * rows[name][key] for name in scored if rows[name][key] is not None]
+        target = max(baseline_values) if baseline_values else None
+        for name in ours:
+            value = rows[name][key]
+            if value is None:
+                verdicts[name][key] = "loss"
+            elif target is None:
+                verdicts[name][key] = "win"
+            else:
+                mine = sign * value
+                verdicts[name][key] = "win" if mine > target else "tie" if mine == target else "loss"
+    return {
+        "metrics": [{"name": key, "higher_is_better": higher} for key, higher in headline],
+        "ours": list(ours),
+        "primary": primary,
+        "baselines": list(scored),
+        "skipped_baselines": skipped,
+        "values": rows,
+        "best": best,
+        "verdict": verdicts,
+        "beats_all_baselines": all(v == "win" for v in verdicts[primary].values()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _scatter(ax, xy: np.ndarray, categories: np.ndarray, title: str, legend: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    names = sorted(set(categories.tolist()))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for i, name in enumerate(names):
+        chosen = categories == name
+        ax.scatter(xy[chosen, 0], xy[chosen, 1], s=4, color=colours(i % colours.N), label=name, linewidths=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
+
+
+def umap_of(embedding: np.ndarray, seed: int) -> np.ndarray:
+    """The 2-d UMAP (scanpy: 15-neighbour graph on the embedding itself) of an (n, d) embedding."""
+    import anndata
+    import scanpy as sc
+
+    adata = anndata.AnnData(obs={"i": np.arange(len(embedding))})
+    adata.obsm["X_emb"] = np.asarray(embedding, dtype=np.float32)
+    sc.pp.neighbors(adata, use_rep="X_emb", n_neighbors=15, random_state=seed)
+    sc.tl.umap(adata, random_state=seed)
+    return adata.obsm["X_umap"]
+
+
+def umap_grid(embeddings: dict[str, np.ndarray], colourings: dict[str, np.ndarray], path: Path, seed: int) -> Path:
+    """One row per embedding, one column per colouring (e.g. batch, cell type)."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        len(embeddings), len(colourings), figsize=(4.2 * len(colourings) + 1.5, 3.6 * len(embeddings)), squeeze=False
+    )
+    for row, (name, embedding) in enumerate(embeddings.items()):
+        xy = umap_of(embedding, seed)
+        for col, (colour_name, categories) in enumerate(colourings.items()):
+            _scatter(axes[row, col], xy, categories, f"{name}: by {colour_name}", legend=row == 0)
+    figure.tight_layout()
+    try:
+        return save_figure_atomic(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def integration_figure(out: Path, run_dir: Path, seed: int) -> Path:
+    with np.load(run_dir / "embeddings.npz") as saved:
+        data = {key: saved[key] for key in saved.files}
+    meta = ("cell_id", "batch", "label")
+    embeddings = {("ours" if key == "model" else key): data[key] for key in data if key not in meta}
+    colourings = {"batch": data["batch"].astype(str)}
+    if "label" in data:
+        colourings["cell type"] = data["label"].astype(str)
+    return umap_grid(embeddings, colourings, out / "integration_umap.png", seed)
+
+
+def atac_figure(out: Path, run_dir: Path, label_key: str, seed: int) -> Path:
+    from sc_foundation.store import CorpusStore
+
+    with np.load(run_dir / "embeddings.npz") as saved:
+        embeddings = {f"ours: {key}": saved[key] for key in ("joint", "rna_only") if key in saved.files}
+        cell_ids = saved["cell_id"].astype(str)
+    obs = CorpusStore(run_dir / "store").obs
+    if not np.array_equal(obs["cell_id"].to_numpy(dtype=str), cell_ids):
+        raise ValueError("embeddings.npz and the task's store list different cells")
+    return umap_grid(embeddings, {"cell type": obs[label_key].to_numpy(dtype=str)}, out / "atac_umap.png", seed)
+
+
+def confusion_figure(out: Path, metrics: dict, name: str) -> Path:
+    """Row-normalised confusion matrices (rows true, columns predicted) of ours and the HVG logistic regression."""
+    import matplotlib.pyplot as plt
+
+    panels = {"ours": metrics["model"]}
+    if "hvg_logreg" in metrics.get("baselines", {}):
+        panels["hvg_logreg (baseline)"] = metrics["baselines"]["hvg_logreg"]
+    labels = metrics["model"]["labels"]
+    size = 1.6 + 0.45 * len(labels)
+    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1.0, size + 1.0), squeeze=False)
+    for ax, (title, scores) in zip(axes[0], panels.items(), strict=True):
+        matrix = np.asarray(scores["confusion_matrix"], dtype=float)
+        matrix = matrix[: len(labels), : len(labels)]  # an "unknown" column, if any, is left out of the picture
+        shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if matrix[i, j]:
+                    colour = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=colour)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}", fontsize=9)
+    figure.tight_layout()
+    try:
+        return save_figure_atomic(figure, out / f"{name}_confusion.png")
+    finally:
+        plt.close(figure)
+
+
+def figures_for(name: str, run: dict, args) -> list[Path]:
+    task = TASKS[name]["task"]
+    metrics, run_dir = run["metrics"], run["output_dir"]
+    if task == "annotation":
+        return [confusion_figure(args.out, metrics, name)]
+    if task == "integration":
+        return [integration_figure(args.out, run_dir, args.seed)]
+    if task == "multimodal" and "embedding" in metrics:
+        return [atac_figure(args.out, run_dir, metrics["label_key"], args.seed)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+VERDICT_MARK = {"win": "✓", "tie": "= (tie)", "loss": "✗"}
+
+
+def _format(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _display(name: str, table: dict) -> str:
+    if name not in table["ours"]:
+        return name
+    return "**ours**" if name == "model" else f"**ours: {name}**"
+
+
+def table_markdown(title: str, table: dict) -> list[str]:
+    keys = [m["name"] for m in table["metrics"]]
+    heads = [f"{key} {'↑' if m['higher_is_better'] else '↓'}" for key, m in zip(keys, table["metrics"], strict=True)]
+    lines = [f"**{title}**", "", "| method | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name, row in table["values"].items():
+        cells = []
+        for key in keys:
+            text = _format(row[key])
+            cells.append(f"**{text}** (best)" if table["best"][key] == name else text)
+        lines.append(f"| {_display(name, table)} | " + " | ".join(cells) + " |")
+    for name in table["ours"]:
+        marks = [VERDICT_MARK[table["verdict"][name][key]] for key in keys]
+        label = "ours" if name == "model" else f"ours: {name}"
+        lines.append(f"| {label} beats all baselines? | " + " | ".join(marks) + " |")
+    for name, reason in table["skipped_baselines"].items():
+        lines.append(f"\n_{name} baseline skipped: {reason}_")
+    primary = table["primary"]
+    lost = [key for key in keys if table["verdict"][primary][key] != "win"]
+    who = "ours" if primary == "model" else f"ours ({primary})"
+    if not lost:
+        verdict = f"{who} beats every baseline on every metric: **yes**."
+    else:
+        details = []
+        for key in lost:
+            best = table["best"][key]
+            winner = "tie" if table["verdict"][primary][key] == "tie" else best
+            details.append(f"{key} (best: {winner})")
+        verdict = f"{who} beats every baseline on every metric: **no** — not on {', '.join(details)}."
+    return [*lines, "", verdict, ""]
+
+
+def markdown(payload: dict) -> str:
+    pretrained = payload["pretrained"]
+    machine = payload["machine"]
+    lines = [
+        "# Fine-tuning quality: ours against the baselines",
+        "",
+        f"- command: `{payload['command']}`",
+        f"- started: {payload['started']}; finished: {payload.get('finished') or 'running'}; "
+        f"total wall time {payload['wall_s']:.0f} s",
+        f"- machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs, {machine['memory_gb']} GB; "
+        f"torch {machine['torch']}; load average before {machine['load_average_1_5_15']}, "
+        f"after {machine.get('load_average_after_1_5_15', 'n/a')}",
+    ]
+    if pretrained.get("path"):
+        model = pretrained.get("config", {}).get("model", {})
+        steps = pretrained.get("steps")
+        origin = "pretrained by this run" if pretrained.get("trained_here") else "given with --pretrained"
+        lines.append(
+            f"- pretrained model: `{pretrained['path']}` ({origin}; {pretrained.get('model_group', 'model')} "
+            f"{model.get('hidden_size')} wide, {model.get('num_hidden_layers')} layers, "
+            f"{model.get('value_encoding')} values, {steps if steps is not None else 'unknown'} pretraining steps"
+            + (f", {pretrained['wall_s']:.0f} s" if pretrained.get("wall_s") else "")
+            + ")"
+        )
+    if pretrained.get("error"):
+        lines.append(f"- pretraining **failed**: {pretrained['error']}")
+    lines += [
+        "- ✓ ours strictly better than every baseline, = tie with the best baseline, ✗ a baseline is better; "
+        "↑ higher is better, ↓ lower is better; best value per column in bold.",
+        "",
+    ]
+    summary = payload["summary"]
+    overall = [f"{name}: {'yes' if ok else 'no'}" for name, ok in summary["beats_all_baselines"].items()]
+    lines += [f"**Beats every baseline** — {'; '.join(overall) or 'no task finished'}."]
+    if summary["failed"]:
+        lines.append(f"**Failed tasks**: {', '.join(summary['failed'])}.")
+    lines += [
+        "",
+        "| task | status | beats all baselines | fine-tuning steps | wall time (s) |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for name, record in payload["tasks"].items():
+        beats = summary["beats_all_baselines"].get(name)
+        mark = "n/a" if beats is None else "✓ yes" if beats else "✗ no"
+        wall = "" if record.get("wall_s") is None else f"{record['wall_s']:.0f}"
+        lines.append(f"| {name} | {record['status']} | {mark} | {record.get('steps', '')} | {wall} |")
+    lines.append("")
+    for name, record in payload["tasks"].items():
+        lines += [f"## {name}", "", f"{record['description']}", ""]
+        data = record.get("data", {})
+        if data:
+            subset = data.get("subset")
+            note = f"; seeded subset of {subset['cells']} cells (seed {subset['seed']})" if subset else ""
+            lines.append(f"- data: {', '.join(f'`{f}`' for f in data['files'] + data['modality_files'])}{note}")
+        if record.get("n_cells"):
+            cells = ", ".join(f"{split} {n}" for split, n in record["n_cells"].items())
+            lines.append(f"- cells: {cells}; fine-tuning steps: {record.get('steps')}")
+        if record.get("wall_s") is not None:
+            lines.append(
+                f"- wall time: {record['wall_s']:.0f} s (fine-tuning and scoring "
+                f"{record.get('finetune_wall_s') or 0:.0f} s, figures {record.get('figures_wall_s') or 0:.0f} s)"
+            )
+        if record.get("metrics_file"):
+            lines.append(f"- metrics: `{record['metrics_file']}`")
+        for figure in record.get("figures", []):
+            lines.append(f"- figure: `{figure}`")
+        lines.append("")
+        if record["status"] == "error":
+            lines += [f"**FAILED**: `{record['error']}`", ""]
+        elif record["status"] != "ok":
+            lines += [f"_{record['status']}_", ""]
+        for kind, table in record.get("comparisons", {}).items():
+            lines += table_markdown(kind, table)
+        if record.get("figure_error"):
+            lines += [f"**Figure failed**: `{record['figure_error']}`", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def summarise(payload: dict) -> None:
+    tasks = payload["tasks"]
+    payload["summary"] = {
+        "ok": [name for name, r in tasks.items() if r["status"] == "ok"],
+        "failed": [name for name, r in tasks.items() if r["status"] == "error" or r.get("figure_error")],
+        "beats_all_baselines": {
+            name: all(t["beats_all_baselines"] for t in r["comparisons"].values())
+            for name, r in tasks.items()
+            if r.get("comparisons")
+        },
+    }
+
+
+def write_outputs(payload: dict, out: Path) -> None:
+    summarise(payload)
+    write_json_atomic(out / "quality.json", payload)
+    write_text_atomic(out / "quality.md", markdown(payload))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # finetune.py and train.py live at the repository root
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shown = sys.argv[1:] if argv is None else argv
+    payload = {
+        "command": " ".join(["python benchmarks/quality.py", *shown]),
+        "argv": list(shown),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finished": None,
+        "complete": False,
+        "wall_s": 0.0,
+        "machine": machine_info(),
+        "seed": args.seed,
+        "max_steps_override": args.max_steps,
+        "extra_overrides": args.extra,
+        "data_dir": str(args.data_dir),
+        "pretrained": {},
+        "tasks": {
+            name: {"status": "pending", "task": TASKS[name]["task"], "description": TASKS[name]["description"]}
+            for name in args.tasks
+        },
+        "figures": [],
+    }
+    with contextlib.suppress(ImportError):
+        import torch
+
+        payload["machine"]["torch_threads"] = torch.get_num_threads()
+
+    def checkpoint() -> None:
+        payload["wall_s"] = time.perf_counter() - started
+        write_outputs(payload, args.out)
+
+    try:
+        if args.pretrained is not None:
+            path = args.pretrained.resolve()
+            payload["pretrained"] = {"path": str(path), "trained_here": False, "steps": steps_from_logs(path)}
+        else:
+            print("quality: pretraining the default model (train.py, conf/pretrain.yaml)", flush=True)
+            payload["pretrained"] = pretrain(args.out / "pretrain", args.seed)
+        payload["pretrained"]["config"] = describe_export(Path(payload["pretrained"]["path"]))
+        payload["pretrained"].setdefault("model_group", shape_group(payload["pretrained"]["config"]["model"]))
+    except Exception as error:
+        payload["pretrained"]["error"] = f"{type(error).__name__}: {error}"
+        payload["pretrained"]["traceback"] = traceback.format_exc()
+        for record in payload["tasks"].values():
+            record.update(status="error", error=f"no pretrained model: {payload['pretrained']['error']}")
+        traceback.print_exc()
+    checkpoint()
+
+    for name in args.tasks if not payload["pretrained"].get("error") else []:
+        record = payload["tasks"][name]
+        record["status"] = "running"
+        record["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+        checkpoint()
+        task_started = time.perf_counter()
+        print(f"quality: task {name}", flush=True)
+        try:
+            run = run_task(name, args, Path(payload["pretrained"]["path"]), record)
+            record["status"] = "ok"
+        except Exception as error:
+            record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+            traceback.print_exc()
+            run = None
+        if run is not None:
+            figures_started = time.perf_counter()
+            try:
+                record["figures"] = [str(p) for p in figures_for(name, run, args)]
+                payload["figures"] += record["figures"]
+            except Exception as error:
+                record["figure_error"] = f"{type(error).__name__}: {error}"
+                record["figure_traceback"] = traceback.format_exc()
+                traceback.print_exc()
+            record["figures_wall_s"] = time.perf_counter() - figures_started
+        record["wall_s"] = time.perf_counter() - task_started
+        record["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        checkpoint()
+
+    payload["machine"]["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    payload["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    payload["complete"] = True
+    checkpoint()
+    print(markdown(payload))
+    print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.md'}")
+    return payload
+
+
+def shape_group(model: dict) -> str:
+    """The conf/model group whose shape an export's config matches, else ``custom``."""
+    from omegaconf import OmegaConf
+
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    for path in sorted((REPO_ROOT / "conf" / "model").glob("*.yaml")):
+        group = OmegaConf.load(path)
+        if all(group.get(key) == model.get(key) for key in keys):
+            return path.stem
+    return "custom"
+
+
+def exit_status(payload: dict) -> int:
+    """1 when pretraining, a task or one of its figures failed, else 0."""
+    return 1 if payload["summary"]["failed"] or payload["pretrained"].get("error") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_status(main()))
