@@ -191,6 +191,22 @@ def _datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray], sp
     )
 
 
+def _three_way_split(cfg: DictConfig, out: Path, store: CorpusStore, labels: np.ndarray | None) -> dict:
+    """Seeded train/val/test store rows by ``cfg.split`` (stratified by the (n_cells,) class ids ``labels`` when
+    given, unless split by group), written to ``splits.json``."""
+    split = cfg.split
+    splits = split_train_val_test(
+        store,
+        split.val_fraction,
+        split.test_fraction,
+        split.seed,
+        labels=labels if split.stratify and split.split_by is None else None,
+        group_by=split.split_by,
+    )
+    _write_splits(cfg, out, store, splits)
+    return splits
+
+
 def _write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[str, np.ndarray]) -> None:
     record = {
         name: {"store_index": rows.tolist(), "cell_id": store.obs["cell_id"].iloc[rows].tolist()}
@@ -253,15 +269,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
 
     store = CorpusStore(store_path)
     names, labels = _categories(store, label_key)
-    splits = split_train_val_test(
-        store,
-        split.val_fraction,
-        split.test_fraction,
-        split.seed,
-        labels=labels if split.stratify and split.split_by is None else None,
-        group_by=split.split_by,
-    )
-    _write_splits(cfg, out, store, splits)
+    splits = _three_way_split(cfg, out, store, labels)
     datamodule = _datamodule(cfg, store_path, {"labels": labels}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -545,16 +553,7 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     names = measured.var_names[features].tolist()
     values = normalise_modality(measured.X[:, features], modality.kind)  # (n_store_cells, F)
     labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
-    label_ids = None if labels is None else np.unique(labels, return_inverse=True)[1]
-    splits = split_train_val_test(
-        store,
-        split.val_fraction,
-        split.test_fraction,
-        split.seed,
-        labels=label_ids if split.stratify and split.split_by is None else None,
-        group_by=split.split_by,
-    )
-    _write_splits(cfg, out, store, splits)
+    splits = _three_way_split(cfg, out, store, None if labels is None else np.unique(labels, return_inverse=True)[1])
     datamodule = _datamodule(cfg, store_path, {"modality_values": values}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)

@@ -85,6 +85,8 @@ def cells_slice(args) -> Path:
     """``args.cells`` evenly spaced cells of the dataset as an ``.h5ad`` file in the cache folder (written once)."""
     import anndata
 
+    from sc_foundation.io import write_h5ad_atomic
+
     source = args.data_dir / DATASETS[args.dataset]
     if not source.exists():
         raise FileNotFoundError(f"{source} is missing: the benchmark embeds the shared real data.")
@@ -99,11 +101,7 @@ def cells_slice(args) -> Path:
         adata = backed[rows].to_memory()
     finally:
         backed.file.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.h5ad")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_h5ad_atomic(adata, path)
 
 
 def tokenizer_store(slice_path: Path, args) -> tuple[object, dict]:

@@ -105,6 +105,8 @@ def kang_slice(args) -> Path:
     """The first ``args.cells`` cells of kang_ifnb as an ``.h5ad`` file in the cache folder (written once)."""
     import anndata
 
+    from sc_foundation.io import write_h5ad_atomic
+
     source = args.data_dir / KANG
     if not source.exists():
         raise FileNotFoundError(f"{source} is missing: the benchmark trains on the shared real data.")
@@ -118,11 +120,7 @@ def kang_slice(args) -> Path:
         adata = backed[: args.cells].to_memory()
     finally:
         backed.file.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.h5ad")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_h5ad_atomic(adata, path)
 
 
 def build_or_reuse_store(slice_path: Path, args) -> tuple[Path, dict]:
