@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -59,6 +60,51 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cached_slice(source: Path, path: Path, cells: int, *, evenly_spaced: bool) -> Path:
+    """``cells`` real cells of the shared file ``source`` as an ``.h5ad`` at ``path``, written once (atomically).
+
+    ``evenly_spaced`` takes cells spread over the whole file (e.g. both Kang conditions), else the first ``cells``.
+    """
+    import anndata
+
+    from sc_foundation.io import write_h5ad_atomic
+
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: the benchmarks run on the shared real data.")
+    if path.exists():
+        return path
+    backed = anndata.read_h5ad(source, backed="r")
+    try:
+        if cells > backed.n_obs:
+            raise ValueError(f"--cells {cells} exceeds the {backed.n_obs} cells of {source}")
+        rows = np.linspace(0, backed.n_obs - 1, cells).round().astype(np.int64) if evenly_spaced else np.arange(cells)
+        adata = backed[np.unique(rows)].to_memory()
+    finally:
+        backed.file.close()
+    return write_h5ad_atomic(adata, path)
+
+
+def cached_binned_store(files: list, store_dir: Path, context: int, **build) -> dict:
+    """A binned corpus store of ``files`` at ``store_dir``: a complete store of the same plan comes back at once (no
+    work), one of another plan is replaced. ``build`` goes to ``build_store`` (``min_cells_per_gene``, ...).
+
+    Returns:
+        ``path``, ``reused`` (nothing was built), ``seconds`` and ``cells``.
+    """
+    from sc_foundation.store import MANIFEST, build_store
+    from sc_foundation.tokenization import TokenizerConfig
+
+    seed = build.pop("seed", 0)
+    manifest = store_dir / MANIFEST
+    before = manifest.stat().st_mtime_ns if manifest.exists() else None
+    started = time.perf_counter()
+    config = TokenizerConfig(encoding="binned", context_length=context, seed=seed)
+    report = build_store([str(f) for f in files], store_dir, tokenizer_config=config, overwrite=True, **build)
+    seconds = time.perf_counter() - started
+    reused = before is not None and manifest.stat().st_mtime_ns == before
+    return {"path": str(store_dir), "reused": reused, "seconds": seconds, "cells": report.n_cells}
 
 
 def machine_info() -> dict:

@@ -36,7 +36,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, make_replicated_corpus, write_json_atomic
+from _corpus import (
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    cached_binned_store,
+    machine_info,
+    make_replicated_corpus,
+    write_json_atomic,
+)
 
 TARGETS = {"store_cells_per_s": 20000, "speedup_vs_backed": 10}
 MB = 2**20
@@ -270,19 +277,9 @@ def run_anndata(files: list[Path], store_dir: Path, args, *, backed: bool) -> di
 
 # ------------------------------------------------------------------------------------------------ the run
 def build_or_reuse_store(files: list[Path], args) -> tuple[Path, dict]:
-    from sc_foundation.store import MANIFEST, build_store
-    from sc_foundation.tokenization import TokenizerConfig
-
+    """The binned store of the corpus files (:func:`_corpus.cached_binned_store`) and facts about its build."""
     store_dir = args.cache_dir / f"store-binned-ctx{args.context}-{args.cells}"
-    manifest = store_dir / MANIFEST
-    before = manifest.stat().st_mtime_ns if manifest.exists() else None
-    started = time.perf_counter()
-    # A complete store of the same plan is returned at once; one of another plan (other corpus files) is replaced.
-    config = TokenizerConfig(encoding="binned", context_length=args.context)
-    report = build_store(files, store_dir, tokenizer_config=config, overwrite=True)
-    seconds = time.perf_counter() - started
-    reused = before is not None and manifest.stat().st_mtime_ns == before
-    return store_dir, {"path": str(store_dir), "reused": reused, "seconds": seconds, "cells": report.n_cells}
+    return store_dir, cached_binned_store(files, store_dir, args.context)
 
 
 def format_table(loaders: dict[str, dict]) -> str:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, write_json_atomic
+from _corpus import DEFAULT_CACHE, DEFAULT_DATA, cached_binned_store, cached_slice, machine_info, write_json_atomic
 
 DATASETS = {"kang_ifnb": "kang_ifnb/kang_ifnb.h5ad", "pbmc3k": "pbmc3k/pbmc3k.h5ad"}
 SIZES = ("tiny", "small")
@@ -83,55 +83,21 @@ def usable_cpus() -> int:
 # ----------------------------------------------------------------------------------------------- the data
 def cells_slice(args) -> Path:
     """``args.cells`` evenly spaced cells of the dataset as an ``.h5ad`` file in the cache folder (written once)."""
-    import anndata
-
-    from sc_foundation.io import write_h5ad_atomic
-
-    source = args.data_dir / DATASETS[args.dataset]
-    if not source.exists():
-        raise FileNotFoundError(f"{source} is missing: the benchmark embeds the shared real data.")
     path = args.cache_dir / f"inference-{args.dataset}-{args.cells}.h5ad"
-    if path.exists():
-        return path
-    backed = anndata.read_h5ad(source, backed="r")
-    try:
-        if args.cells > backed.n_obs:
-            raise ValueError(f"--cells {args.cells} exceeds the {backed.n_obs} cells of {source}")
-        rows = np.unique(np.linspace(0, backed.n_obs - 1, args.cells).round().astype(np.int64))
-        adata = backed[rows].to_memory()
-    finally:
-        backed.file.close()
-    return write_h5ad_atomic(adata, path)
+    return cached_slice(args.data_dir / DATASETS[args.dataset], path, args.cells, evenly_spaced=True)
 
 
 def tokenizer_store(slice_path: Path, args) -> tuple[object, dict]:
     """The binned corpus store of the slice (built once, reused while its plan matches) and facts about it."""
-    from sc_foundation.store import MANIFEST, CorpusStore, build_store
-    from sc_foundation.tokenization import TokenizerConfig
+    from sc_foundation.store import CorpusStore
 
     store_dir = args.cache_dir / f"inference-store-{slice_path.stem}-ctx{args.context}-min{args.min_cells_per_gene}"
-    manifest = store_dir / MANIFEST
-    before = manifest.stat().st_mtime_ns if manifest.exists() else None
-    started = time.perf_counter()
-    report = build_store(
-        [str(slice_path)],
-        store_dir,
-        tokenizer_config=TokenizerConfig(encoding="binned", context_length=args.context, seed=args.seed),
-        min_cells_per_gene=args.min_cells_per_gene,
-        overwrite=True,
+    info = cached_binned_store(
+        [slice_path], store_dir, args.context, min_cells_per_gene=args.min_cells_per_gene, seed=args.seed
     )
-    seconds = time.perf_counter() - started
-    reused = before is not None and manifest.stat().st_mtime_ns == before
     store = CorpusStore(store_dir)
     lengths = store.obs["length"].to_numpy()
-    info = {
-        "path": str(store_dir),
-        "reused": reused,
-        "seconds": seconds,
-        "cells": report.n_cells,
-        "mean_tokens_per_cell": float(np.mean(lengths)),
-        "max_tokens_per_cell": int(np.max(lengths)),
-    }
+    info |= {"mean_tokens_per_cell": float(np.mean(lengths)), "max_tokens_per_cell": int(np.max(lengths))}
     return store, info
 
 

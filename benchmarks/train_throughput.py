@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, write_json_atomic
+from _corpus import DEFAULT_CACHE, DEFAULT_DATA, cached_binned_store, cached_slice, machine_info, write_json_atomic
 
 KANG = "kang_ifnb/kang_ifnb.h5ad"
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -103,46 +103,15 @@ def usable_cpus() -> int:
 # ----------------------------------------------------------------------------------------------- the data
 def kang_slice(args) -> Path:
     """The first ``args.cells`` cells of kang_ifnb as an ``.h5ad`` file in the cache folder (written once)."""
-    import anndata
-
-    from sc_foundation.io import write_h5ad_atomic
-
-    source = args.data_dir / KANG
-    if not source.exists():
-        raise FileNotFoundError(f"{source} is missing: the benchmark trains on the shared real data.")
     path = args.cache_dir / f"kang_first{args.cells}.h5ad"
-    if path.exists():
-        return path
-    backed = anndata.read_h5ad(source, backed="r")
-    try:
-        if args.cells > backed.n_obs:
-            raise ValueError(f"--cells {args.cells} exceeds the {backed.n_obs} cells of {source}")
-        adata = backed[: args.cells].to_memory()
-    finally:
-        backed.file.close()
-    return write_h5ad_atomic(adata, path)
+    return cached_slice(args.data_dir / KANG, path, args.cells, evenly_spaced=False)
 
 
 def build_or_reuse_store(slice_path: Path, args) -> tuple[Path, dict]:
-    from sc_foundation.store import MANIFEST, build_store
-    from sc_foundation.tokenization import TokenizerConfig
-
+    """The binned store of the slice (:func:`_corpus.cached_binned_store`) and facts about its build."""
     store_dir = args.cache_dir / f"train-store-binned-ctx{args.context}-{args.cells}-min{args.min_cells_per_gene}"
-    manifest = store_dir / MANIFEST
-    before = manifest.stat().st_mtime_ns if manifest.exists() else None
-    started = time.perf_counter()
-    config = TokenizerConfig(encoding="binned", context_length=args.context)
-    # A complete store of the same plan comes back at once; one of another plan is replaced.
-    report = build_store(
-        [str(slice_path)],
-        store_dir,
-        tokenizer_config=config,
-        min_cells_per_gene=args.min_cells_per_gene,
-        overwrite=True,
-    )
-    seconds = time.perf_counter() - started
-    reused = before is not None and manifest.stat().st_mtime_ns == before
-    return store_dir, {"path": str(store_dir), "reused": reused, "seconds": seconds, "cells": report.n_cells}
+    info = cached_binned_store([slice_path], store_dir, args.context, min_cells_per_gene=args.min_cells_per_gene)
+    return store_dir, info
 
 
 def draw_batches(store_dir: Path, args, pack: bool = False) -> tuple[list[dict], object]:
