@@ -156,6 +156,11 @@ def predict(model: torch.nn.Module, loader, field: str = "logits", **forward_kwa
     return torch.cat(outputs).numpy(), torch.cat(cells).numpy()
 
 
+def _inputs(cfg: DictConfig) -> list[CorpusInput]:
+    """The task's input files, ``cfg.data.files``, as corpus inputs."""
+    return list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+
+
 def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):
     """The pretrained tokenizer and the store of the inputs tokenized with it (obs columns ``obs_keys`` kept)."""
     tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
@@ -263,7 +268,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         raise ValueError(f"class_weights must be 'balanced' or 'none', got {cfg.class_weights!r}")
     out = output_dir(cfg)
     label_key, split = cfg.label_key, cfg.split
-    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    inputs = _inputs(cfg)
     check_categories(inputs, label_key, need="a classifier needs two or more classes")
     tokenizer, store_path = _tokenize(cfg, out, inputs, [label_key, split.split_by])
 
@@ -331,8 +336,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     """
     out = output_dir(cfg)
     batch_key, label_key, split = cfg.batch_key, cfg.label_key, cfg.split
-    files = OmegaConf.to_container(cfg.data.files, resolve=True)
-    inputs = with_batch_key(corpus_inputs([], files), batch_key)
+    inputs = with_batch_key(_inputs(cfg), batch_key)
     check_categories(inputs, batch_key, setting="batch_key", noun="batch", need="integration needs two or more batches")
     if label_key is not None:
         check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
@@ -428,7 +432,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     """
     out = output_dir(cfg)
     split = cfg.split
-    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    inputs = _inputs(cfg)
     tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
     vocab = vocabulary_counts(read_counts(inputs), tokenizer, inputs[0].species)
     corrupted, hidden = hide_entries(vocab.X, cfg.hidden_fraction, cfg.hidden_seed)
@@ -536,7 +540,7 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     out = output_dir(cfg)
     label_key, split, modality = cfg.label_key, cfg.split, cfg.modality
     check_kind(modality.kind)
-    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    inputs = _inputs(cfg)
     modality_files = list(modality.files or [])
     if len(modality_files) != len(inputs):
         raise ValueError(
