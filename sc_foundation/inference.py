@@ -130,12 +130,11 @@ def annotate(
         TypeError: the model is not a cell classifier.
         Others: as for :func:`embed`.
     """
-    model = _load(model)
-    if not isinstance(model, ScFoundationForCellClassification):
-        raise TypeError(
-            f"annotate needs a ScFoundationForCellClassification model (fine-tuned with finetune.py "
-            f"task=annotation); this one is a {type(model).__name__}. Use embed() for its cell embedding."
-        )
+    need = (
+        "annotate needs a ScFoundationForCellClassification model (fine-tuned with finetune.py task=annotation; "
+        "embed() gives any model's cell embedding)"
+    )
+    model = _load(model, ScFoundationForCellClassification, need)
     adata = adata.copy() if copy else adata
     fields = ("logits", "cell_embedding")
     outputs, _ = _run(adata, model, fields, layer, gene_key, use_raw, species, batch_size, progress)
@@ -190,12 +189,8 @@ def impute(
         ValueError: no panel gene is in ``adata``; the batches are missing or unknown to the model.
         Others: as for :func:`embed`.
     """
-    model = _load(model)
-    if not isinstance(model, ScFoundationForImputation):
-        raise TypeError(
-            f"impute needs a model with an expression decoder (finetune.py task=imputation or task=integration); "
-            f"this one is a {type(model).__name__}."
-        )
+    need = "impute needs a model with an expression decoder (finetune.py task=imputation or task=integration)"
+    model = _load(model, ScFoundationForImputation, need)
     per_cell = _batch_ids(adata, model, batch_key)
     adata = adata.copy() if copy else adata
     fields = ("logits", "cell_embedding")
@@ -259,12 +254,11 @@ def predict_modality(
         TypeError: the model is not multimodal.
         Others: as for :func:`embed`.
     """
-    model = _load(model)
-    if not isinstance(model, ScFoundationForMultimodal):
-        raise TypeError(
-            f"predict_modality needs a ScFoundationForMultimodal model (finetune.py task=multimodal); this one is "
-            f"a {type(model).__name__}."
-        )
+    model = _load(
+        model,
+        ScFoundationForMultimodal,
+        "predict_modality needs a ScFoundationForMultimodal model (finetune.py task=multimodal)",
+    )
     fields = ("predictions", "cell_embedding")
     probe = anndata.AnnData(obs=adata.obs[[]])  # records the match without writing into the caller's adata
     outputs, _ = _run(adata, model, fields, layer, gene_key, use_raw, species, batch_size, progress, record=probe)
@@ -363,15 +357,22 @@ def transfer_labels(
     query.obs[f"{key}_probability"] = share
 
 
-def _load(model: str | os.PathLike | ScFoundationPreTrainedModel) -> ScFoundationPreTrainedModel:
-    """The model itself, or the export at a path loaded with its tokenizer."""
+def _load(
+    model: str | os.PathLike | ScFoundationPreTrainedModel,
+    head: type[ScFoundationPreTrainedModel] = ScFoundationPreTrainedModel,
+    need: str = "",
+) -> ScFoundationPreTrainedModel:
+    """The model itself, or the export at a path loaded with its tokenizer; a ``TypeError`` starting with ``need``
+    (which head the caller needs, and how to get one) when it is not a ``head``."""
     if isinstance(model, str | os.PathLike):
-        return load_pretrained(model)
-    if not isinstance(getattr(model, "gene_tokenizer", None), GeneTokenizer):
+        model = load_pretrained(model)
+    elif not isinstance(getattr(model, "gene_tokenizer", None), GeneTokenizer):
         raise TypeError(
             "the model carries no gene_tokenizer: pass an exported model directory or the model that "
             "sc_foundation.load_pretrained returned."
         )
+    if not isinstance(model, head):
+        raise TypeError(f"{need}; this one is a {type(model).__name__}.")
     return model
 
 
