@@ -1,9 +1,13 @@
 """Shared fixtures: where the real datasets live (see ../shared/data/DATASETS.md)."""
 
+import importlib
+import math
+import sys
 from pathlib import Path
 
 import pytest
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
 """The CellBench 3-cell-line file under the shared data: two protocols (obs ``batch``), three ``cell_type`` labels."""
 
@@ -90,3 +94,21 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def import_benchmark():
+    """``import_benchmark(name)``: a script of benchmarks/ as a module. The scripts import their helper ``_corpus``
+    (and one another) as siblings, so benchmarks/ stays on ``sys.path`` while the test module runs."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def assert_positive(record: dict, keys: list[str]) -> None:
+    """Each ``record[key]`` is a finite number above zero (a measured figure)."""
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)

@@ -1,25 +1,18 @@
 """Smoke test of the benchmark scripts: both run end to end at a tiny size and report sane figures."""
 
-import importlib
 import json
-import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import assert_positive
+
 CELLS = 2000
 
 
 @pytest.fixture(scope="module")
-def scripts():
-    """The benchmark scripts as modules (they import their helper ``_corpus`` as a sibling)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("build_store"), importlib.import_module("data_loading")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def scripts(import_benchmark):
+    return import_benchmark("build_store"), import_benchmark("data_loading")
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +23,6 @@ def cache(tmp_path_factory) -> Path:
 
 def common_args(tmp_path: Path, cache: Path, shared_data: Path) -> list[str]:
     return ["--cells", str(CELLS), "--cache-dir", str(cache), "--data-dir", str(shared_data)]
-
-
-def assert_positive(record: dict, keys: list[str]) -> None:
-    for key in keys:
-        value = record[key]
-        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
 
 
 def assert_written(out: Path, payload: dict) -> None:

@@ -1,31 +1,17 @@
 """Smoke test of the inference benchmark: it embeds a handful of real cells end to end and reports sane figures."""
 
-import importlib
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import assert_positive
+
 CELLS = 40
 
 
 @pytest.fixture(scope="module")
-def inference_benchmark():
-    """The benchmark script as a module (it imports its helper ``_corpus`` as a sibling)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("inference")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def assert_positive(record: dict, keys: list[str]) -> None:
-    for key in keys:
-        value = record[key]
-        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+def inference_benchmark(import_benchmark):
+    return import_benchmark("inference")
 
 
 def test_inference_benchmark(inference_benchmark, tmp_path, shared_data):

@@ -1,25 +1,16 @@
 """Smoke test of the quality benchmark: a cheap task end to end on real cells, a broken task that must not sink it,
 and the table logic that decides whether we beat the baselines."""
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def quality():
-    """The benchmark script as a module (it imports its helper ``_corpus`` as a sibling)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("quality")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def quality(import_benchmark):
+    return import_benchmark("quality")
 
 
 def test_compare_marks_best_values_and_verdicts(quality):

@@ -4,24 +4,15 @@ On the CPU the packed variant goes through SDPA with a block-diagonal mask (the 
 this checks the wiring, the packed masking path and the FLOP accounting, not GPU speed.
 """
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def train_gpu():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("train_gpu")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def train_gpu(import_benchmark):
+    return import_benchmark("train_gpu")
 
 
 def test_train_gpu_benchmark_runs_both_variants_on_cpu(train_gpu, tmp_path, shared_data):

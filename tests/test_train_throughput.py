@@ -1,30 +1,15 @@
 """Smoke test of the training-throughput benchmark: it runs end to end at a tiny size and reports sane figures."""
 
-import importlib
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import assert_positive
 
 
 @pytest.fixture(scope="module")
-def train_throughput():
-    """The benchmark script as a module (it imports its helper ``_corpus`` as a sibling)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("train_throughput")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def assert_positive(record: dict, keys: list[str]) -> None:
-    for key in keys:
-        value = record[key]
-        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+def train_throughput(import_benchmark):
+    return import_benchmark("train_throughput")
 
 
 def test_train_throughput_benchmark(train_throughput, tmp_path, shared_data):
