@@ -10,6 +10,14 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
 """The CellBench 3-cell-line file under the shared data: two protocols (obs ``batch``), three ``cell_type`` labels."""
+TINY_ARCHITECTURE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+}
+"""The tests' tiny model (``ScFoundationConfig`` arguments beside the tokenizer's): seconds per fine-tuning run."""
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +81,7 @@ def pretrained(tmp_path_factory, cellbench) -> Path:
             min_cells_per_gene=5,
         ).path
     )
-    config = ScFoundationConfig.from_tokenizer(
-        store.tokenizer,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-    )
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **TINY_ARCHITECTURE)
     torch.manual_seed(0)
     return export_pretrained(ScFoundationForMaskedValueModeling(config), store.tokenizer, root / "export")
 

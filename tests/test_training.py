@@ -21,6 +21,7 @@ from sc_foundation.training import (
     training_flops,
     warmup_cosine_factor,
 )
+from tests.conftest import TINY_ARCHITECTURE
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,7 @@ def store_dirs(tmp_path_factory, real_slice):
 
 def tiny_model(store_path, head):
     store = CorpusStore(store_path)
-    config = ScFoundationConfig.from_tokenizer(
-        store.tokenizer,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-    )
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **TINY_ARCHITECTURE)
     torch.manual_seed(0)
     return head(config)
 
