@@ -103,9 +103,24 @@ def _check_protein(probe: dict, run: Run) -> None:
     assert probe["table_index"][-1] == "ridge_rna_pca"
 
 
+def inference_parameters(run: Run) -> dict:
+    """The inputs every notebook has: the tiny export, the repository and the shared data."""
+    return {"PRETRAINED": str(run.pretrained), "REPO": str(ROOT), "DATA": str(run.data)}
+
+
+def finetuning_parameters(run: Run) -> dict:
+    """Those plus a temporary output folder and a short, quiet fine-tuning run."""
+    return {
+        **inference_parameters(run),
+        "OUTPUT_DIR": str(run.output_dir),
+        "MAX_STEPS": 20,
+        "OVERRIDES": [*QUIET, *SHORT],
+    }
+
+
 CASES: dict[str, Case] = {
     "01_embed_pbmc": Case(
-        parameters=lambda run: {"PRETRAINED": str(run.pretrained), "REPO": str(ROOT), "DATA": str(run.data)},
+        parameters=inference_parameters,
         probe="""{
             "n_obs": adata.n_obs,
             "embedding_shape": list(adata.obsm["X_sc_foundation"].shape),
@@ -120,14 +135,7 @@ CASES: dict[str, Case] = {
         check=_check_embed,
     ),
     "02_annotation": Case(
-        parameters=lambda run: {
-            "PRETRAINED": str(run.pretrained),
-            "REPO": str(ROOT),
-            "DATA": str(run.data),
-            "OUTPUT_DIR": str(run.output_dir),
-            "MAX_STEPS": 20,
-            "OVERRIDES": [*QUIET, *SHORT],
-        },
+        parameters=finetuning_parameters,
         probe="""{
             "names": names,
             "n_test": test.n_obs,
@@ -138,14 +146,7 @@ CASES: dict[str, Case] = {
         check=_check_annotation,
     ),
     "03_integration": Case(
-        parameters=lambda run: {
-            "PRETRAINED": str(run.pretrained),
-            "REPO": str(ROOT),
-            "DATA": str(run.data),
-            "OUTPUT_DIR": str(run.output_dir),
-            "MAX_STEPS": 20,
-            "OVERRIDES": [*QUIET, *SHORT],
-        },
+        parameters=finetuning_parameters,
         probe="""{
             "table_index": list(table.index),
             "table_columns": list(table.columns),
@@ -156,14 +157,7 @@ CASES: dict[str, Case] = {
         check=_check_integration,
     ),
     "04_rna_to_protein": Case(
-        parameters=lambda run: {
-            "PRETRAINED": str(run.pretrained),
-            "REPO": str(ROOT),
-            "DATA": str(run.data),
-            "OUTPUT_DIR": str(run.output_dir),
-            "MAX_STEPS": 20,
-            "OVERRIDES": [*QUIET, *SHORT],
-        },
+        parameters=finetuning_parameters,
         probe="""{
             "shape": list(predicted.shape),
             "all_finite": bool(np.isfinite(predicted.X).all()),
