@@ -82,9 +82,9 @@ def choose_panel(counts: anndata.AnnData, n_genes: int, batch_key: str | None = 
     return np.flatnonzero(table["highly_variable"].to_numpy())
 
 
-def panel_shares(counts: sp.spmatrix) -> np.ndarray:
+def panel_shares(counts: sp.spmatrix | np.ndarray) -> np.ndarray:
     """(n_cells, G) each gene's share of its cell's counts (rows of empty cells are 0)."""
-    x = np.asarray(sp.csr_matrix(counts).todense(), dtype=np.float64)
+    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
     return (x / np.maximum(x.sum(1, keepdims=True), 1)).astype(np.float32)
 
 
