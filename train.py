@@ -9,6 +9,8 @@ Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resumi
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,23 +23,39 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.data import CorpusDataModule
-from sc_foundation.datasets import corpus_inputs
+from sc_foundation.datasets import DatasetUnavailableError, corpus_inputs, dataset_inputs
 from sc_foundation.export import export_pretrained
+from sc_foundation.gene_panel import cached_panel_vocab
+from sc_foundation.hardware import resolve_cpu_precision
+from sc_foundation.model_card import metrics_json, render_model_card
 from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
+from sc_foundation.probes import ProbeCallback, ProbeSet
 from sc_foundation.store import CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
 from sc_foundation.training import TrainingModule
 
 
 def build_corpus(cfg: DictConfig):
-    """The corpus store described by ``cfg.data``: built, resumed, or reused when complete."""
+    """The corpus store described by ``cfg.data``: built, resumed, or reused when complete.
+
+    With ``data.panel.n_top_genes`` set, the vocabulary is a gene panel: the union of each input's highly variable
+    genes (:mod:`sc_foundation.gene_panel`), selected once and cached under ``paths.cache/panels``.
+    """
     data = cfg.data
     inputs = corpus_inputs(list(data.datasets), OmegaConf.to_container(data.files, resolve=True))
+    vocab = data.vocab
+    panel = data.get("panel") or {}
+    if panel.get("n_top_genes"):
+        if vocab is not None:
+            raise ValueError("data.vocab and data.panel.n_top_genes both choose the vocabulary: set one of them")
+        vocab = cached_panel_vocab(
+            inputs, Path(cfg.paths.cache) / "panels", panel.n_top_genes, panel.max_cells, cfg.seed
+        )
     return build_store(
         inputs,
         data.store_dir,
         tokenizer_config=TokenizerConfig(**OmegaConf.to_container(data.tokenizer, resolve=True)),
-        vocab=data.vocab,
+        vocab=vocab,
         min_cells_per_gene=data.min_cells_per_gene,
         obs_keys=list(data.obs_keys),
         chunk_size=data.chunk_size,
@@ -62,13 +80,19 @@ def build_model(cfg: DictConfig, store: CorpusStore):
     return head(config)
 
 
-def export(trainer: pl.Trainer, module: TrainingModule, tokenizer: GeneTokenizer, directory: Path) -> Path:
+def export(
+    trainer: pl.Trainer,
+    module: TrainingModule,
+    tokenizer: GeneTokenizer,
+    directory: Path,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Export the trained model. Called on every rank (FSDP gathers the full weights collectively); rank 0 writes."""
     state = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
         prefix = "model."
         weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-        export_pretrained(module.model, tokenizer, directory, state_dict=weights)
+        export_pretrained(module.model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
     trainer.strategy.barrier("export")
     return directory
 
@@ -97,8 +121,63 @@ class ExportBest(pl.Callback):
         self.best = state_dict["best"]
 
 
+def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback | None:
+    """The representation probes of ``cfg.probes`` (None when it is null or lists no sets). A registered probe set
+    that no source can provide is skipped with a message, like a corpus dataset."""
+    if not cfg.get("probes") or not cfg.probes.get("sets"):
+        return None
+    sets = []
+    for settings in OmegaConf.to_container(cfg.probes.sets, resolve=True):
+        probe = ProbeSet(**settings)
+        if probe.dataset is not None:
+            try:
+                dataset_inputs(probe.dataset)
+            except DatasetUnavailableError as error:
+                print(f"[sc_foundation] skipping probe set {probe.name}: {error}", file=sys.stderr)
+                continue
+        sets.append(probe)
+    if not sets:
+        return None
+    return ProbeCallback(
+        sets, tokenizer, every_n_validations=cfg.probes.every_n_validations, n_neighbors=cfg.probes.n_neighbors
+    )
+
+
+def model_card_files(cfg: DictConfig, report, trainer: pl.Trainer, probes: ProbeCallback | None, seconds: float):
+    """``README.md`` and ``metrics.json`` for the final export (:mod:`sc_foundation.model_card`)."""
+    results = probes.history[-1]["results"] if probes is not None and probes.history else None
+    losses = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.endswith("loss")}
+    training = {
+        "steps": trainer.global_step,
+        "batch_size": cfg.data.loader.batch_size,
+        "cells_seen": trainer.global_step * cfg.data.loader.batch_size * trainer.world_size,
+        "precision": str(trainer.precision),
+        "wall_time_s": round(seconds, 1),
+        **losses,
+    }
+    data = {
+        "inputs": ", ".join(s.source for s in report.shards),
+        "cells": report.n_cells,
+        "vocabulary": report.n_vocab,
+        "tokenizer": OmegaConf.to_container(cfg.data.tokenizer, resolve=True),
+        "panel": OmegaConf.to_container(cfg.data.get("panel"), resolve=True) if cfg.data.get("panel") else None,
+    }
+    recipe = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "masking and views": {k: cfg.data.loader.get(k) for k in ("mask_ratio", "view_keep")},
+        "seed": cfg.seed,
+    }
+    title = cfg.get("name") or "sc_foundation pretraining run"
+    return {
+        "README.md": render_model_card(title, data, recipe, training, results),
+        "metrics.json": metrics_json(training, results),
+    }
+
+
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Everything ``train.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
+    started = time.perf_counter()
     report = build_corpus(cfg)
     print(report.format())
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
@@ -117,6 +196,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("accelerator") == "cpu":
+        trainer_kwargs["precision"] = resolve_cpu_precision(str(trainer_kwargs.get("precision", "32-true")))
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     if isinstance(trainer_kwargs.get("strategy"), dict):
@@ -128,11 +209,13 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         **OmegaConf.to_container(cfg.checkpoint, resolve=True),
     )
     best = ExportBest(store.tokenizer, out / "export" / "best")
+    probes = probe_callback(cfg, store.tokenizer)
     configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
-    callbacks = [checkpoints, best, *configured, *callbacks]
+    callbacks = [checkpoints, best, *([probes] if probes else []), *configured, *callbacks]
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    final = export(trainer, module, store.tokenizer, out / "export" / "final")
+    card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
+    final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
         print(f"exported model: {final.resolve()} (best validation loss: {best.directory.resolve()})")
     return {
@@ -145,6 +228,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         "trainer": trainer,
         "module": module,
         "datamodule": datamodule,
+        "probes": probes,
     }
 
 

@@ -71,6 +71,21 @@ class ScFoundationConfig(PreTrainedConfig):
         modality_features: The names of that modality's features (antibodies, peaks), in feature-id order.
         modality_dropout: While training a multimodal head, the share of cells whose second modality is withheld
             from the encoder, so that it learns both to predict that modality from RNA alone and to embed both.
+        masked_weight: Weight of the masked token objective of a pretraining head (masked value or masked gene
+            prediction). 0 trains the cell-level objectives below alone (the masked tokens are still hidden).
+        reconstruction_weight: Weight of the cell-level count reconstruction of a pretraining head
+            (:class:`~sc_foundation.modeling.ScFoundationCellObjectives`): the cell's expression over the decoder
+            panel (``decoder_gene_ids``, or every vocabulary gene when None), zeros included, decoded from the cell
+            embedding with a multinomial likelihood, which is blind to library size (scVI's and scFoundation's
+            idea). Needs the continuous encoding, whose values give the expression back. 0 builds nothing.
+        contrastive_weight: Weight of the contrastive term: two views of each cell (seeded subsets of its genes,
+            ``view_masks`` from the data pipeline) are embedded and InfoNCE pulls a cell's two views together and
+            pushes other cells' away. Views keep a random share of the detected genes, so the term also teaches
+            the embedding to ignore how many genes were detected. 0 builds nothing.
+        contrastive_temperature: Temperature of the InfoNCE softmax over cosine similarities.
+        ecs_weight: Weight of scGPT's elastic cell similarity: cosine similarities between the batch's cells are
+            pushed away from ``ecs_threshold``, which sharpens clusters.
+        ecs_threshold: The similarity that ECS pushes pairs away from.
         pad_token_id: Vocabulary id of padding.
         cls_token_id: Vocabulary id of the CLS token.
         mask_token_id: Vocabulary id that replaces a masked gene (``"rank"`` encoding).
@@ -103,6 +118,12 @@ class ScFoundationConfig(PreTrainedConfig):
     modality: Literal["protein", "atac"] | None = None
     modality_features: list[str] | None = None
     modality_dropout: float | int = 0.5
+    masked_weight: float | int = 1.0
+    reconstruction_weight: float | int = 0.0
+    contrastive_weight: float | int = 0.0
+    contrastive_temperature: float | int = 0.1
+    ecs_weight: float | int = 0.0
+    ecs_threshold: float | int = 0.6
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2
@@ -165,6 +186,18 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(f"batch_embedding_size must be positive, got {self.batch_embedding_size}")
         if self.dab_weight < 0:
             raise ValueError(f"dab_weight must be >= 0, got {self.dab_weight}")
+        for name in ("masked_weight", "reconstruction_weight", "contrastive_weight", "ecs_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.reconstruction_weight > 0 and self.value_encoding != "continuous":
+            raise ValueError(
+                "reconstruction_weight > 0 decodes the cell's expression, which only the continuous encoding keeps: "
+                f"set data.tokenizer.encoding=continuous (got {self.value_encoding!r})"
+            )
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}")
+        if not -1 <= self.ecs_threshold <= 1:
+            raise ValueError(f"ecs_threshold is a cosine similarity in [-1, 1], got {self.ecs_threshold}")
         special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
         if self.decoder_gene_ids is not None:
             ids = self.decoder_gene_ids

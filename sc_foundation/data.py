@@ -246,6 +246,12 @@ class MaskingCollator:
       and the value there is zeroed in ``values``; the model swaps in its mask-value embedding where ``mask``.
     * ``objective="gene"`` (rank, Geneformer): ``labels`` (B, L) int64 holds the true gene id at masked positions and
       -100 elsewhere; of the masked tokens 80% become ``<mask>``, 10% a random gene and 10% stay (BERT).
+
+    With ``view_keep=(low, high)`` it also draws two views of each cell for the contrastive objective:
+    ``view_masks`` (2, B, L) bool, True at the tokens a view keeps. Each view keeps each gene token with a
+    probability drawn per cell and view uniformly in [low, high], from the same kind of hash, so views differ in how
+    many genes they show (an augmentation of sequencing depth) as well as which; special tokens are always kept,
+    and so is at least one gene token per cell.
     """
 
     mask_ratio: float
@@ -254,10 +260,15 @@ class MaskingCollator:
     special_ids: Sequence[int]
     vocab_size: int
     seed: int = 0
+    view_keep: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        if self.view_keep is not None:
+            low, high = self.view_keep
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"view_keep must be (low, high) with 0 < low <= high <= 1, got {self.view_keep}.")
         if self.objective not in ("value", "gene"):
             raise ValueError(f"objective must be 'value' or 'gene', got {self.objective!r}.")
         self._special = np.asarray(sorted(self.special_ids), dtype=np.int64)
@@ -293,7 +304,27 @@ class MaskingCollator:
             random_gene = self._gene_ids[(pick * len(self._gene_ids)).astype(np.int64)]
             new_ids = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, random_gene, flat_ids))
             out["input_ids"] = np.where(mask, new_ids, flat_ids).reshape(ids.shape)
+        if self.view_keep is not None:
+            if "cu_seqlens" in batch:
+                raise ValueError("views of cells need padded batches: set data.loader.pack=false")
+            out["view_masks"] = np.stack(
+                [self._view(view, epoch, cells, positions, maskable, segment, starts) for view in (0, 1)]
+            ).reshape(2, *ids.shape)
         return out
+
+    def _view(self, view, epoch, cells, positions, maskable, segment, starts) -> np.ndarray:
+        """(n_tokens,) bool, the flattened tokens that view number ``view`` keeps (see the class docstring)."""
+        low, high = self.view_keep
+        salt = np.uint64(self.seed + 3 + view)
+        cell_draw = hash_uniform(salt, np.uint64(epoch), cells[starts])  # one keep-probability per cell
+        keep_probability = low + (high - low) * cell_draw[segment]
+        u = np.where(maskable, hash_uniform(salt, np.uint64(epoch), cells, positions), 2.0)
+        keep = (u < keep_probability) | ~maskable
+        # At least one gene token per cell: its token with the smallest draw.
+        smallest = np.minimum.reduceat(u, starts)
+        hits = np.flatnonzero((u == smallest[segment]) & maskable)
+        keep[hits[np.r_[True, np.diff(segment[hits]) != 0]]] = True
+        return keep
 
 
 def _token_layout(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -383,6 +414,8 @@ class CorpusDataModule(pl.LightningDataModule):
         val_fraction: share of cells held out for validation.
         split_by: obs column for a grouped split (e.g. ``source`` or a donor column); None splits by cell.
         mask_ratio: share of gene tokens masked for pretraining; None for no masking (fine-tuning, inference).
+        view_keep: ``(low, high)``: pretraining batches also carry two views of each cell (``view_masks``, see
+            :class:`MaskingCollator`) for the contrastive objective; None for none.
         group_by_length: length-grouped batches (much less padding).
         pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
@@ -403,6 +436,7 @@ class CorpusDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         split_by: str | None = None,
         mask_ratio: float | None = 0.15,
+        view_keep: Sequence[float] | None = None,
         group_by_length: bool = True,
         pack: bool = False,
         num_workers: int = 0,
@@ -417,6 +451,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_by = split_by
         self.mask_ratio = mask_ratio
+        self.view_keep = None if view_keep is None else tuple(view_keep)
         self.group_by_length = group_by_length
         self.pack = pack
         self.num_workers = num_workers
@@ -446,7 +481,10 @@ class CorpusDataModule(pl.LightningDataModule):
                 special_ids=vocab.special_ids.tolist(),
                 vocab_size=len(vocab),
                 seed=self.seed,
+                view_keep=self.view_keep,
             )
+        elif self.view_keep is not None:
+            raise ValueError("view_keep makes views of pretraining batches: it needs mask_ratio")
         self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, per_cell=self.per_cell)
 
     def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:

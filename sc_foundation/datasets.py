@@ -157,6 +157,17 @@ REGISTRY: dict[str, Dataset] = {
             ),
         ),
         Dataset(
+            "snare_mop_rna",
+            "SNARE-seq adult mouse motor cortex, RNA, 10,309 cells x 1,677 genes, 15 cell types; mouse symbols",
+            (
+                DatasetFile(
+                    "snare_mop/snare_mop_rna.h5ad",
+                    "d02c39816974bcc8476760dd53cb2f6026fb8c02c5f07b47f660a39e56d6b27c",
+                ),
+            ),
+            {"species": "mouse", "batch_key": "Batch"},
+        ),
+        Dataset(
             "pbmc68k_reduced",
             "10x PBMC 68k subset, 700 cells x 765 genes, FACS cell types; recovered counts",
             (

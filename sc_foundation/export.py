@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ def export_pretrained(
     tokenizer: GeneTokenizer,
     directory: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` to ``directory`` atomically, replacing an earlier export there.
 
@@ -33,6 +35,7 @@ def export_pretrained(
 
     Args:
         state_dict: the weights to save instead of ``model.state_dict()`` (the full state dict an FSDP run gathers).
+        extra_files: file name -> text written beside the weights (a model card ``README.md``, ``metrics.json``).
     """
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,8 @@ def export_pretrained(
     try:
         model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if directory.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, retired / directory.name)

@@ -65,18 +65,29 @@ class ScFoundationMaskedValueOutput(ModelOutput):
     Predictions are made at the masked positions, (M, ...) in row-major order of ``mask``, when ``mask`` is given,
     and at every position, (B, L, ...), when it is not.
 
+    With ``view_masks`` (two views of each cell, for the contrastive term) the logits, predictions and cell
+    embedding are those of the first view.
+
     Args:
-        loss: scalar, the value loss plus ``mvc_weight`` times ``mvc_loss``; when ``labels`` are given.
+        loss: scalar, ``masked_weight`` times ``masked_loss`` plus the weighted cell-level terms below; when
+            ``labels`` are given.
         logits: binned encoding: (M, n_bins) or (B, L, n_bins) scores over the bins.
         predictions: continuous encoding: (M,) or (B, L) predicted log1p values.
+        masked_loss: scalar cross-entropy over bins or MSE of the masked values.
         mvc_loss: scalar, the masked-value-from-cell term, when ``mvc_weight > 0`` and ``labels`` are given.
+        reconstruction_loss, contrastive_loss, ecs_loss: scalars of :class:`ScFoundationCellObjectives`, when their
+            weights are positive and ``labels`` are given.
         cell_embedding: (n_cells, h).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
+    masked_loss: torch.Tensor | None = None
     mvc_loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    contrastive_loss: torch.Tensor | None = None
+    ecs_loss: torch.Tensor | None = None
     cell_embedding: torch.Tensor | None = None
 
 
@@ -446,6 +457,120 @@ def multinomial_nll(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (-(counts * log_shares).sum(-1) / counts.sum(-1).clamp(min=1)).mean()
 
 
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between two views: row i of ``first`` and of ``second`` (n, d) are the same cell, every
+    other row of the batch a negative. Cosine similarities over ``temperature``; scalar."""
+    first, second = F.normalize(first.float(), dim=-1), F.normalize(second.float(), dim=-1)
+    logits = first @ second.T / temperature  # (n, n)
+    target = torch.arange(len(first), device=first.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def elastic_cell_similarity(cells: torch.Tensor, threshold: float) -> torch.Tensor:
+    """scGPT's elastic cell similarity: ``mean(1 - (relu(cos_ij) - threshold)^2)`` over the pairs i != j of the
+    batch's cell embeddings (n, d); minimising it pushes each pair's similarity away from ``threshold``. Scalar."""
+    unit = F.normalize(cells.float(), dim=-1)
+    similarity = (unit @ unit.T).relu()  # (n, n)
+    off_diagonal = ~torch.eye(len(cells), dtype=torch.bool, device=cells.device)
+    return (1 - (similarity[off_diagonal] - threshold) ** 2).mean()
+
+
+def keep_tokens(keep: torch.Tensor, pad_token_id: int, input_ids: torch.Tensor, *others: torch.Tensor):
+    """Drop the tokens where ``keep`` (B, L) is False and close the gaps: every row keeps its tokens in order,
+    then padding, in the shortest width that holds the longest row.
+
+    Returns ``(attention_mask, input_ids, *others)``, each (B, L'); dropped and padded slots hold ``pad_token_id``
+    in ``input_ids`` and zeros (False) in the others. A view of a cell is computed at the cost of its own tokens.
+    """
+    width = max(int(keep.sum(dim=1).max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first, in order
+    kept = keep.gather(1, order)  # (B, L')
+    ids = input_ids.gather(1, order).masked_fill(~kept, pad_token_id)
+    rest = [t.gather(1, order).masked_fill(~kept, 0) for t in others]
+    return (kept, ids, *rest)
+
+
+class ScFoundationCellObjectives(nn.Module):
+    """Cell-level pretraining terms on the cell embedding, beside the masked token objective of a pretraining head.
+
+    * reconstruction (``config.reconstruction_weight``): a :class:`ScFoundationFeatureDecoder` scores every gene of
+      the panel (``config.decoder_gene_ids``, else every vocabulary id but padding, CLS and mask) from the cell
+      embedding; the multinomial likelihood of the cell's expression over the panel, zeros included, is the loss.
+      Being a likelihood of shares, it does not depend on the library size: depth need not be encoded.
+    * contrastive (``config.contrastive_weight``): :func:`info_nce` between the projected embeddings of two views of
+      each cell (a SimCLR-style MLP projection, so that the embedding itself keeps what the views do not share).
+    * elastic cell similarity (``config.ecs_weight``): :func:`elastic_cell_similarity` of the first view.
+
+    Shapes: ``n`` cells, ``G`` panel genes, ``h`` hidden size.
+    """
+
+    def __init__(self, config: ScFoundationConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.decoder = None
+        if config.reconstruction_weight > 0:
+            special = {config.pad_token_id, config.cls_token_id, config.mask_token_id}
+            panel = config.decoder_gene_ids or [i for i in range(config.vocab_size) if i not in special]
+            column = torch.full((config.vocab_size,), -1, dtype=torch.long)
+            column[torch.as_tensor(panel)] = torch.arange(len(panel))
+            # Derived from the config, so not saved: a checkpoint holds only learnt weights.
+            self.register_buffer("panel_ids", torch.as_tensor(panel), persistent=False)
+            self.register_buffer("panel_column", column, persistent=False)
+            self.decoder = ScFoundationFeatureDecoder(config, h, len(panel))
+        self.projection = _mlp(h, h, h) if config.contrastive_weight > 0 else None
+
+    def panel_expression(self, input_ids: torch.Tensor, log_values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(B, G) expression (counts per ``target_sum``) over the panel from a padded batch's tokens: input_ids,
+        log1p values and real-token mask (B, L). Panel genes the cell does not list are 0."""
+        column = self.panel_column[input_ids]  # (B, L), -1 off the panel
+        hit = real & (column >= 0)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids)
+        expression = log_values.new_zeros(len(input_ids), len(self.panel_ids), dtype=torch.float32)
+        expression[rows[hit], column[hit]] = torch.expm1(log_values[hit].float())
+        return expression
+
+    def forward(
+        self,
+        views: Sequence[torch.Tensor],
+        gene_embeddings: nn.Embedding,
+        expression: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The weighted-in terms whose weights are positive.
+
+        Args:
+            views: one or two (n, h) cell embeddings of the same cells; the contrastive term needs two.
+            gene_embeddings: the backbone's gene embedding table (the decoder's queries).
+            expression: (n, G) expression over the panel, for the reconstruction.
+        Returns:
+            ``reconstruction_loss``, ``contrastive_loss``, ``ecs_loss`` -> scalar, as configured.
+        """
+        config, losses = self.config, {}
+        if self.decoder is not None:
+            genes = gene_embeddings(self.panel_ids)  # (G, h)
+            losses["reconstruction_loss"] = torch.stack(
+                [multinomial_nll(self.decoder(cells, genes), expression) for cells in views]
+            ).mean()
+        if self.projection is not None:
+            if len(views) != 2:
+                raise ValueError("contrastive_weight > 0 needs two views of each cell: pass view_masks")
+            losses["contrastive_loss"] = info_nce(
+                self.projection(views[0]), self.projection(views[1]), config.contrastive_temperature
+            )
+        if config.ecs_weight > 0:
+            losses["ecs_loss"] = elastic_cell_similarity(views[0], config.ecs_threshold)
+        return losses
+
+    def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """sum of each term of :meth:`forward` times its config weight."""
+        weights = {
+            "reconstruction_loss": self.config.reconstruction_weight,
+            "contrastive_loss": self.config.contrastive_weight,
+            "ecs_loss": self.config.ecs_weight,
+        }
+        return sum(weights[name] * value for name, value in losses.items())
+
+
 class ScFoundationPreTrainedModel(PreTrainedModel):
     """Weight initialisation and strict loading, shared by the backbone and every head.
 
@@ -683,11 +808,14 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
 
 
 class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
-    """Predict the hidden values at masked positions (binned: cross-entropy over bins; continuous: MSE).
+    """Pretraining on values: predict the hidden values at masked positions (binned: cross-entropy over bins;
+    continuous: MSE), plus the cell-level terms that the config switches on.
 
     With ``config.mvc_weight > 0`` the loss adds the masked-value-from-cell term: each masked gene's value is
     predicted from the cell embedding and its gene embedding alone (:class:`ScFoundationMVCHead`). Its target is
     the label, scaled to [0, 1] by ``n_bins - 1`` for bins so that its MSE sits on the scale of the main loss.
+    ``reconstruction_weight``, ``contrastive_weight`` and ``ecs_weight`` add the terms of
+    :class:`ScFoundationCellObjectives`; the contrastive term needs ``view_masks``.
     """
 
     def __init__(self, config: ScFoundationConfig):
@@ -699,6 +827,8 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         self.sc_foundation = ScFoundationModel(config)
         self.value_head = ScFoundationValueHead(config)
         self.mvc_head = ScFoundationMVCHead(config) if config.mvc_weight > 0 else None
+        has_cell_terms = config.reconstruction_weight > 0 or config.contrastive_weight > 0 or config.ecs_weight > 0
+        self.cell_objectives = ScFoundationCellObjectives(config) if has_cell_terms else None
         self.post_init()
 
     def forward(
@@ -711,11 +841,60 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         condition_ids: dict[str, torch.Tensor] | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        view_masks: torch.Tensor | None = None,
     ) -> ScFoundationMaskedValueOutput:
         """Args as for :meth:`ScFoundationModel.forward`, plus ``labels``: same shape as input_ids, float, the
-        true value (bin index or log1p value) at the ``mask`` positions and ignored elsewhere."""
+        true value (bin index or log1p value) at the ``mask`` positions and ignored elsewhere; ``view_masks``:
+        (2, B, L) bool, the tokens each of two views of a padded batch keeps (their masked tokens are scored in both
+        views)."""
         if labels is not None and mask is None:
             raise ValueError("labels need the mask of the positions to predict")
+        if view_masks is not None and (cu_seqlens is not None or mask is None or labels is None):
+            raise ValueError("view_masks need a padded batch with its mask and labels (pretraining batches)")
+        if labels is None or view_masks is None:
+            return self._forward_view(
+                attention_mask,
+                input_ids,
+                values,
+                mask,
+                labels,
+                condition_ids,
+                cu_seqlens,
+                max_seqlen,
+                with_cell_terms=True,
+            )
+        real = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()
+        views = [
+            self._forward_view(
+                *keep_tokens(real & keep, self.config.pad_token_id, input_ids, values, mask, labels),
+                condition_ids=condition_ids,
+            )
+            for keep in view_masks.bool()
+        ]
+        output = views[0]
+        output.masked_loss = torch.stack([view.masked_loss for view in views]).mean()
+        output.loss = self.config.masked_weight * output.masked_loss
+        if self.mvc_head is not None:
+            output.mvc_loss = torch.stack([view.mvc_loss for view in views]).mean()
+            output.loss = output.loss + self.config.mvc_weight * output.mvc_loss
+        if self.cell_objectives is not None:
+            self._add_cell_terms(output, [view.cell_embedding for view in views], input_ids, values, real, mask, labels)
+        return output
+
+    def _forward_view(
+        self,
+        attention_mask: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        condition_ids: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        with_cell_terms: bool = False,
+    ) -> ScFoundationMaskedValueOutput:
+        """One pass of the encoder and the token-level terms (and, with ``with_cell_terms``, the single-view cell
+        terms). Arguments as for :meth:`forward`, ``attention_mask`` first (the order of :func:`keep_tokens`)."""
         encoded = self.sc_foundation(input_ids, values, attention_mask, mask, condition_ids, cu_seqlens, max_seqlen)
         hidden = encoded.last_hidden_state if mask is None else encoded.last_hidden_state[mask]  # (B, L, h) or (M, h)
         scores = self.value_head(hidden)  # (..., n_bins) or (..., 1)
@@ -728,18 +907,38 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         if labels is None:
             return output
         target = labels[mask].float()  # (M,)
-        if binned:
-            output.loss = F.cross_entropy(scores.float(), target.long())
+        if not len(target):  # a view may keep none of its cells' masked tokens
+            output.masked_loss = scores.sum() * 0.0
+        elif binned:
+            output.masked_loss = F.cross_entropy(scores.float(), target.long())
         else:
-            output.loss = F.mse_loss(output.predictions.float(), target)
+            output.masked_loss = F.mse_loss(output.predictions.float(), target)
+        output.loss = self.config.masked_weight * output.masked_loss
         if self.mvc_head is not None:
             cell_ids, _, _ = _cell_layout(input_ids, cu_seqlens)
             genes = self.sc_foundation.embeddings.gene_embeddings(input_ids[mask])  # (M, h)
             predicted = self.mvc_head(genes, encoded.cell_embedding[cell_ids[mask]])  # (M,)
             mvc_target = target / (self.config.n_bins - 1) if binned else target
-            output.mvc_loss = F.mse_loss(predicted.float(), mvc_target)
+            output.mvc_loss = F.mse_loss(predicted.float(), mvc_target) if len(target) else predicted.sum() * 0.0
             output.loss = output.loss + self.config.mvc_weight * output.mvc_loss
+        if with_cell_terms and self.cell_objectives is not None:
+            if cu_seqlens is not None:
+                raise ValueError("the cell-level objectives need padded batches: set data.loader.pack=false")
+            real = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()
+            self._add_cell_terms(output, [encoded.cell_embedding], input_ids, values, real, mask, labels)
         return output
+
+    def _add_cell_terms(self, output, views, input_ids, values, real, mask, labels) -> None:
+        """Add the cell-level terms of the embeddings ``views`` (each (B, h)) to ``output``; the reconstruction target
+        is the whole cell's expression, masked values restored from ``labels``."""
+        expression = None
+        if self.cell_objectives.decoder is not None:
+            log_values = torch.where(mask, labels, values)  # (B, L): every token's true log1p value
+            expression = self.cell_objectives.panel_expression(input_ids, log_values, real)
+        terms = self.cell_objectives(views, self.sc_foundation.embeddings.gene_embeddings, expression)
+        for name, value in terms.items():
+            setattr(output, name, value)
+        output.loss = output.loss + self.cell_objectives.weighted_sum(terms)
 
 
 class ScFoundationForMaskedGeneModeling(ScFoundationPreTrainedModel):

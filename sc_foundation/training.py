@@ -82,6 +82,15 @@ def count_non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in embedding)
 
 
+def _loss_terms(output) -> dict[str, torch.Tensor]:
+    """The named terms of a composite loss (``masked_loss``, ``contrastive_loss``, ...) that an output carries."""
+    return {
+        name: value
+        for name, value in output.items()
+        if name.endswith("_loss") and isinstance(value, torch.Tensor) and value.dim() == 0
+    }
+
+
 def _cell_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) real tokens per cell, from ``attention_mask`` (padded) or ``cu_seqlens`` (packed)."""
     if "cu_seqlens" in batch:
@@ -100,8 +109,9 @@ class TrainingModule(pl.LightningModule):
     Gradient clipping is left to the Trainer (``pl.Trainer(gradient_clip_val=1.0)``), which clips after unscaling
     under mixed precision and knows the strategy (FSDP shards need its own clipping).
 
-    Logged: ``train/loss``, ``train/lr`` every step; ``val/loss`` per epoch, averaged over ranks; and at each
-    logging step (``Trainer(log_every_n_steps=...)``) the throughput of this device over the steps since the last:
+    Logged: ``train/loss``, ``train/lr`` and the terms of a composite loss (``train/masked_loss``, ...) every
+    step; ``val/loss`` per epoch, averaged over ranks; and at each logging step (``Trainer(log_every_n_steps=...)``)
+    the throughput of this device over the steps since the last:
     ``train/cells_per_s``, ``train/tokens_per_s`` (real tokens, padding excluded) and, on CUDA, ``train/mfu``, the
     estimated training FLOPs (:func:`training_flops`) per second over ``peak_flops``. Time spent in validation is
     left out of those windows.
@@ -207,8 +217,11 @@ class TrainingModule(pl.LightningModule):
         self._log_throughput(batch_size)
         # Counted on the device and read only at logging steps, so no step waits on a GPU sync for them.
         self._window[2].add_(torch.stack([lengths.new_tensor(batch_size), lengths.sum(), (lengths**2).sum()]))
-        loss = self(batch).loss
+        output = self(batch)
+        loss = output.loss
         self.log("train/loss", loss, batch_size=batch_size, prog_bar=True)
+        for name, term in _loss_terms(output).items():
+            self.log(f"train/{name}", term, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 

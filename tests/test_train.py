@@ -28,6 +28,7 @@ TINY_RUN = [
     "data.min_cells_per_gene=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
+    "probes=null",  # tests of the probes run them on purpose (test_probes.py)
 ]
 
 
