@@ -78,6 +78,11 @@ class ScFoundationConfig(PreTrainedConfig):
             panel (``decoder_gene_ids``, or every vocabulary gene when None), zeros included, decoded from the cell
             embedding with a multinomial likelihood, which is blind to library size (scVI's and scFoundation's
             idea). Needs the continuous encoding, whose values give the expression back. 0 builds nothing.
+        reconstruction_decoder: How the reconstruction decodes the panel from the cell embedding: ``"mlp"`` (the
+            fine-tuning heads' :class:`~sc_foundation.modeling.ScFoundationFeatureDecoder`: an MLP on the cell read
+            against queries made from the gene embeddings) or ``"linear"`` (one learnt loading vector and bias per
+            panel gene, logits = loadings @ cell + bias: with the multinomial likelihood this is GLM-PCA with the
+            Transformer as its encoder, so the embedding must hold the panel's main axes of variation).
         contrastive_weight: Weight of the contrastive term: two views of each cell (seeded subsets of its genes,
             ``view_masks`` from the data pipeline) are embedded and InfoNCE pulls a cell's two views together and
             pushes other cells' away. Views keep a random share of the detected genes, so the term also teaches
@@ -120,6 +125,7 @@ class ScFoundationConfig(PreTrainedConfig):
     modality_dropout: float | int = 0.5
     masked_weight: float | int = 1.0
     reconstruction_weight: float | int = 0.0
+    reconstruction_decoder: Literal["mlp", "linear"] = "mlp"
     contrastive_weight: float | int = 0.0
     contrastive_temperature: float | int = 0.1
     ecs_weight: float | int = 0.0

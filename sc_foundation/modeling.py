@@ -517,7 +517,10 @@ class ScFoundationCellObjectives(nn.Module):
             # Derived from the config, so not saved: a checkpoint holds only learnt weights.
             self.register_buffer("panel_ids", torch.as_tensor(panel), persistent=False)
             self.register_buffer("panel_column", column, persistent=False)
-            self.decoder = ScFoundationFeatureDecoder(config, h, len(panel))
+            if config.reconstruction_decoder == "linear":
+                self.decoder = nn.Linear(h, len(panel))  # GLM-PCA's loadings (G, h) and per-gene offsets
+            else:
+                self.decoder = ScFoundationFeatureDecoder(config, h, len(panel))
         self.projection = _mlp(h, h, h) if config.contrastive_weight > 0 else None
 
     def panel_expression(self, input_ids: torch.Tensor, log_values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -547,9 +550,8 @@ class ScFoundationCellObjectives(nn.Module):
         """
         config, losses = self.config, {}
         if self.decoder is not None:
-            genes = gene_embeddings(self.panel_ids)  # (G, h)
             losses["reconstruction_loss"] = torch.stack(
-                [multinomial_nll(self.decoder(cells, genes), expression) for cells in views]
+                [multinomial_nll(self.decode(cells, gene_embeddings), expression) for cells in views]
             ).mean()
         if self.projection is not None:
             if len(views) != 2:
@@ -560,6 +562,12 @@ class ScFoundationCellObjectives(nn.Module):
         if config.ecs_weight > 0:
             losses["ecs_loss"] = elastic_cell_similarity(views[0], config.ecs_threshold)
         return losses
+
+    def decode(self, cells: torch.Tensor, gene_embeddings: nn.Embedding) -> torch.Tensor:
+        """Panel logits (n, G) from cell embeddings (n, h)."""
+        if isinstance(self.decoder, nn.Linear):
+            return self.decoder(cells)
+        return self.decoder(cells, gene_embeddings(self.panel_ids))
 
     def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """sum of each term of :meth:`forward` times its config weight."""

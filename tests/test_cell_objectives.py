@@ -103,8 +103,8 @@ def test_reconstruction_loss_is_the_multinomial_likelihood_of_the_panel():
     output = model(**tensors)
     # by hand: decode the cell embedding, log-softmax over the panel, weigh by each gene's expression share
     panel = model.cell_objectives.panel_ids
-    genes = model.sc_foundation.embeddings.gene_embeddings(panel)
-    log_shares = model.cell_objectives.decoder(output.cell_embedding, genes).log_softmax(-1)
+    gene_embeddings = model.sc_foundation.embeddings.gene_embeddings
+    log_shares = model.cell_objectives.decode(output.cell_embedding, gene_embeddings).log_softmax(-1)
     full = torch.where(tensors["mask"], tensors["labels"], tensors["values"])
     expected = []
     for i in range(len(full)):

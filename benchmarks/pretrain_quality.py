@@ -1,0 +1,292 @@
+"""Does pretraining learn cells? The representation probes of ``experiment=cpu_pretrain`` against PCA, and ablations.
+
+``python benchmarks/pretrain_quality.py --out DIR`` runs, in this process:
+
+1. the recipe (``train.run`` on ``conf/pretrain.yaml`` with ``experiment=cpu_pretrain``), unless ``--pretrained``
+   names an export to score instead;
+2. the probe table of its final export: :class:`sc_foundation.probes.RepresentationProbe` on every probe set of the
+   config (more cells per set than the in-run probes), ours against PCA-50 of log-normalised HVGs of the same cells;
+3. the probe curve of the run (``probe/<set>/knn_accuracy`` and ``avg_bio`` by step, PCA as dashed lines) as PNG;
+4. with ``--ablations``, short runs that change one thing of the recipe each (objectives, inputs, pooling, value
+   encoding), at ``--ablation-steps`` steps, each probed the same way and timed (cells/s of the training loop);
+5. fp32 against bf16 autocast training steps on this CPU (``--precision``), same batches, same process.
+
+Writes ``DIR/pretrain_quality.json``, ``DIR/pretrain_quality.md`` and ``DIR/probe_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py is a root script, not a package module
+
+from _corpus import atomic_path, machine_info, write_json_atomic  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+ABLATIONS: dict[str, list[str]] = {
+    # objectives: each removes or adds one term of the recipe
+    "masked_only": ["model.reconstruction_weight=0", "model.contrastive_weight=0", "data.loader.view_keep=null"],
+    "no_contrastive": ["model.contrastive_weight=0", "data.loader.view_keep=null"],
+    "no_reconstruction": ["model.reconstruction_weight=0"],
+    "no_masked": ["model.masked_weight=0"],
+    "plus_ecs": ["model.ecs_weight=0.1"],
+    "plus_mvc": ["model.mvc_weight=1.0"],
+    # inputs
+    "random_subset_not_top": ["data.tokenizer.truncation=random"],
+    "context_256": ["data.tokenizer.context_length=256"],
+    "context_64": ["data.tokenizer.context_length=64"],
+    "all_expressed_genes": ["data.panel=null", "data.tokenizer.context_length=256", "data.tokenizer.truncation=random"],
+    "cls_pooling": ["data.tokenizer.add_cls=true", "model.pooling=cls"],
+    "binned_values": [
+        "data.tokenizer.encoding=binned",
+        "model.reconstruction_weight=0",
+    ],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="pretrain", overrides=overrides)
+
+
+def recipe(overrides: list[str]):
+    """The recipe's config (``experiment=cpu_pretrain``) with ``overrides``."""
+    return compose(["experiment=cpu_pretrain", *QUIET, *overrides])
+
+
+def train_run(out: Path, overrides: list[str]) -> dict:
+    """``train.run`` into ``out`` with the recipe plus ``overrides``; the run's facts and its probe history."""
+    import train
+
+    cfg = recipe([f"output_dir={out}", *overrides])
+    started = time.perf_counter()
+    result = train.run(cfg)
+    wall = time.perf_counter() - started
+    metrics = _metrics_csv(out)
+    cells_per_s = metrics["train/cells_per_s"].dropna() if "train/cells_per_s" in metrics else None
+    return {
+        "overrides": overrides,
+        "export": str(result["export"]),
+        "steps": int(result["trainer"].global_step),
+        "wall_s": round(wall, 1),
+        "train_cells_per_s": None if cells_per_s is None or cells_per_s.empty else float(cells_per_s.median()),
+        "probes": result["probes"].history[-1]["results"] if result["probes"] and result["probes"].history else None,
+        "probe_history": [
+            {"step": h["step"], "results": h["results"]} for h in (result["probes"].history if result["probes"] else [])
+        ],
+    }
+
+
+def _metrics_csv(out: Path):
+    import pandas as pd
+
+    files = sorted(out.rglob("metrics.csv"))
+    return pd.read_csv(files[-1]) if files else pd.DataFrame()
+
+
+def probe_sets(max_cells: int, overrides: list[str]):
+    """The recipe's probe sets with ``max_cells`` cells each (the in-run probes use fewer, for speed)."""
+    from omegaconf import OmegaConf
+
+    from sc_foundation.probes import ProbeSet
+
+    cfg = recipe(overrides)
+    return [ProbeSet(**{**s, "max_cells": max_cells}) for s in OmegaConf.to_container(cfg.probes.sets, resolve=True)]
+
+
+def score_export(export: str, max_cells: int, overrides: list[str]) -> dict:
+    from sc_foundation.export import load_pretrained
+    from sc_foundation.probes import RepresentationProbe
+
+    return RepresentationProbe(probe_sets(max_cells, overrides)).evaluate(load_pretrained(export))
+
+
+def curve_figure(history: list[dict], path: Path) -> Path:
+    """Probe kNN accuracy and AvgBIO by step, one colour per set, PCA dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [h["step"] for h in history]
+    for i, name in enumerate(history[-1]["results"]):
+        colour = f"C{i}"
+        for ax, metric in zip(axes, ("knn_accuracy", "avg_bio"), strict=True):
+            ax.plot(steps, [h["results"][name]["ours"][metric] for h in history], "o-", color=colour, label=name)
+            ax.axhline(history[-1]["results"][name]["pca"][metric], color=colour, linestyle="--", linewidth=1)
+            ax.set_xlabel("step")
+            ax.set_title(f"{metric} (dashed: PCA of the same cells)")
+    axes[0].legend()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def precision_comparison(steps: int, overrides: list[str]) -> dict:
+    """Seconds per training step of the recipe's model in fp32 and in bf16 autocast on this CPU, on the same batches,
+    alternating step by step (so that load changes hit both alike); the ratio says whether bf16 pays here."""
+    import torch
+
+    import train
+    from sc_foundation.data import CorpusDataModule
+    from sc_foundation.hardware import cpu_description
+    from sc_foundation.training import TrainingModule
+
+    cfg = recipe([*overrides, "probes=null"])
+    report = train.build_corpus(cfg)
+    from omegaconf import OmegaConf
+
+    datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader))
+    datamodule.setup()
+    loader = iter(datamodule._loader(datamodule.train_indices, train=True))
+    batches = [next(loader) for _ in range(steps + 2)]
+    timings = {"fp32": [], "bf16": []}
+    modules = {}
+    for name in timings:
+        torch.manual_seed(cfg.seed)
+        module = TrainingModule(train.build_model(cfg, datamodule.store), max_steps=steps)
+        optimizer = module.configure_optimizers()["optimizer"]
+        modules[name] = (module, optimizer)
+    for i, batch in enumerate(batches):
+        for name, (module, optimizer) in modules.items():
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                loss = module(batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if i >= 2:  # two warm-up steps
+                timings[name].append(time.perf_counter() - started)
+    fp32, bf16 = (float(np.median(timings[k])) for k in ("fp32", "bf16"))
+    return {
+        "cpu": cpu_description(),
+        "steps_timed": steps,
+        "batch_size": int(cfg.data.loader.batch_size),
+        "s_per_step_fp32": fp32,
+        "s_per_step_bf16": bf16,
+        "bf16_speedup": fp32 / bf16,
+        "trainer_precision_chosen": train.resolve_cpu_precision("auto"),
+    }
+
+
+def table(results: dict) -> str:
+    from sc_foundation.model_card import probe_table
+
+    return probe_table(results)
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "# Pretraining quality: representation probes against PCA",
+        "",
+        f"Export: `{record['recipe']['export']}` ({record['recipe'].get('steps')} steps, "
+        f"{record['recipe'].get('wall_s')} s of training)."
+        if record["recipe"].get("steps")
+        else f"Export: `{record['recipe']['export']}`.",
+        "",
+        f"## Probe table ({record['probe_cells']} cells per set at most)",
+        "",
+        table(record["probes"]),
+    ]
+    if record.get("ablations"):
+        lines += [
+            "",
+            f"## Ablations ({record['ablation_steps']} steps each, one change from the recipe)",
+            "",
+            "| run | change | cells/s | " + " | ".join(f"{s} kNN | {s} AvgBIO" for s in record["probes"]) + " |",
+            "| --- | --- | ---: | " + " | ".join("---: | ---:" for _ in record["probes"]) + " |",
+        ]
+        for name, run in record["ablations"].items():
+            scores = " | ".join(
+                f"{run['probes'][s]['ours']['knn_accuracy']:.3f} | {run['probes'][s]['ours']['avg_bio']:.3f}"
+                for s in record["probes"]
+            )
+            cells = f"{run['train_cells_per_s']:.0f}" if run.get("train_cells_per_s") else "n/a"
+            lines.append(f"| {name} | `{' '.join(run['overrides']) or '(recipe)'}` | {cells} | {scores} |")
+    if record.get("precision"):
+        p = record["precision"]
+        lines += [
+            "",
+            "## fp32 against bf16 autocast on this CPU",
+            "",
+            f"CPU {p['cpu']['cpu']} (bf16 flags: {p['cpu']['bf16_flags'] or 'none'}): "
+            f"{p['s_per_step_fp32']:.3f} s/step fp32, {p['s_per_step_bf16']:.3f} s/step bf16, "
+            f"bf16 speed-up {p['bf16_speedup']:.2f}x; `trainer.precision=auto` picks {p['trainer_precision_chosen']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--pretrained", type=Path, help="score this export instead of running the recipe")
+    parser.add_argument("--probe-cells", type=int, default=2000, help="cells per probe set in the final table")
+    parser.add_argument("--ablations", nargs="*", default=None, help=f"ablations to run: {sorted(ABLATIONS)}")
+    parser.add_argument("--ablation-steps", type=int, default=300)
+    parser.add_argument(
+        "--precision",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="time this many fp32 and bf16 training steps (0: skip)",
+    )
+    parser.add_argument(
+        "--recipe-overrides", nargs="*", default=[], help="Hydra overrides of the recipe (and of every ablation)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base = list(args.recipe_overrides)
+    record: dict = {"machine": machine_info(), "probe_cells": args.probe_cells, "recipe_overrides": base}
+    if args.pretrained:
+        record["recipe"] = {"export": str(args.pretrained)}
+        history = []
+    else:
+        run = train_run(args.out / "recipe", base)
+        record["recipe"] = {k: v for k, v in run.items() if k != "probe_history"}
+        history = run["probe_history"]
+    record["probes"] = score_export(record["recipe"]["export"], args.probe_cells, base)
+    if history:
+        record["curve"] = str(curve_figure(history, args.out / "probe_curve.png"))
+        record["probe_history"] = history
+    if args.ablations is not None:
+        names = args.ablations or sorted(ABLATIONS)
+        record["ablation_steps"] = args.ablation_steps
+        record["ablations"] = {}
+        for name in names:
+            steps = [f"trainer.max_steps={args.ablation_steps}", f"trainer.val_check_interval={args.ablation_steps}"]
+            run = train_run(args.out / "ablations" / name, [*base, *ABLATIONS[name], *steps])
+            run.pop("probe_history")
+            record["ablations"][name] = run
+            write_json_atomic(args.out / "pretrain_quality.json", record)  # keep what is done if a later run fails
+        baseline = train_run(args.out / "ablations" / "recipe_short", [*base, *steps])
+        baseline.pop("probe_history")
+        record["ablations"] = {"recipe (same steps)": baseline, **record["ablations"]}
+    if args.precision:
+        record["precision"] = precision_comparison(args.precision, base)
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(args.out / "pretrain_quality.json", record)
+    with atomic_path(args.out / "pretrain_quality.md") as tmp:
+        tmp.write_text(markdown(record))
+    print(markdown(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
