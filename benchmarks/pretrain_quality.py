@@ -17,7 +17,6 @@ Writes ``DIR/pretrain_quality.json``, ``DIR/pretrain_quality.md`` and ``DIR/prob
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py is a root script, not a package module
 
-from _corpus import atomic_path, machine_info, write_json_atomic  # noqa: E402
+from _corpus import atomic_path, machine_info, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
