@@ -146,14 +146,6 @@ def export_converted(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) -
     return export_pretrained(converted.model, converted.tokenizer, dst)
 
 
-def ensure_export(path: str | os.PathLike, staging: str | os.PathLike) -> Path:
-    """``path`` itself when it is our export; a published folder converted into ``staging`` otherwise (what
-    ``finetune.py`` does with ``pretrained=<scGPT or Geneformer folder>``)."""
-    if detect(path) is None:
-        return Path(path)
-    return export_converted(path, staging)
-
-
 # ------------------------------------------------------------------------------------------ safe reading
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict from ``.safetensors``, or from ``.pt`` / ``.bin`` through
@@ -429,9 +421,9 @@ def _convert_geneformer(path: Path, token_file: Path, median_file: Path, overrid
     weights = _Weights(state, weights_file)
     vocab, n_source = _geneformer_vocab(token_file, weights.state["embeddings.word_embeddings.weight"].shape[0])
     medians_by_gene = load_gene_dictionary(median_file, float)
-    medians = np.full(len(vocab), np.nan, dtype=np.float32)
+    medians = np.full(len(vocab), np.nan)
     known = vocab.lookup(list(medians_by_gene))
-    medians[known[known >= 0]] = np.asarray(list(medians_by_gene.values()), dtype=np.float32)[known >= 0]
+    medians[known[known >= 0]] = np.asarray(list(medians_by_gene.values()))[known >= 0]
     has_cls, has_eos = CLS_TOKEN in vocab.tokens[:n_source], EOS_TOKEN in vocab.tokens[:n_source]
     config = ScFoundationConfig(
         **{

@@ -235,7 +235,11 @@ def aggregate_columns(codes: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
 
 
 def normalise_counts(
-    counts: sp.spmatrix, aggregate: sp.csr_matrix, target_sum: float, sort_indices: bool = True
+    counts: sp.spmatrix,
+    aggregate: sp.csr_matrix,
+    target_sum: float,
+    sort_indices: bool = True,
+    dtype: type[np.floating] = np.float32,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts per ``target_sum`` over the columns that ``aggregate`` keeps (see :func:`aggregate_columns`).
 
@@ -243,12 +247,13 @@ def normalise_counts(
         counts: (n_cells, n_input) raw counts.
         aggregate: (n_input, n_kept) column selector.
         sort_indices: sort column indices within rows (tokenization needs it; statistics do not).
+        dtype: of the arithmetic and the results (the rank encoding orders genes in float64, as Geneformer does).
     Returns:
-        (n_cells, n_kept) float32 CSR without stored zeros, and (n_cells,) float32 total
+        (n_cells, n_kept) ``dtype`` CSR without stored zeros, and (n_cells,) ``dtype`` total
         counts over all input columns (the library size, as scGPT and Geneformer define it).
     """
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+    counts = sp.csr_matrix(counts, dtype=dtype)
+    totals = np.asarray(counts.sum(axis=1), dtype=dtype).ravel()
     kept = (counts @ aggregate).tocsr()
     if sort_indices:
         kept.sort_indices()
@@ -321,7 +326,7 @@ class GeneTokenizer:
     Args:
         vocab: the gene vocabulary.
         config: the settings.
-        gene_medians: (len(vocab),) float32 non-zero median of normalised counts per token id, NaN where unknown;
+        gene_medians: (len(vocab),) float64 non-zero median of normalised counts per token id, NaN where unknown;
             required by the ``rank`` encoding (see :class:`sc_foundation.gene_statistics.GeneStatistics`).
     """
 
@@ -329,7 +334,7 @@ class GeneTokenizer:
         if config.encoding == "rank":
             if gene_medians is None:
                 raise ValueError("The rank encoding needs gene_medians: compute them over the corpus first.")
-            gene_medians = np.asarray(gene_medians, dtype=np.float32)
+            gene_medians = np.asarray(gene_medians, dtype=np.float64)
             if gene_medians.shape != (len(vocab),):
                 raise ValueError(f"gene_medians has shape {gene_medians.shape}, expected ({len(vocab)},).")
         if config.add_eos and EOS_TOKEN not in vocab:
@@ -469,7 +474,9 @@ class GeneTokenizer:
                 for lo in range(0, counts.shape[0], block)
             ]
             return TokenizedCells.concatenate(parts, row_starts=range(0, counts.shape[0], block))
-        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum)
+        # The rank encoding's order is its value: computed in float64, so that it is Geneformer's to the last gene.
+        dtype = np.float64 if cfg.encoding == "rank" else np.float32
+        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype)
         n_cells = norm.shape[0]
         n_expressed = np.diff(norm.indptr).astype(np.int32)
         if cfg.include_zeros:
@@ -487,7 +494,7 @@ class GeneTokenizer:
         values = self._values(rows, genes, raw, n_cells, keys)
         # Entries arrive grouped by cell and in vocabulary order within each cell.
         if cfg.encoding == "rank":
-            order = _sort_within_rows(rows, _descending(values))
+            order = np.lexsort((-values, rows))  # stable: equal values keep vocabulary order
             rows, genes, values = rows[order], genes[order], values[order]
             selected = self._first_per_row(rows, n_cells)
         else:
@@ -527,7 +534,7 @@ class GeneTokenizer:
             gene_ids=gene_ids,
             values=out_values,
             rows=kept_rows.astype(np.int64),
-            n_counts=totals[kept_rows],
+            n_counts=totals[kept_rows].astype(np.float32),
             n_expressed=n_expressed[kept_rows],
         )
 
@@ -539,12 +546,13 @@ class GeneTokenizer:
     def _values(
         self, rows: np.ndarray, genes: np.ndarray, norm: np.ndarray, n_cells: int, keys: np.ndarray
     ) -> np.ndarray:
-        """(n,) float32 token values from normalised counts ``norm`` of (row, gene) entries grouped by row."""
+        """(n,) token values (float32; float64 for rank) from normalised counts ``norm`` of (row, gene) entries
+        grouped by row."""
         cfg = self.config
         if cfg.encoding == "continuous":
             return np.log1p(norm).astype(np.float32)
         if cfg.encoding == "rank":
-            return (norm / self.gene_medians[genes]).astype(np.float32)
+            return norm / self.gene_medians[genes]  # float64 (see encode); stored as float32
         if cfg.bin_edges == "quantile":
             return self._quantile_bins(rows, genes, np.log1p(norm).astype(np.float32), n_cells, keys)
         # binned: bin = 1 + floor(r * (n_bins - 1) / m), with r the number of the cell's m non-zero values strictly
@@ -613,7 +621,7 @@ class GeneTokenizer:
         vocab = GeneVocab.from_file(directory)
         medians = None
         if "gene_medians" in payload:
-            medians = np.full(len(vocab), np.nan, dtype=np.float32)
+            medians = np.full(len(vocab), np.nan, dtype=np.float64)
             for gene, value in payload["gene_medians"].items():
                 medians[vocab[gene]] = value
         return cls(vocab, TokenizerConfig(**payload["config"]), medians)

@@ -41,9 +41,8 @@ class ScGPTReference(nn.Module):
         layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout=0.0, batch_first=True)  # post-norm, ReLU
         self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
         self.decoder = nn.Module()  # ExprDecoder
-        self.decoder.fc = nn.Sequential(
-            nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, 1)
-        )
+        hidden = [nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU()]
+        self.decoder.fc = nn.Sequential(*hidden, nn.Linear(d_model, 1))
         self.mvc_decoder = nn.Module()  # MVCDecoder, "inner product"
         self.mvc_decoder.gene2query = nn.Linear(d_model, d_model)
         self.mvc_decoder.W = nn.Linear(d_model, d_model, bias=False)
@@ -60,8 +59,9 @@ class ScGPTReference(nn.Module):
         return hidden
 
 
-def randomize(module: nn.Module, seed: int, scale: float = 0.2) -> nn.Module:
-    """Every parameter random (LayerNorm weights around 1), so that no mapping error can hide behind an init."""
+def randomize(module: nn.Module, seed: int, scale: float) -> nn.Module:
+    """Every parameter random (LayerNorm weights around 1), so that no mapping error can hide behind an init;
+    ``scale`` ~ width ** -0.5 keeps the activations (and the attention logits) of a trained model's order."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
@@ -84,7 +84,7 @@ def write_scgpt_folder(
 ) -> ScGPTReference:
     """Write a random scGPT checkpoint folder over gene symbols ``genes`` (specials last); return its reference."""
     tokens = [*genes, *SCGPT_SPECIALS]
-    reference = randomize(ScGPTReference(len(tokens), d_model, nhead, d_hid, nlayers), seed)
+    reference = randomize(ScGPTReference(len(tokens), d_model, nhead, d_hid, nlayers), seed, d_model**-0.5)
     state = reference.state_dict()
     if attention_naming == "Wqkv":  # the released checkpoints: flash-attn 1's FlashMHA packs q, k, v in Wqkv
         state = {key.replace("self_attn.in_proj_", "self_attn.Wqkv."): value for key, value in state.items()}
@@ -138,7 +138,7 @@ def write_geneformer_folder(
     )
     torch.manual_seed(seed)
     bert = BertForMaskedLM(config)
-    randomize(bert, seed)
+    randomize(bert, seed, hidden_size**-0.5)
     bert.tie_weights()  # randomize() replaced the tied decoder's values through the shared tensor
     bert.save_pretrained(directory)
     rng = np.random.default_rng(seed)
