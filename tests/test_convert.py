@@ -20,6 +20,7 @@ from tests import published as stand_ins
 from tests.conftest import CELLBENCH
 
 TOLERANCE = 1e-5  # max abs difference, fp32
+PBMC68K = "pbmc68k_reduced/pbmc68k_reduced_counts.h5ad"
 
 
 def tokenize(model, adata, gene_names=None):
@@ -296,3 +297,31 @@ def test_convert_command_writes_our_export(published, real_slice, tmp_path):
     sc_foundation.embed(direct, sc_foundation.load_pretrained(folder, device="cpu"))
     sc_foundation.embed(exported, sc_foundation.load_pretrained(out, device="cpu"))
     np.testing.assert_allclose(exported.obsm["X_sc_foundation"], direct.obsm["X_sc_foundation"], atol=1e-6)
+
+
+def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_path):
+    """``finetune.py task=annotation pretrained=<published scGPT folder>``: converted once, fine-tuned, scored,
+    exported. On pbmc68k_reduced (short cells). The Geneformer stand-in is fine-tuned by notebooks/05, in
+    tests/test_notebooks.py."""
+    import finetune
+    from tests.test_finetune import QUIET, compose_finetune
+
+    folder = published["scgpt"][0]
+    cfg = compose_finetune(
+        [
+            f"pretrained={folder}",
+            f"data.files=[{shared_data / PBMC68K}]",
+            f"output_dir={tmp_path}",
+            *QUIET,
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "baselines.n_top_genes=500",
+            "baselines.n_pcs=20",
+        ]
+    )
+    result = finetune.run(cfg)
+    assert (tmp_path / "converted" / "model.safetensors").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and 0.0 <= metrics["model"]["macro_f1"] <= 1.0
+    model = sc_foundation.load_pretrained(result["export"], device="cpu")
+    assert model.config.id2label and model.gene_tokenizer == sc_foundation.load_pretrained(folder).gene_tokenizer
