@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
+from sc_foundation.convert import detect, export_converted
 from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.evaluation import (
@@ -656,6 +657,9 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {cfg.task_name!r}")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune.mode must be one of {MODES}, got {cfg.finetune.mode!r}")
+    # A published scGPT or Geneformer folder is converted once into our export, which every task then reads.
+    if detect(cfg.pretrained) is not None:
+        cfg.pretrained = str(export_converted(cfg.pretrained, output_dir(cfg) / "converted"))
     return TASKS[cfg.task_name](cfg, callbacks)
 
 

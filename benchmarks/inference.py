@@ -13,6 +13,14 @@ built from it with ``ScFoundationConfig.from_tokenizer`` as ``train.py`` does, w
 ``conf/model/<size>.yaml``. Weights are untrained (throughput does not depend on them); each model is exported and
 loaded back with ``load_pretrained``, the way a user gets one.
 
+Published architectures (``--published scgpt geneformer_v1``, on the first ``--published-cells`` cells): scGPT
+whole-human (512 wide, 12 layers, 8 heads, d_hid 512, 60,697 tokens) and Geneformer V1 (256 wide, 6 layers, 4 heads,
+FFN 512, its 25,426 tokens, 2,048 positions) with random weights, written as the published folders by
+``tests/published.py`` and loaded with ``load_pretrained``. The same padded batches of the converted tokenizer's
+tokens go through our backbone and through the reference forward (the tests' scGPT reference built from
+``torch.nn.TransformerEncoderLayer``; transformers' ``BertModel`` with ``output_hidden_states``), each pooled by the
+source's convention, timed alike; ``embed`` end to end (tokenization included) is timed beside them.
+
 Per model size and device: one untimed warm-up call of ``embed`` on the first ``--warmup-cells`` cells, then
 ``--repeats`` timed calls on all cells; reported are cells/s and real tokens/s of the median call, the seconds of
 every call, the batch size, the torch threads and the mean tokens per cell (``<cls>`` included). The JSON records the
@@ -20,6 +28,7 @@ machine (and its load average: it may be shared); ``gpu.measured`` is false, wit
 
     python benchmarks/inference.py --out inference.json [--sizes tiny small] [--cells 2000] [--dataset kang_ifnb]
         [--context 1024] [--batch-size 64] [--gpu-batch-size 256] [--threads N] [--repeats 1]
+        [--published scgpt geneformer_v1] [--published-cells 256]
 """
 
 from __future__ import annotations
@@ -27,17 +36,31 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_CACHE, DEFAULT_DATA, cached_binned_store, cached_slice, machine_info, write_json_atomic
+from _corpus import (
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    REPO_ROOT,
+    cached_binned_store,
+    cached_slice,
+    machine_info,
+    write_json_atomic,
+)
 
 DATASETS = {"kang_ifnb": "kang_ifnb/kang_ifnb.h5ad", "pbmc3k": "pbmc3k/pbmc3k.h5ad"}
 SIZES = ("tiny", "small")
 CPU_BATCH_SIZE = 64  # embed()'s own default on the CPU
 GPU_BATCH_SIZE = 256  # and on CUDA
+PUBLISHED = {
+    "scgpt": {"d_model": 512, "nlayers": 12, "nhead": 8, "d_hid": 512, "vocab_size": 60_697},
+    "geneformer_v1": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 512},
+}
+"""Published architectures (``tests/published.py`` writer arguments); scGPT's vocabulary is padded to its size."""
 
 
 def model_config(name: str) -> dict:
@@ -64,6 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--min-cells-per-gene", type=int, default=1, help="vocabulary: genes detected in at least this many cells"
     )
+    parser.add_argument(
+        "--published", nargs="*", choices=sorted(PUBLISHED), default=sorted(PUBLISHED), help="published architectures"
+    )
+    parser.add_argument("--published-cells", type=int, default=256, help="cells for the published architectures")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation and the tokenizer's seed")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the slice and store are cached")
@@ -154,6 +181,100 @@ def measure(model, adata, args, batch_size: int, mean_tokens: float) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------- published architectures
+def write_published(name: str, directory: Path, adata, data_dir: Path, seed: int):
+    """A random ``name`` checkpoint in its published layout and its reference forward: a function of a padded batch
+    (``input_ids``, ``values``, ``attention_mask``) returning the source's cell embedding."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))  # the references live with the tests that check the conversion against them
+    from tests import published as stand_ins
+
+    arch = PUBLISHED[name]
+    if name == "scgpt":
+        symbols = list(dict.fromkeys(adata.var_names))
+        filler = [f"UNUSED{i}" for i in range(arch["vocab_size"] - len(symbols) - len(stand_ins.SCGPT_SPECIALS))]
+        sizes = {key: value for key, value in arch.items() if key != "vocab_size"}
+        reference = stand_ins.write_scgpt_folder(directory, symbols + filler, seed=seed, **sizes)
+
+        def forward(batch):
+            hidden = reference(batch["input_ids"], batch["values"], ~batch["attention_mask"])[-1]
+            return torch.nn.functional.normalize(hidden[:, 0], dim=-1)  # scGPT's <cls>, L2-normalised
+
+        return forward
+    tokens = stand_ins.geneformer_v1_tokens(data_dir)
+    bert, _ = stand_ins.write_geneformer_folder(directory, tokens, seed=seed, **arch)
+
+    def forward(batch):
+        mask = batch["attention_mask"]
+        hidden = bert.bert(input_ids=batch["input_ids"], attention_mask=mask.long(), output_hidden_states=True)
+        second_to_last = hidden.hidden_states[-2]  # Geneformer's EmbExtractor: mean of the second-to-last layer
+        return (second_to_last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    return forward
+
+
+def padded_batches(tokenizer, adata, batch_size: int) -> list[dict]:
+    """The cells tokenized by ``tokenizer``, length-sorted and padded in batches of ``batch_size`` (as ``embed``)."""
+    import scipy.sparse as sp
+    import torch
+
+    from sc_foundation.tokenization import cell_keys, pad_cells
+
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    cells = tokenizer.encode(counts, tokenizer.match_genes(list(adata.var_names)), cell_keys(adata.obs_names))
+    order = np.argsort(cells.lengths, kind="stable")
+    batches = []
+    for lo in range(0, len(order), batch_size):
+        batch = pad_cells([cells.cell(i) for i in order[lo : lo + batch_size]], tokenizer.vocab.pad_id)
+        batches.append({key: torch.from_numpy(value) for key, value in batch.items()})
+    return batches
+
+
+def time_forward(forward, batches) -> tuple[float, list]:
+    """Seconds of ``forward`` over every batch (after one untimed warm-up batch) and its outputs."""
+    import torch
+
+    with torch.inference_mode():
+        forward(batches[0])
+        started = time.perf_counter()
+        outputs = [forward(batch) for batch in batches]
+    return time.perf_counter() - started, outputs
+
+
+def measure_published(name: str, adata, args, directory: Path) -> dict:
+    """Our backbone against the reference forward on the same batches, and ``embed`` end to end."""
+    import torch
+
+    import sc_foundation
+
+    reference = write_published(name, directory, adata, args.data_dir, args.seed)
+    model = sc_foundation.load_pretrained(directory, device="cpu")
+    backbone = model.base_model
+    batches = padded_batches(model.gene_tokenizer, adata, args.batch_size)
+    ours_s, ours = time_forward(lambda batch: backbone(**batch).cell_embedding, batches)
+    reference_s, theirs = time_forward(reference, batches)
+    difference = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    embedded = adata.copy()
+    started = time.perf_counter()
+    sc_foundation.embed(embedded, model, batch_size=args.batch_size, progress=False)
+    embed_s = time.perf_counter() - started
+    return {
+        "architecture": PUBLISHED[name],
+        "cells": adata.n_obs,
+        "mean_tokens_per_cell": tokens / adata.n_obs,
+        "ours_forward_cells_per_s": adata.n_obs / ours_s,
+        "reference_forward_cells_per_s": adata.n_obs / reference_s,
+        "speedup": reference_s / ours_s,
+        "embed_cells_per_s": adata.n_obs / embed_s,
+        "max_abs_difference": difference,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        **parameter_counts(model),
+    }
+
+
 def format_table(payload: dict) -> str:
     head = f"{'device':<6} {'size':<6} {'params':>11} {'batch':>6} {'threads':>7} {'cells/s':>10} {'tokens/s':>12}"
     lines = [head, "-" * len(head)]
@@ -168,6 +289,13 @@ def format_table(payload: dict) -> str:
             )
     if not payload["gpu"]["measured"]:
         lines.append(f"gpu: not measured ({payload['gpu']['reason']})")
+    for name, r in payload["published"].items():
+        lines.append(
+            f"{name}: ours {r['ours_forward_cells_per_s']:.1f} cells/s, reference "
+            f"{r['reference_forward_cells_per_s']:.1f} cells/s ({r['speedup']:.2f}x), "
+            f"embed() {r['embed_cells_per_s']:.1f} cells/s, {r['mean_tokens_per_cell']:.0f} tokens/cell, "
+            f"max |diff| {r['max_abs_difference']:.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -222,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"gpu {size}: {gpu_results[size]['cells_per_s']:.1f} cells/s", flush=True)
                 del model
                 torch.cuda.empty_cache()
+        published = {}
+        for name in args.published:
+            cells = adata[: min(args.published_cells, adata.n_obs)].copy()
+            published[name] = measure_published(name, cells, args, Path(exports) / name)
+            print(f"cpu {name}: {published[name]['ours_forward_cells_per_s']:.1f} cells/s", flush=True)
     machine["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     payload = {
         "machine": machine,
@@ -245,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "cpu": cpu_results,
         "gpu": gpu_results,
+        "published": published,
     }
     write_json_atomic(args.out, payload)
     print(format_table(payload))

@@ -21,7 +21,7 @@ class ScFoundationConfig(PreTrainedConfig):
     Args:
         vocab_size: Size of the gene vocabulary, special tokens included. Must match the tokenizer.
         hidden_size: Width ``h`` of the residual stream and of every embedding.
-        num_hidden_layers: Number of pre-norm Transformer blocks.
+        num_hidden_layers: Number of Transformer blocks.
         num_attention_heads: Attention heads per block; must divide ``hidden_size``.
         intermediate_size: Width of the hidden layer of each block's MLP.
         hidden_dropout_prob: Dropout on the embeddings and on each residual branch.
@@ -29,6 +29,17 @@ class ScFoundationConfig(PreTrainedConfig):
             (ModernBERT); torch's own varlen kernel has no attention dropout.
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
+        norm_placement: ``"pre"``: each block computes x + f(LN(x)) (ours); ``"post"``: LN(x + f(x)), as BERT
+            (Geneformer) and ``torch.nn.TransformerEncoderLayer`` (scGPT) do.
+        final_norm: A LayerNorm after the last block (pre-norm stacks need one; post-norm stacks have none).
+        hidden_act: Activation of the blocks' MLPs, of the continuous value MLP and of the prediction transforms
+            of the pretraining heads: ``"gelu"`` (exact, ours and BERT's default) or ``"relu"`` (scGPT, Geneformer).
+        embedding_norm: ``"sum"``: one LayerNorm on the sum of the token's embeddings (ours, BERT);
+            ``"separate"``: the gene embedding and the value embedding are each normalised before they are added,
+            and the sum is not (scGPT's ``encoder.enc_norm`` and value encoder ``norm``).
+        bin_embedding: How the ``"binned"`` encoding embeds a bin: ``"table"``, a learned row per bin (ours);
+            ``"mlp"``, the bin index as a number through the continuous value MLP (scGPT's released models:
+            binned input, ``input_emb_style="continuous"``).
         value_encoding: How a token's expression value enters the model:
             ``"binned"``: ``values`` holds a bin index 0..n_bins-1, embedded by a table;
             ``"continuous"``: ``values`` holds log1p normalised expression, embedded by a small MLP;
@@ -38,7 +49,13 @@ class ScFoundationConfig(PreTrainedConfig):
         max_position_embeddings: Longest cell, in tokens, for the learned positions of the ``"rank"`` encoding.
             The other encodings have no positions: their genes are a set.
         pooling: How the cell embedding is read from the last hidden states: ``"cls"`` takes position 0 (the
-            tokenizer must put ``cls_token_id`` there), ``"mean"`` averages the real tokens other than CLS.
+            tokenizer must put ``cls_token_id`` there), ``"mean"`` averages the real tokens other than CLS (and
+            ``eos_token_id``).
+        pooling_layer: Which block's output is pooled: -1 the last (after ``final_norm`` where there is one), -2 the
+            one before it (Geneformer's convention: its cell embedding is the mean of the second-to-last layer), ...
+        normalize_cell_embedding: L2-normalise the cell embedding (scGPT's convention for its ``<cls>`` embedding).
+        eos_token_id: Vocabulary id of an end-of-cell token the tokenizer appends (Geneformer V2's ``<eos>``),
+            left out of mean pooling; None where there is none.
         condition_vocab_sizes: Condition name (e.g. ``"batch"``) to number of categories. Each condition gets an
             embedding table whose row is added to every token of the cell. Empty by default.
         attention_backend: ``"sdpa"`` runs all attention through ``torch.nn.functional.scaled_dot_product_attention``
@@ -107,10 +124,18 @@ class ScFoundationConfig(PreTrainedConfig):
     attention_dropout_prob: float | int = 0.0
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    norm_placement: Literal["pre", "post"] = "pre"
+    final_norm: bool = True
+    hidden_act: Literal["gelu", "relu"] = "gelu"
+    embedding_norm: Literal["sum", "separate"] = "sum"
+    bin_embedding: Literal["table", "mlp"] = "table"
     value_encoding: Literal["binned", "continuous", "rank"] = "binned"
     n_bins: int = 51
     max_position_embeddings: int = 2048
     pooling: Literal["cls", "mean"] = "cls"
+    pooling_layer: int = -1
+    normalize_cell_embedding: bool = False
+    eos_token_id: int | None = None
     condition_vocab_sizes: dict[str, int] = field(default_factory=dict)
     attention_backend: Literal["sdpa", "flash_varlen"] = "sdpa"
     mvc_weight: float | int = 0.0
@@ -139,6 +164,8 @@ class ScFoundationConfig(PreTrainedConfig):
         """A config whose vocabulary size, special token ids, value encoding, bins and positions match
         ``tokenizer``; ``architecture`` (hidden_size, num_hidden_layers, ...) gives the rest and may override any
         field."""
+        from .genes import EOS_TOKEN
+
         vocab, settings = tokenizer.vocab, tokenizer.config
         matched = {
             "vocab_size": len(vocab),
@@ -148,6 +175,7 @@ class ScFoundationConfig(PreTrainedConfig):
             "pad_token_id": vocab.pad_id,
             "cls_token_id": vocab.cls_id,
             "mask_token_id": vocab.mask_id,
+            "eos_token_id": vocab[EOS_TOKEN] if settings.add_eos else None,
         }
         return cls(**(matched | architecture))
 
@@ -171,6 +199,10 @@ class ScFoundationConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_dropout_prob"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not -self.num_hidden_layers <= self.pooling_layer <= -1:
+            raise ValueError(
+                f"pooling_layer counts blocks from the end, -1 to -{self.num_hidden_layers}; got {self.pooling_layer}"
+            )
         if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
             raise ValueError("layer_norm_eps and initializer_range must be positive")
         if self.value_encoding == "binned" and self.n_bins < 3:
@@ -205,6 +237,8 @@ class ScFoundationConfig(PreTrainedConfig):
         if not -1 <= self.ecs_threshold <= 1:
             raise ValueError(f"ecs_threshold is a cosine similarity in [-1, 1], got {self.ecs_threshold}")
         special = {name: getattr(self, name) for name in ("pad_token_id", "cls_token_id", "mask_token_id")}
+        if self.eos_token_id is not None:
+            special["eos_token_id"] = self.eos_token_id
         if self.decoder_gene_ids is not None:
             ids = self.decoder_gene_ids
             if not ids or len(set(ids)) != len(ids):

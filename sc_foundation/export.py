@@ -61,20 +61,33 @@ def export_pretrained(
     return directory
 
 
-def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> ScFoundationPreTrainedModel:
+def load_pretrained(
+    path: str | os.PathLike, device: str | torch.device | None = None, **config_overrides
+) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
-    The tokenizer is ``model.gene_tokenizer``: everything that feeds the model AnnData takes it from there.
+    The tokenizer is ``model.gene_tokenizer``: everything that feeds the model AnnData takes it from there. A
+    published scGPT or Geneformer folder is converted on the fly (see :mod:`sc_foundation.convert`).
 
     Args:
-        path: a directory written by :func:`export_pretrained` (``save_pretrained`` plus the tokenizer files).
+        path: a directory written by :func:`export_pretrained` (``save_pretrained`` plus the tokenizer files), or
+            a published scGPT or Geneformer folder.
         device: where to put the model; default CUDA when available, else CPU.
+        config_overrides: config fields that need no other weights, e.g. ``pooling="mean"``, ``pooling_layer=-1``
+            or ``normalize_cell_embedding=False`` to read another cell embedding than the model's own.
 
     Raises:
         FileNotFoundError: the directory lacks the model or the tokenizer files.
-        ValueError: the tokenizer does not fit the model (vocabulary size or value encoding).
+        ValueError: the tokenizer does not fit the model (vocabulary size or value encoding); a published folder
+            that cannot be converted exactly (:class:`~sc_foundation.convert.ConversionError`).
     """
+    from .convert import convert, detect
+
     path = Path(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if detect(path) is not None:
+        return convert(path, **config_overrides).model.to(device)
     missing = [name for name in ("config.json", VOCAB_FILE, TOKENIZER_FILE) if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -92,9 +105,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
             f"{path}: the tokenizer ({len(tokenizer.vocab)} genes, {tokenizer.config.encoding} encoding) does not fit "
             f"the model ({config.vocab_size} genes, {config.value_encoding} encoding)"
         )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_class.from_pretrained(path).to(device)
+    model = model_class.from_pretrained(path, **config_overrides).to(device)
     model.eval()
     model.gene_tokenizer = tokenizer
     return model

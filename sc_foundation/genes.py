@@ -30,6 +30,8 @@ import pandas as pd
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
 MASK_TOKEN = "<mask>"
+EOS_TOKEN = "<eos>"
+"""An end-of-cell token; only vocabularies whose tokenizer appends one (Geneformer V2's) hold it."""
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, CLS_TOKEN, MASK_TOKEN)
 """Tokens every vocabulary holds. More (modality or assay tokens) can be added with ``GeneVocab.add_special``."""
 

@@ -47,8 +47,10 @@ class ScFoundationModelOutput(ModelOutput):
     """Output of :class:`ScFoundationModel`.
 
     Args:
-        last_hidden_state: (B, L, h) after the final LayerNorm; (1, T, h) for a packed batch.
-        cell_embedding: (n_cells, h), pooled by ``config.pooling``; n_cells = B for a padded batch.
+        last_hidden_state: (B, L, h) after the final LayerNorm (if ``config.final_norm``); (1, T, h) for a packed
+            batch.
+        cell_embedding: (n_cells, h), pooled by ``config.pooling`` from the block ``config.pooling_layer`` (and
+            L2-normalised with ``config.normalize_cell_embedding``); n_cells = B for a padded batch.
         hidden_states: with ``output_hidden_states``, num_hidden_layers + 1 tensors shaped like
             ``last_hidden_state``: the embeddings, then each block's output (before the final LayerNorm).
     """
@@ -204,12 +206,15 @@ def _cell_layout(
     return cell_ids[None, :], positions[None, :], starts  # (1, T), (1, T), (n_cells,)
 
 
-def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
-    """Linear -> GELU -> Linear, with named layers so that checkpoint keys read ``fc_in`` / ``fc_out``."""
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def _mlp(in_features: int, hidden_features: int, out_features: int, activation: str = "gelu") -> nn.Sequential:
+    """Linear -> activation -> Linear, with named layers so that checkpoint keys read ``fc_in`` / ``fc_out``."""
     return nn.Sequential(
         OrderedDict(
             fc_in=nn.Linear(in_features, hidden_features),
-            act=nn.GELU(),
+            act=_ACTIVATIONS[activation](),
             fc_out=nn.Linear(hidden_features, out_features),
         )
     )
@@ -236,31 +241,45 @@ def _varlen_attention(
 class ScFoundationEmbeddings(nn.Module):
     """Gene embedding + value embedding (+ rank positions) + condition embeddings, normalised.
 
-    The value embedding follows ``config.value_encoding``; where ``mask`` is True the value is replaced by a learned
-    mask-value embedding, so the model cannot read the value it is asked to predict. Conditions (e.g. the batch)
-    are added to every token rather than to CLS alone: it works under mean pooling too, where there may be no CLS,
-    and every gene can shift by condition directly (detection differs gene by gene between technologies).
-    The LayerNorm keeps the sum on one scale even where the continuous value MLP sees large values.
+    The value embedding follows ``config.value_encoding`` (and ``bin_embedding``); where ``mask`` is True the value
+    is replaced by a learned mask-value embedding, so the model cannot read the value it is asked to predict.
+    Conditions (e.g. the batch) are added to every token rather than to CLS alone: it works under mean pooling too,
+    where there may be no CLS, and every gene can shift by condition directly (detection differs gene by gene
+    between technologies). The LayerNorm (on the sum, or on the gene and value embeddings apart, by
+    ``config.embedding_norm``) keeps the sum on one scale even where the continuous value MLP sees large values.
     """
 
     def __init__(self, config: ScFoundationConfig):
         super().__init__()
         h = config.hidden_size
         self.value_encoding = config.value_encoding
+        self.value_mlp = config.value_encoding == "continuous" or (
+            config.value_encoding == "binned" and config.bin_embedding == "mlp"
+        )
         self.gene_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
-        if config.value_encoding == "binned":
+        if self.value_mlp:  # the value (log1p expression, or a bin index as a number) through a small MLP
+            self.value_embeddings = _mlp(1, h, h, config.hidden_act)
+            self.mask_value = nn.Parameter(torch.empty(h))
+        elif config.value_encoding == "binned":
             self.mask_bin = config.n_bins
             self.value_embeddings = nn.Embedding(config.n_bins + 1, h)  # the extra last row is the hidden value
-        elif config.value_encoding == "continuous":
-            self.value_embeddings = _mlp(1, h, h)
-            self.mask_value = nn.Parameter(torch.empty(h))
         else:  # rank: the order is the value, so positions carry it
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.condition_embeddings = nn.ModuleDict(
             {name: nn.Embedding(size, h) for name, size in config.condition_vocab_sizes.items()}
         )
-        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        if config.embedding_norm == "sum":
+            self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        else:
+            self.gene_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            if config.value_encoding != "rank":
+                self.value_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _norm(self, name: str, embedding: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm ``name`` (``norm``, ``gene_norm``, ``value_norm``) where this model has it, else identity."""
+        norm = getattr(self, name, None)
+        return embedding if norm is None else norm(embedding)
 
     def forward(
         self,
@@ -284,22 +303,23 @@ class ScFoundationEmbeddings(nn.Module):
         Returns:
             (B, L, h).
         """
-        embedding = self.gene_embeddings(input_ids)  # (B, L, h)
-        if self.value_encoding == "binned":
-            bins = values.long()
-            if mask is not None:
-                bins = bins.masked_fill(mask, self.mask_bin)
-            embedding = embedding + self.value_embeddings(bins)
-        elif self.value_encoding == "continuous":
+        embedding = self._norm("gene_norm", self.gene_embeddings(input_ids))  # (B, L, h)
+        if self.value_mlp:
             value_embedding = self.value_embeddings(values.unsqueeze(-1).to(embedding.dtype))  # (B, L, 1) -> (B, L, h)
+            value_embedding = self._norm("value_norm", value_embedding)
             if mask is not None:
                 value_embedding = torch.where(mask.unsqueeze(-1), self.mask_value, value_embedding)
             embedding = embedding + value_embedding
+        elif self.value_encoding == "binned":
+            bins = values.long()
+            if mask is not None:
+                bins = bins.masked_fill(mask, self.mask_bin)
+            embedding = embedding + self._norm("value_norm", self.value_embeddings(bins))
         else:
             embedding = embedding + self.position_embeddings(positions)
         for name, table in self.condition_embeddings.items():
             embedding = embedding + table(condition_ids[name])[cell_ids]  # (n_cells, h) -> (B, L, h)
-        return self.dropout(self.norm(embedding))
+        return self.dropout(self._norm("norm", embedding))
 
 
 class ScFoundationAttention(nn.Module):
@@ -346,15 +366,17 @@ class ScFoundationAttention(nn.Module):
 
 
 class ScFoundationBlock(nn.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)); (B, L, h) -> (B, L, h)."""
+    """Transformer block, (B, L, h) -> (B, L, h). Pre-norm: x + attn(LN(x)), then x + MLP(LN(x)); post-norm
+    (``config.norm_placement``): LN(x + attn(x)), then LN(x + MLP(x))."""
 
     def __init__(self, config: ScFoundationConfig):
         super().__init__()
         h = config.hidden_size
+        self.pre_norm = config.norm_placement == "pre"
         self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.attn = ScFoundationAttention(config)
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.mlp = _mlp(h, config.intermediate_size, h)
+        self.mlp = _mlp(h, config.intermediate_size, h, config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -365,15 +387,22 @@ class ScFoundationBlock(nn.Module):
         max_seqlen: int | None,
     ) -> torch.Tensor:
         """See :meth:`ScFoundationAttention.forward` for the arguments."""
-        hidden = hidden + self.dropout(self.attn(self.attn_norm(hidden), attn_mask, cu_seqlens, max_seqlen))
-        return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        if self.pre_norm:
+            hidden = hidden + self.dropout(self.attn(self.attn_norm(hidden), attn_mask, cu_seqlens, max_seqlen))
+            return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        hidden = self.attn_norm(hidden + self.dropout(self.attn(hidden, attn_mask, cu_seqlens, max_seqlen)))
+        return self.mlp_norm(hidden + self.dropout(self.mlp(hidden)))
 
 
 def _prediction_transform(config: ScFoundationConfig) -> nn.Sequential:
     """The token-wise transform in front of an output projection (as in BERT's MLM head): (..., h) -> (..., h)."""
     h = config.hidden_size
     return nn.Sequential(
-        OrderedDict(dense=nn.Linear(h, h), act=nn.GELU(), norm=nn.LayerNorm(h, eps=config.layer_norm_eps))
+        OrderedDict(
+            dense=nn.Linear(h, h),
+            act=_ACTIVATIONS[config.hidden_act](),
+            norm=nn.LayerNorm(h, eps=config.layer_norm_eps),
+        )
     )
 
 
@@ -603,7 +632,7 @@ class ScFoundationPreTrainedModel(PreTrainedModel):
         """transformers' defaults (normal linear and embedding weights, zero biases and padding row, unit
         LayerNorms) plus our own parameters."""
         super()._init_weights(module)
-        if isinstance(module, ScFoundationEmbeddings) and module.value_encoding == "continuous":
+        if isinstance(module, ScFoundationEmbeddings) and module.value_mlp:
             init.normal_(module.mask_value, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, ScFoundationGeneDecoder | ScFoundationFeatureDecoder):
             init.zeros_(module.bias)
@@ -674,7 +703,7 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
         super().__init__(config)
         self.embeddings = ScFoundationEmbeddings(config)
         self.layers = nn.ModuleList(ScFoundationBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_norm else None
         # Switched by transformers' activation_checkpointing_enable(), which also sets its own checkpoint function.
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
@@ -743,10 +772,15 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
             else:
                 hidden = layer(hidden, attn_mask, varlen_cu_seqlens, max_seqlen)
             all_hidden.append(hidden)
-        hidden = self.norm(hidden)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        pooled = hidden if self.config.pooling_layer == -1 else all_hidden[self.config.pooling_layer]
+        cell_embedding = self._pool(pooled, input_ids, attention_mask, cell_ids, starts)
+        if self.config.normalize_cell_embedding:
+            cell_embedding = F.normalize(cell_embedding, dim=-1)
         return ScFoundationModelOutput(
             last_hidden_state=hidden,
-            cell_embedding=self._pool(hidden, input_ids, attention_mask, cell_ids, starts),
+            cell_embedding=cell_embedding,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
 
@@ -769,7 +803,8 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
         cell_ids: torch.Tensor,
         starts: torch.Tensor,
     ) -> torch.Tensor:
-        """Cell embeddings (n_cells, h) from hidden (B, L, h): the CLS token, or the mean of the real non-CLS tokens.
+        """Cell embeddings (n_cells, h) from hidden (B, L, h): the CLS token, or the mean of the real tokens other
+        than CLS and EOS.
 
         A padded batch is handled as a packed one, its rows laid end to end, so both take one code path.
         """
@@ -777,6 +812,8 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
         if self.config.pooling == "cls":
             return flat[starts]
         weight = input_ids != self.config.cls_token_id  # (B, L)
+        if self.config.eos_token_id is not None:
+            weight = weight & (input_ids != self.config.eos_token_id)
         if attention_mask is not None:
             weight = weight & attention_mask.bool()
         weight = weight.flatten().to(flat.dtype)  # (B * L,)

@@ -1,7 +1,9 @@
 """The gene tokenizer: raw counts of each cell -> (gene token ids, values), by one of three value encodings.
 
 * ``binned`` (scGPT): log1p of counts per ``target_sum``, then per-cell quantile bins of the non-zero values into
-  ``1..n_bins-1`` (0 is kept for zero expression and special tokens). Ties always share a bin: no random tie-breaking.
+  ``1..n_bins-1`` (0 is kept for zero expression and special tokens). By rank (``bin_edges="rank"``, ours), ties
+  always share a bin; by scGPT's own rule (``bin_edges="quantile"``), values are digitised against the cell's
+  quantiles and a value equal to an edge takes one of the bins it borders at random, drawn from a seeded hash.
 * ``rank`` (Geneformer): counts per ``target_sum`` divided by each gene's non-zero median over the corpus; genes are
   ordered by that value, highest first. The value is kept, but the order is what the model sees.
 * ``continuous``: log1p of counts per ``target_sum``.
@@ -16,6 +18,7 @@ The tokenizer is saved as ``gene_tokenizer.json`` beside ``gene_vocab.json``; bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .genes import GeneResolution, GeneVocab, _atomic_write_text, resolve_genes
+from .genes import _GENOME_PREFIX, EOS_TOKEN, GeneResolution, GeneVocab, _atomic_write_text, resolve_genes
 
 if TYPE_CHECKING:
     from .io import CountSource
@@ -58,6 +61,13 @@ class TokenizerConfig:
         seed: seed for the random subset.
         min_match_rate: refuse an input when fewer of its genes than this fraction match the vocabulary.
         duplicates: input genes resolving to one vocabulary gene are summed (``"sum"``, Geneformer) or refused.
+        gene_id_type: what the vocabulary's gene tokens are: ``"ensembl"`` ids (ours, Geneformer) or ``"symbol"``s
+            (scGPT). Input genes are resolved to Ensembl ids either way; a symbol vocabulary then matches an input
+            gene by its name as written, else by the Ensembl id of a vocabulary symbol.
+        add_eos: put an ``<eos>`` token (value 0) last (Geneformer V2); the vocabulary must hold it.
+        cls_value: the value the ``<cls>`` token carries (scGPT gives it its ``pad_value``, -2).
+        bin_edges: ``binned`` only: ``"rank"`` (ours) or ``"quantile"`` (scGPT's ``binning``); see the module
+            docstring.
     """
 
     encoding: Literal["binned", "rank", "continuous"] = "binned"
@@ -70,6 +80,10 @@ class TokenizerConfig:
     seed: int = 0
     min_match_rate: float = 0.5
     duplicates: Literal["sum", "error"] = "sum"
+    gene_id_type: Literal["ensembl", "symbol"] = "ensembl"
+    add_eos: bool = False
+    cls_value: float = 0.0
+    bin_edges: Literal["rank", "quantile"] = "rank"
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -78,17 +92,21 @@ class TokenizerConfig:
             raise ValueError(f"truncation must be 'random' or 'top', got {self.truncation!r}.")
         if self.duplicates not in ("sum", "error"):
             raise ValueError(f"duplicates must be 'sum' or 'error', got {self.duplicates!r}.")
+        if self.gene_id_type not in ("ensembl", "symbol"):
+            raise ValueError(f"gene_id_type must be 'ensembl' or 'symbol', got {self.gene_id_type!r}.")
+        if self.bin_edges not in ("rank", "quantile"):
+            raise ValueError(f"bin_edges must be 'rank' or 'quantile', got {self.bin_edges!r}.")
         if self.encoding == "binned" and self.n_bins < 3:
             raise ValueError(f"n_bins must be at least 3 (bin 0 plus two value bins), got {self.n_bins}.")
-        if self.context_length < 2:
+        if self.context_length < 2 + int(self.add_eos):
             raise ValueError(f"context_length must be at least 2, got {self.context_length}.")
         if not 0.0 <= self.min_match_rate <= 1.0:
             raise ValueError(f"min_match_rate must lie in [0, 1], got {self.min_match_rate}.")
 
     @property
     def max_genes(self) -> int:
-        """Gene tokens per cell, after the CLS token."""
-        return self.context_length - int(self.add_cls)
+        """Gene tokens per cell, besides the CLS and EOS tokens."""
+        return self.context_length - int(self.add_cls) - int(self.add_eos)
 
 
 @dataclass
@@ -217,7 +235,11 @@ def aggregate_columns(codes: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
 
 
 def normalise_counts(
-    counts: sp.spmatrix, aggregate: sp.csr_matrix, target_sum: float, sort_indices: bool = True
+    counts: sp.spmatrix,
+    aggregate: sp.csr_matrix,
+    target_sum: float,
+    sort_indices: bool = True,
+    dtype: type[np.floating] = np.float32,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts per ``target_sum`` over the columns that ``aggregate`` keeps (see :func:`aggregate_columns`).
 
@@ -225,12 +247,13 @@ def normalise_counts(
         counts: (n_cells, n_input) raw counts.
         aggregate: (n_input, n_kept) column selector.
         sort_indices: sort column indices within rows (tokenization needs it; statistics do not).
+        dtype: of the arithmetic and the results (the rank encoding orders genes in float64, as Geneformer does).
     Returns:
-        (n_cells, n_kept) float32 CSR without stored zeros, and (n_cells,) float32 total
+        (n_cells, n_kept) ``dtype`` CSR without stored zeros, and (n_cells,) ``dtype`` total
         counts over all input columns (the library size, as scGPT and Geneformer define it).
     """
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+    counts = sp.csr_matrix(counts, dtype=dtype)
+    totals = np.asarray(counts.sum(axis=1), dtype=dtype).ravel()
     kept = (counts @ aggregate).tocsr()
     if sort_indices:
         kept.sort_indices()
@@ -303,7 +326,7 @@ class GeneTokenizer:
     Args:
         vocab: the gene vocabulary.
         config: the settings.
-        gene_medians: (len(vocab),) float32 non-zero median of normalised counts per token id, NaN where unknown;
+        gene_medians: (len(vocab),) float64 non-zero median of normalised counts per token id, NaN where unknown;
             required by the ``rank`` encoding (see :class:`sc_foundation.gene_statistics.GeneStatistics`).
     """
 
@@ -311,9 +334,11 @@ class GeneTokenizer:
         if config.encoding == "rank":
             if gene_medians is None:
                 raise ValueError("The rank encoding needs gene_medians: compute them over the corpus first.")
-            gene_medians = np.asarray(gene_medians, dtype=np.float32)
+            gene_medians = np.asarray(gene_medians, dtype=np.float64)
             if gene_medians.shape != (len(vocab),):
                 raise ValueError(f"gene_medians has shape {gene_medians.shape}, expected ({len(vocab)},).")
+        if config.add_eos and EOS_TOKEN not in vocab:
+            raise ValueError(f"add_eos=True needs an {EOS_TOKEN} token in the vocabulary; add it with add_special.")
         self.vocab = vocab
         self.config = config
         self.gene_medians = gene_medians
@@ -339,7 +364,7 @@ class GeneTokenizer:
         Under the rank encoding a gene without a corpus median cannot be ranked and counts as unmatched.
         """
         resolution = resolve_genes(gene_names, species=species)
-        ids = self.vocab.lookup(resolution.canonical)
+        ids = self._vocabulary_ids(resolution)
         if self.config.encoding == "rank":
             known = np.zeros(len(ids), dtype=bool)
             medians = self.gene_medians[ids[ids >= 0]]
@@ -383,6 +408,25 @@ class GeneTokenizer:
                 f"{resolution.names[dup[:10]].tolist()}. Remove the duplicates or set duplicates='sum'."
             )
         return match
+
+    def _vocabulary_ids(self, resolution: GeneResolution) -> np.ndarray:
+        """(n,) int64 vocabulary id of each resolved input gene, -1 where it has none (see ``gene_id_type``)."""
+        if self.config.gene_id_type == "ensembl":
+            return self.vocab.lookup(resolution.canonical)
+        by_name = self.vocab.lookup([_GENOME_PREFIX.sub("", name.strip()) for name in resolution.names])
+        by_ensembl = self._symbol_ids_by_ensembl
+        via_ensembl = np.fromiter((by_ensembl.get(g, -1) for g in resolution.canonical), np.int64, len(by_name))
+        return np.where(by_name >= 0, by_name, via_ensembl)
+
+    @functools.cached_property
+    def _symbol_ids_by_ensembl(self) -> dict[str, int]:
+        """Human Ensembl id -> id of the first vocabulary symbol that resolves to it (symbol vocabularies)."""
+        tokens = self.vocab.tokens
+        mapping: dict[str, int] = {}
+        for token_id, gene in enumerate(resolve_genes(tokens, species="human").canonical):
+            if gene is not None:
+                mapping.setdefault(gene, token_id)
+        return mapping
 
     def match_source(
         self, source: CountSource, *, chunk_size: int, species: str = "auto"
@@ -430,7 +474,9 @@ class GeneTokenizer:
                 for lo in range(0, counts.shape[0], block)
             ]
             return TokenizedCells.concatenate(parts, row_starts=range(0, counts.shape[0], block))
-        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum)
+        # The rank encoding's order is its value: computed in float64, so that it is Geneformer's to the last gene.
+        dtype = np.float64 if cfg.encoding == "rank" else np.float32
+        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype)
         n_cells = norm.shape[0]
         n_expressed = np.diff(norm.indptr).astype(np.int32)
         if cfg.include_zeros:
@@ -445,10 +491,10 @@ class GeneTokenizer:
             raw = norm.data
         keep_cell = n_expressed > 0
         genes = match.token_ids[cols]
-        values = self._values(rows, genes, raw, n_cells)
+        values = self._values(rows, genes, raw, n_cells, keys)
         # Entries arrive grouped by cell and in vocabulary order within each cell.
         if cfg.encoding == "rank":
-            order = _sort_within_rows(rows, _descending(values))
+            order = np.lexsort((-values, rows))  # stable: equal values keep vocabulary order
             rows, genes, values = rows[order], genes[order], values[order]
             selected = self._first_per_row(rows, n_cells)
         else:
@@ -468,7 +514,7 @@ class GeneTokenizer:
         rows, genes, values = rows[selected], genes[selected], values[selected]
 
         kept_rows = np.flatnonzero(keep_cell)
-        lengths = np.bincount(rows, minlength=n_cells)[kept_rows] + int(cfg.add_cls)
+        lengths = np.bincount(rows, minlength=n_cells)[kept_rows] + int(cfg.add_cls) + int(cfg.add_eos)
         offsets = np.zeros(len(kept_rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         gene_ids = np.empty(offsets[-1], dtype=np.int32)
@@ -476,7 +522,11 @@ class GeneTokenizer:
         token_slot = np.ones(offsets[-1], dtype=bool)
         if cfg.add_cls:
             gene_ids[offsets[:-1]] = self.vocab.cls_id
+            out_values[offsets[:-1]] = cfg.cls_value
             token_slot[offsets[:-1]] = False
+        if cfg.add_eos:
+            gene_ids[offsets[1:] - 1] = self.vocab[EOS_TOKEN]
+            token_slot[offsets[1:] - 1] = False
         gene_ids[token_slot] = genes
         out_values[token_slot] = values
         return TokenizedCells(
@@ -484,7 +534,7 @@ class GeneTokenizer:
             gene_ids=gene_ids,
             values=out_values,
             rows=kept_rows.astype(np.int64),
-            n_counts=totals[kept_rows],
+            n_counts=totals[kept_rows].astype(np.float32),
             n_expressed=n_expressed[kept_rows],
         )
 
@@ -493,13 +543,18 @@ class GeneTokenizer:
         row_start = np.searchsorted(rows, np.arange(n_cells))
         return np.arange(len(rows)) - row_start[rows] < self.config.max_genes
 
-    def _values(self, rows: np.ndarray, genes: np.ndarray, norm: np.ndarray, n_cells: int) -> np.ndarray:
-        """(n,) float32 token values from normalised counts ``norm`` of (row, gene) entries grouped by row."""
+    def _values(
+        self, rows: np.ndarray, genes: np.ndarray, norm: np.ndarray, n_cells: int, keys: np.ndarray
+    ) -> np.ndarray:
+        """(n,) token values (float32; float64 for rank) from normalised counts ``norm`` of (row, gene) entries
+        grouped by row."""
         cfg = self.config
         if cfg.encoding == "continuous":
             return np.log1p(norm).astype(np.float32)
         if cfg.encoding == "rank":
-            return (norm / self.gene_medians[genes]).astype(np.float32)
+            return norm / self.gene_medians[genes]  # float64 (see encode); stored as float32
+        if cfg.bin_edges == "quantile":
+            return self._quantile_bins(rows, genes, np.log1p(norm).astype(np.float32), n_cells, keys)
         # binned: bin = 1 + floor(r * (n_bins - 1) / m), with r the number of the cell's m non-zero values strictly
         # below this one. Equal values get equal r, hence the same bin; zeros stay in bin 0.
         logged = np.log1p(norm).astype(np.float32)
@@ -516,6 +571,31 @@ class GeneTokenizer:
         nz_bins = np.empty(len(order), dtype=np.float32)
         nz_bins[order] = bins_sorted
         bins[nonzero] = nz_bins
+        return bins
+
+    def _quantile_bins(
+        self, rows: np.ndarray, genes: np.ndarray, logged: np.ndarray, n_cells: int, keys: np.ndarray
+    ) -> np.ndarray:
+        """scGPT's binning: (n,) float32 bins of (row, gene) entries grouped by row.
+
+        Each cell's non-zero values are digitised against its ``n_bins - 1`` quantiles at ``linspace(0, 1)``
+        (bins 1..n_bins-1; zeros stay 0). A value equal to one or more edges lies between its left and right
+        digitisation; scGPT picks a bin there with an unseeded uniform draw, we with a draw hashed from the seed, the
+        cell and the gene, so a cell's bins do not depend on the run. Being a rank statistic, the result is the same
+        on counts, normalised counts or their log.
+        """
+        bins = np.zeros(len(logged), dtype=np.float32)
+        nonzero = np.flatnonzero(logged > 0)
+        bounds = np.searchsorted(rows[nonzero], np.arange(n_cells + 1))
+        draws = hash_uniform(np.uint64(self.config.seed), keys[rows[nonzero]], genes[nonzero].astype(np.uint64))
+        quantiles = np.linspace(0, 1, self.config.n_bins - 1)
+        for lo, hi in itertools.pairwise(bounds):
+            if lo == hi:
+                continue
+            values = logged[nonzero[lo:hi]].astype(np.float64)
+            edges = np.quantile(values, quantiles)
+            left, right = np.digitize(values, edges), np.digitize(values, edges, right=True)
+            bins[nonzero[lo:hi]] = np.ceil(draws[lo:hi] * (right - left) + left)
         return bins
 
     # ------------------------------------------------------------------------------------------ save/load
@@ -541,7 +621,7 @@ class GeneTokenizer:
         vocab = GeneVocab.from_file(directory)
         medians = None
         if "gene_medians" in payload:
-            medians = np.full(len(vocab), np.nan, dtype=np.float32)
+            medians = np.full(len(vocab), np.nan, dtype=np.float64)
             for gene, value in payload["gene_medians"].items():
                 medians[vocab[gene]] = value
         return cls(vocab, TokenizerConfig(**payload["config"]), medians)

@@ -113,3 +113,27 @@ def assert_positive(record: dict, keys: list[str]) -> None:
     for key in keys:
         value = record[key]
         assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory, shared_data) -> dict:
+    """Small random stand-ins of the published checkpoints, written as the published folders (tests/published.py):
+    ``{"scgpt": (folder, reference), "geneformer_v1": (folder, bert, medians), "geneformer_v2": (...)}``. The scGPT
+    vocabulary is pbmc3k's gene symbols; the Geneformer ones are V1's real 25,426 tokens and a V2-shaped list."""
+    import anndata
+
+    from tests import published as stand_ins
+
+    root = tmp_path_factory.mktemp("published")
+    backed = anndata.read_h5ad(shared_data / "pbmc3k/pbmc3k.h5ad", backed="r")
+    symbols = list(dict.fromkeys(backed.var_names))
+    backed.file.close()
+    v1, v2 = stand_ins.geneformer_v1_tokens(shared_data), stand_ins.geneformer_v2_tokens(shared_data)
+    return {
+        "scgpt": (root / "scgpt", stand_ins.write_scgpt_folder(root / "scgpt", symbols)),
+        "geneformer_v1": (root / "gf_v1", *stand_ins.write_geneformer_folder(root / "gf_v1", v1)),
+        "geneformer_v2": (
+            root / "gf_v2",
+            *stand_ins.write_geneformer_folder(root / "gf_v2", v2, max_position_embeddings=4096, seed=1),
+        ),
+    }

@@ -18,7 +18,7 @@ def test_inference_benchmark(inference_benchmark, tmp_path, shared_data):
     out = tmp_path / "inference.json"
     argv = [
         "--out", str(out), "--sizes", "tiny", "--cells", str(CELLS), "--context", "64", "--batch-size", "16",
-        "--warmup-cells", "8", "--repeats", "2", "--threads", "1", "--no-gpu",
+        "--warmup-cells", "8", "--repeats", "2", "--threads", "1", "--no-gpu", "--published",
         "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(shared_data),
     ]  # fmt: skip
     payload = inference_benchmark.main(argv)
@@ -45,9 +45,31 @@ def test_inference_benchmark(inference_benchmark, tmp_path, shared_data):
     assert tiny["cells_per_s"] == pytest.approx(CELLS / tiny["seconds"])
     assert tiny["tokens_per_s"] == pytest.approx(tiny["cells_per_s"] * config["mean_tokens_per_cell"])
     assert 0.5 <= tiny["match_rate"] <= 1.0
-    assert payload["gpu"] == {"measured": False, "reason": "--no-gpu"}
+    assert payload["gpu"] == {"measured": False, "reason": "--no-gpu"} and payload["published"] == {}
     # The exported models were temporary: only the slice and the store stay in the cache.
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         f"inference-kang_ifnb-{CELLS}.h5ad",
         f"inference-store-inference-kang_ifnb-{CELLS}-ctx64-min1",
     ]
+
+
+def test_published_architectures_against_their_references(inference_benchmark, tmp_path, shared_data, monkeypatch):
+    """The published architectures, shrunk: ours and the reference forward on the same batches agree and are timed."""
+    scgpt = {"d_model": 32, "nlayers": 2, "nhead": 4, "d_hid": 32, "vocab_size": 20_000}
+    geneformer = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    monkeypatch.setitem(inference_benchmark.PUBLISHED, "scgpt", scgpt)
+    monkeypatch.setitem(inference_benchmark.PUBLISHED, "geneformer_v1", geneformer)
+    argv = [
+        "--out", str(tmp_path / "inference.json"), "--sizes", "tiny", "--context", "64", "--cells", "24",
+        "--warmup-cells", "8", "--published-cells", "12",
+        "--batch-size", "8", "--threads", "1", "--no-gpu", "--cache-dir", str(tmp_path / "cache"),
+        "--data-dir", str(shared_data),
+    ]  # fmt: skip
+    payload = inference_benchmark.main(argv)
+    assert set(payload["published"]) == {"scgpt", "geneformer_v1"}
+    for result in payload["published"].values():
+        assert_positive(result, ["ours_forward_cells_per_s", "reference_forward_cells_per_s", "embed_cells_per_s"])
+        assert result["cells"] == 12 and result["max_abs_difference"] <= 1e-5
+        assert result["speedup"] == pytest.approx(
+            result["ours_forward_cells_per_s"] / result["reference_forward_cells_per_s"]
+        )

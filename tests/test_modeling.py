@@ -178,6 +178,63 @@ def test_packed_mean_pooling_matches_padded():
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
 
 
+PUBLISHED_STYLES = {
+    "scgpt": dict(
+        norm_placement="post",
+        final_norm=False,
+        hidden_act="relu",
+        embedding_norm="separate",
+        bin_embedding="mlp",
+        normalize_cell_embedding=True,
+    ),
+    "geneformer": dict(norm_placement="post", final_norm=False, hidden_act="relu", pooling="mean", pooling_layer=-2),
+}
+
+
+@pytest.mark.parametrize("style", sorted(PUBLISHED_STYLES))
+def test_published_architecture_options(style):
+    """The options the published architectures need: packed equals padded, padding changes nothing, gradients
+    reach every weight that feeds the output, and the options change the parameters only where they should."""
+    encoding = "binned" if style == "scgpt" else "rank"
+    options = PUBLISHED_STYLES[style]
+    model = tiny_model(head_class(encoding), encoding, **options).eval()
+    cells = make_cells([6, 15, 9], encoding)
+    with torch.no_grad():
+        padded = model.sc_foundation(**pad_batch(cells))
+        packed = model.sc_foundation(**pack_batch(cells))
+        alone = model.sc_foundation(**pad_batch(cells[:1])).cell_embedding
+    torch.testing.assert_close(packed.cell_embedding, padded.cell_embedding, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], padded.cell_embedding[0], atol=1e-5, rtol=0)
+    names = {name for name, _ in model.sc_foundation.named_parameters()}
+    assert "norm.weight" not in names  # post-norm blocks: no final norm
+    if style == "scgpt":
+        assert {"embeddings.gene_norm.weight", "embeddings.value_norm.weight", "embeddings.mask_value"} <= names
+        torch.testing.assert_close(padded.cell_embedding.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+    model.train()
+    batch = add_masking(pad_batch(cells), encoding)
+    model(**batch).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_default_options_keep_the_parameters():
+    """Configs without the new options build the same parameters as before them (exports stay loadable)."""
+    model = tiny_model(ScFoundationModel, "binned")
+    names = {name for name, _ in model.named_parameters()}
+    assert {"norm.weight", "embeddings.norm.weight", "embeddings.value_embeddings.weight"} <= names
+    assert not any("gene_norm" in name or "value_norm" in name or "mask_value" in name for name in names)
+
+
+def test_eos_is_left_out_of_mean_pooling():
+    eos = 6
+    model = tiny_model(ScFoundationModel, "rank", pooling="mean", eos_token_id=eos).eval()
+    ids, values = make_cells([8], "rank")[0]
+    with_eos = (torch.cat([ids, torch.tensor([eos])]), torch.cat([values, torch.zeros(1)]))
+    with torch.no_grad():
+        out = model(**pad_batch([with_eos]))
+    expected = out.last_hidden_state[0, 1:-1].mean(0)  # neither <cls> nor <eos>
+    torch.testing.assert_close(out.cell_embedding[0], expected, atol=1e-6, rtol=0)
+
+
 def test_varlen_kernel_layout_on_cpu(monkeypatch):
     """The varlen branch (flat (T, nh, hd) tokens) checked on CPU, with a per-cell SDPA standing in for the kernel."""
 

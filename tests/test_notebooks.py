@@ -40,6 +40,8 @@ class Run:
     pretrained: Path
     data: Path
     output_dir: Path
+    published: dict | None = None
+    """The stand-ins of the published checkpoints (conftest's ``published``), for the cases that need them."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Case:
     """Assertions on the probe's value (and on files the notebook wrote)."""
     images: int = 1
     """How many images (plots) the executed notebook shows at least."""
+    needs_published: bool = False
+    """Whether the case runs on the published-checkpoint stand-ins (``Run.published``)."""
 
 
 def _check_embed(probe: dict, run: Run) -> None:
@@ -101,6 +105,27 @@ def _check_protein(probe: dict, run: Run) -> None:
     # predict_modality() on the AnnData reproduces the scores finetune.py computed from its store.
     assert probe["ours"] == pytest.approx(metrics["prediction"]["model"]["pearson_feature_mean"], abs=1e-4)
     assert probe["table_index"][-1] == "ridge_rna_pca"
+
+
+def _check_published(probe: dict, run: Run) -> None:
+    assert probe["models"] == {"scGPT": "ScFoundationModel", "Geneformer": "ScFoundationForMaskedGeneModeling"}
+    assert probe["shapes"] == {"scGPT": [700, 32], "Geneformer": [700, 32]}
+    # scGPT's convention: L2-normalised <cls>; Geneformer's: a mean, not normalised.
+    assert probe["norms"]["scGPT"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert probe["norms"]["Geneformer"][1] - probe["norms"]["Geneformer"][0] > 1e-3
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in [*probe["knn"].values(), *probe["other"].values()])
+    assert probe["other_differs"]
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert metrics["task"] == "annotation" and 0 < metrics["steps"] <= 20
+    assert (run.output_dir / "converted" / "model.safetensors").is_file()
+    assert probe["table_index"][0] == "Geneformer, fine-tuned"
+
+
+def published_parameters(run: Run) -> dict:
+    """The stand-in folders instead of an export, and a short fine-tuning run."""
+    parameters = finetuning_parameters(run)
+    del parameters["PRETRAINED"]
+    return parameters | {"SCGPT": str(run.published["scgpt"][0]), "GENEFORMER": str(run.published["geneformer_v2"][0])}
 
 
 def inference_parameters(run: Run) -> dict:
@@ -168,6 +193,20 @@ CASES: dict[str, Case] = {
         check=_check_protein,
         images=2,
     ),
+    "05_published_checkpoints": Case(
+        parameters=published_parameters,
+        probe="""{
+            "models": {name: type(m).__name__ for name, m in models.items()},
+            "shapes": {name: list(adata.obsm[f"X_{name}"].shape) for name in models},
+            "norms": {name: [float(n.min()), float(n.max())] for name, n in norms.items()},
+            "knn": {key: float(value) for key, value in knn.items()},
+            "other": {key: float(value) for key, value in other.items()},
+            "other_differs": bool(np.abs(adata.obsm["X_Geneformer_last"] - adata.obsm["X_Geneformer"]).max() > 1e-4),
+            "table_index": list(table.index),
+        }""",
+        check=_check_published,
+        needs_published=True,
+    ),
 }
 
 
@@ -202,13 +241,14 @@ def test_committed_notebooks_have_no_outputs(path):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch):
+def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch, request):
     from nbclient import NotebookClient
 
     if not (shared_data / CELLBENCH).exists():
         pytest.skip(f"{CELLBENCH} is missing from {shared_data}")
     case = CASES[name]
-    run = Run(pretrained=Path(pretrained), data=shared_data, output_dir=tmp_path / "output")
+    published = request.getfixturevalue("published") if case.needs_published else None
+    run = Run(pretrained=Path(pretrained), data=shared_data, output_dir=tmp_path / "output", published=published)
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     injected = "\n".join(f"{key} = {value!r}" for key, value in case.parameters(run).items())
     notebook.cells.insert(
