@@ -43,10 +43,10 @@ ABLATIONS: dict[str, list[str]] = {
     "context_64": ["data.tokenizer.context_length=64"],
     "all_expressed_genes": ["data.panel=null", "data.tokenizer.context_length=256", "data.tokenizer.truncation=random"],
     "cls_pooling": ["data.tokenizer.add_cls=true", "model.pooling=cls"],
-    "binned_values": [
-        "data.tokenizer.encoding=binned",
-        "model.reconstruction_weight=0",
-    ],
+    "binned_values": ["data.tokenizer.encoding=binned", "model.reconstruction_weight=0"],
+    # model and contrastive settings
+    "width_128": ["model.hidden_size=128", "model.intermediate_size=512"],
+    "temperature_0.1": ["model.contrastive_temperature=0.1"],
 }
 
 
