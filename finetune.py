@@ -54,6 +54,7 @@ from sc_foundation.evaluation import (
 )
 from sc_foundation.export import load_pretrained
 from sc_foundation.genes import _atomic_write_text
+from sc_foundation.hardware import resolve_precision
 from sc_foundation.imputation import (
     choose_panel,
     expression_targets,
@@ -240,6 +241,7 @@ def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Se
     if cfg.finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     module = TrainingModule(
         model,
         max_steps=trainer_kwargs["max_steps"],

@@ -23,6 +23,7 @@ from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.data import CorpusDataModule
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.export import export_pretrained
+from sc_foundation.hardware import resolve_precision
 from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.store import CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
@@ -73,6 +74,13 @@ def export(trainer: pl.Trainer, module: TrainingModule, tokenizer: GeneTokenizer
     return directory
 
 
+def best_note(directory: Path) -> str:
+    """How the run's last line names ``export/best``: only when it exists (no validation ran, none does)."""
+    if (directory / "config.json").is_file():
+        return f" (best validation loss: {directory.resolve()})"
+    return " (no validation ran, so there is no export/best)"
+
+
 class ExportBest(pl.Callback):
     """Exports the model to ``directory`` whenever the validation loss reaches a new low."""
 
@@ -117,6 +125,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     if isinstance(trainer_kwargs.get("strategy"), dict):
@@ -134,7 +143,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     final = export(trainer, module, store.tokenizer, out / "export" / "final")
     if trainer.is_global_zero:
-        print(f"exported model: {final.resolve()} (best validation loss: {best.directory.resolve()})")
+        print(f"exported model: {final.resolve()}{best_note(best.directory)}")
     return {
         "store": report.path,
         "report": report,

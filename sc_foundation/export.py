@@ -6,18 +6,23 @@ with beside them (``gene_vocab.json``, ``gene_tokenizer.json``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig
 
 from . import modeling
-from .genes import VOCAB_FILE
-from .modeling import ScFoundationPreTrainedModel
+from .genes import VOCAB_FILE, current_umask
+from .modeling import ScFoundationPreTrainedModel, transformers_quiet
 from .tokenization import TOKENIZER_FILE, GeneTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+EXPORT_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, TOKENIZER_FILE)
 
 
 def export_pretrained(
@@ -29,7 +34,8 @@ def export_pretrained(
     """Write ``model`` and ``tokenizer`` to ``directory`` atomically, replacing an earlier export there.
 
     Everything is written into a temporary folder beside ``directory`` and renamed into place, so a reader never
-    sees a half-written export: at any moment ``directory`` is the old export, the new one, or briefly absent.
+    sees a half-written export: at any moment ``directory`` is the old export, the new one, or briefly absent. The
+    folder and its files get the modes the umask gives (0755 and 0644 under umask 022): others load exports.
 
     Args:
         state_dict: the weights to save instead of ``model.state_dict()`` (the full state dict an FSDP run gathers).
@@ -39,8 +45,10 @@ def export_pretrained(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     retired = None
     try:
-        model.save_pretrained(staging, state_dict=state_dict)
+        with transformers_quiet():
+            model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save(staging)
+        _share(staging)
         if directory.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, retired / directory.name)
@@ -56,6 +64,45 @@ def export_pretrained(
     return directory
 
 
+def _share(folder: Path) -> None:
+    """Give ``folder`` (from ``mkdtemp``, 0700) and its files the modes a plain ``mkdir`` and ``open`` would."""
+    umask = current_umask()
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
+
+
+def check_export_files(path: Path) -> None:
+    """Refuse an export whose files are missing, truncated or corrupt, naming the file and the fix.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: ``config.json`` is not JSON, or ``model.safetensors`` is not a complete safetensors file
+            (the tokenizer files are checked as they are read).
+    """
+    missing = [
+        name for name in ("config.json", WEIGHTS_FILE, VOCAB_FILE, TOKENIZER_FILE) if not (path / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not an exported sc_foundation model directory: it lacks {missing}. An export holds "
+            f"{list(EXPORT_FILES)} (see sc_foundation.export)."
+        )
+    fix = "Copy the export again, or export the model again (train.py and finetune.py write export/)."
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path / 'config.json'} is corrupt or truncated (not JSON: {error}). {fix}") from None
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt") as opened:
+            opened.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError, for damaged files
+        raise ValueError(
+            f"{weights} is corrupt or truncated ({weights.stat().st_size:,} bytes; safetensors says: {error}). {fix}"
+        ) from None
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
@@ -67,15 +114,11 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
 
     Raises:
         FileNotFoundError: the directory lacks the model or the tokenizer files.
-        ValueError: the tokenizer does not fit the model (vocabulary size or value encoding).
+        ValueError: a file is corrupt or truncated (named), or the tokenizer does not fit the model (vocabulary size
+            or value encoding).
     """
     path = Path(path)
-    missing = [name for name in ("config.json", VOCAB_FILE, TOKENIZER_FILE) if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path} is not an exported sc_foundation model directory: it lacks {missing}. An export holds "
-            f"config.json, model.safetensors, {VOCAB_FILE} and {TOKENIZER_FILE} (see sc_foundation.export)."
-        )
+    check_export_files(path)
     config = AutoConfig.from_pretrained(path)
     architecture = (config.architectures or ["ScFoundationModel"])[0]
     model_class = getattr(modeling, architecture, None)

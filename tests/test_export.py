@@ -1,5 +1,8 @@
 """Exports are written atomically and load strictly with their tokenizer."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,16 @@ def test_load_refuses_a_tokenizer_of_another_encoding(tokenizer, tmp_path):
     tokenizer.save(tmp_path / "model")  # a rank tokenizer beside a binned model
     with pytest.raises(ValueError, match="does not fit"):
         load_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_export_modes_follow_the_umask(tokenizer, tmp_path, umask, file_mode, folder_mode):
+    """Others on a shared file system load exports: no private modes from the temporary folder."""
+    previous = os.umask(umask)
+    try:
+        target = export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "export")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == folder_mode
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", VOCAB_FILE, TOKENIZER_FILE], file_mode)
