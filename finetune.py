@@ -66,7 +66,7 @@ from sc_foundation.imputation import (
     vocabulary_counts,
 )
 from sc_foundation.inference import call_classes, impute
-from sc_foundation.io import write_h5ad_atomic
+from sc_foundation.io import InvalidInputError, write_h5ad_atomic
 from sc_foundation.modeling import (
     ScFoundationForBatchIntegration,
     ScFoundationForCellClassification,
@@ -158,8 +158,39 @@ def predict(model: torch.nn.Module, loader, field: str = "logits", **forward_kwa
 
 
 def _inputs(cfg: DictConfig) -> list[CorpusInput]:
-    """The task's input files, ``cfg.data.files``, as corpus inputs."""
-    return list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    """The task's input files, ``cfg.data.files``, as corpus inputs, checked by :func:`check_cells`."""
+    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    check_cells(inputs)
+    return inputs
+
+
+def check_cells(inputs: Sequence[CorpusInput]) -> None:
+    """Refuse, before anything is tokenized or trained, inputs whose cells the task cannot tell apart: an empty file,
+    duplicated cell ids within a file (splits, metrics and baselines find cells by file name and id), or two inputs
+    with the same file name.
+
+    Raises:
+        InvalidInputError: naming the file and the fix.
+    """
+    names = [spec.name for spec in inputs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(
+            f"data.files holds several inputs named {repeated}: cells are known by file name and cell id, so give "
+            "each file its own name."
+        )
+    for spec in inputs:
+        with spec.open() as source:
+            ids = source.obs.index
+        if len(ids) == 0:
+            raise InvalidInputError(f"{spec.path}: the file holds no cells (0 rows). Point data.files at cell files.")
+        duplicated = ids[ids.duplicated()].unique()
+        if len(duplicated):
+            raise InvalidInputError(
+                f"{spec.path}: {len(duplicated)} cell ids occur more than once (e.g. {list(duplicated[:3])}), but "
+                "every cell needs its own id. Make them unique and save the file again: "
+                "adata.obs_names_make_unique(); adata.write_h5ad(path)."
+            )
 
 
 def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):

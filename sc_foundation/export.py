@@ -6,7 +6,6 @@ with beside them (``gene_vocab.json``, ``gene_tokenizer.json``).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from . import modeling
-from .genes import VOCAB_FILE, current_umask
+from .genes import DAMAGED_FILE_FIX, VOCAB_FILE, current_umask, read_json
 from .modeling import ScFoundationPreTrainedModel, transformers_quiet
 from .tokenization import TOKENIZER_FILE, GeneTokenizer
 
@@ -88,18 +87,15 @@ def check_export_files(path: Path) -> None:
             f"{path} is not an exported sc_foundation model directory: it lacks {missing}. An export holds "
             f"{list(EXPORT_FILES)} (see sc_foundation.export)."
         )
-    fix = "Copy the export again, or export the model again (train.py and finetune.py write export/)."
-    try:
-        json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path / 'config.json'} is corrupt or truncated (not JSON: {error}). {fix}") from None
+    read_json(path / "config.json", DAMAGED_FILE_FIX)
     weights = path / WEIGHTS_FILE
     try:
         with safe_open(weights, framework="pt") as opened:
             opened.keys()
     except Exception as error:  # safetensors raises its own SafetensorError, or OSError, for damaged files
         raise ValueError(
-            f"{weights} is corrupt or truncated ({weights.stat().st_size:,} bytes; safetensors says: {error}). {fix}"
+            f"{weights} is corrupt or truncated ({weights.stat().st_size:,} bytes; safetensors says: {error}). "
+            f"{DAMAGED_FILE_FIX}"
         ) from None
 
 

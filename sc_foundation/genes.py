@@ -38,6 +38,7 @@ VOCAB_FILE = "gene_vocab.json"
 _GENOME_PREFIX = re.compile(r"^(?:hg\d+|GRCh\d+|mm\d+|GRCm\d+)[_-]+", re.IGNORECASE)
 _ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
 _SPECIAL = re.compile(r"^<[^<>\s]+>$")
+DAMAGED_FILE_FIX = "Copy the folder (store or model export) again, or build or export it again."
 
 
 def current_umask() -> int:
@@ -50,6 +51,14 @@ def current_umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read by setting, then put it back
     os.umask(mask)
     return mask
+
+
+def read_json(path: Path, fix: str):
+    """The JSON value in ``path``; a ``ValueError`` naming the file and ``fix`` when it is corrupt or truncated."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt or truncated (not JSON: {error}). {fix}") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -111,7 +120,10 @@ class GeneVocab:
         if not path.exists():
             raise FileNotFoundError(f"No gene vocabulary at {path}.")
         if path.suffix == ".json":
-            return cls(json.loads(path.read_text())["tokens"])
+            payload = read_json(path, DAMAGED_FILE_FIX)
+            if not isinstance(payload, dict) or not isinstance(payload.get("tokens"), list):
+                raise ValueError(f"{path} holds no token list ('tokens'): not a gene vocabulary. {DAMAGED_FILE_FIX}")
+            return cls(payload["tokens"])
         lines = [line.strip() for line in path.read_text().splitlines()]
         return cls([line for line in lines if line])
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .genes import GeneResolution, GeneVocab, _atomic_write_text, resolve_genes
+from .genes import DAMAGED_FILE_FIX, GeneResolution, GeneVocab, _atomic_write_text, read_json, resolve_genes
 
 if TYPE_CHECKING:
     from .io import CountSource
@@ -537,7 +537,9 @@ class GeneTokenizer:
         path = directory / TOKENIZER_FILE
         if not path.exists():
             raise FileNotFoundError(f"No {TOKENIZER_FILE} in {directory}: not a store or model directory.")
-        payload = json.loads(path.read_text())
+        payload = read_json(path, DAMAGED_FILE_FIX)
+        if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+            raise ValueError(f"{path} holds no tokenizer settings ('config'): not a gene tokenizer. {DAMAGED_FILE_FIX}")
         vocab = GeneVocab.from_file(directory)
         medians = None
         if "gene_medians" in payload:

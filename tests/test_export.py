@@ -1,5 +1,6 @@
 """Exports are written atomically and load strictly with their tokenizer."""
 
+import json
 import os
 import stat
 
@@ -93,3 +94,13 @@ def test_export_modes_follow_the_umask(tokenizer, tmp_path, umask, file_mode, fo
     assert stat.S_IMODE(target.stat().st_mode) == folder_mode
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()}
     assert modes == dict.fromkeys(["config.json", "model.safetensors", VOCAB_FILE, TOKENIZER_FILE], file_mode)
+
+
+def test_a_config_that_no_longer_fits_the_weights_is_named(tokenizer, tmp_path, caplog):
+    target = export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match="other shapes in the checkpoint") as error:
+        load_pretrained(target, device="cpu")
+    assert "config.json and the weights file disagree" in str(error.value)
+    assert "ignore_mismatched_sizes" not in str(error.value) + caplog.text
