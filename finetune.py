@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
+from sc_foundation.console import announce, console_callbacks
 from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.evaluation import (
@@ -204,7 +205,7 @@ def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_key
         chunk_size=cfg.data.chunk_size,
         num_workers=cfg.data.build_workers,
     )
-    print(report.format())
+    announce(report.format())
     return tokenizer, report.path
 
 
@@ -282,11 +283,12 @@ def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Se
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     best = ExportBest(tokenizer, out / "export" / "best")
     stopping = EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping.patience)
+    callbacks = [best, stopping, *console_callbacks(trainer_kwargs), *callbacks]
     trainer = pl.Trainer(
         **trainer_kwargs,
         default_root_dir=str(out),
         logger=logger,
-        callbacks=[best, stopping, *callbacks],
+        callbacks=callbacks,
         enable_checkpointing=False,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -347,7 +349,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]
-    print(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
+    announce(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -440,7 +442,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     )
     score = "total" if label_key is not None else "batch"
     summary = ", ".join(f"{name} {result[score]:.3f}" for name, result in baselines.items())
-    print(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
+    announce(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -534,7 +536,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     write_h5ad_atomic(imputed, out / "imputed.h5ad")
     summary = ", ".join(f"{name} {result['median_l1']:.3f}" for name, result in baselines.items())
-    print(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
+    announce(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -641,7 +643,7 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     np.savez(out / "embeddings.npz", **embeddings, cell_id=store.obs["cell_id"].to_numpy(dtype=str))
-    print(
+    announce(
         f"{modality.kind} Pearson per feature {prediction['model']['pearson_feature_mean']:.3f} (ridge from RNA PCA "
         f"{prediction['baselines']['ridge_rna_pca']['pearson_feature_mean']:.3f}); {out / 'metrics.json'}"
     )

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.console import announce, console_callbacks
 from sc_foundation.data import CorpusDataModule
 from sc_foundation.datasets import corpus_inputs
 from sc_foundation.export import export_pretrained
@@ -108,15 +109,15 @@ class ExportBest(pl.Callback):
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Everything ``train.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
     report = build_corpus(cfg)
-    print(report.format())
+    announce(report.format())
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
     datamodule.setup()
     padding = datamodule.padding_report()
-    print(
+    announce(
         f"train/val cells: {len(datamodule.train_indices)}/{len(datamodule.val_indices)}; padded share of token "
         f"slots per epoch: {padding['length_grouped']:.1%} length-grouped vs {padding['random']:.1%} random batches"
     )
-    print(f"corpus store: {Path(report.path).resolve()}")
+    announce(f"corpus store: {Path(report.path).resolve()}")
 
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
@@ -138,12 +139,12 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     )
     best = ExportBest(store.tokenizer, out / "export" / "best")
     configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
-    callbacks = [checkpoints, best, *configured, *callbacks]
+    callbacks = [checkpoints, best, *console_callbacks(trainer_kwargs), *configured, *callbacks]
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     final = export(trainer, module, store.tokenizer, out / "export" / "final")
     if trainer.is_global_zero:
-        print(f"exported model: {final.resolve()}{best_note(best.directory)}")
+        announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
     return {
         "store": report.path,
         "report": report,

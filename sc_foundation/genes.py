@@ -151,6 +151,11 @@ class GeneVocab:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GeneVocab) and self._tokens == other._tokens
 
+    def __repr__(self) -> str:
+        specials = self.special_tokens
+        genes = [token for token in self._tokens[: len(specials) + 3] if token not in specials]
+        return f"GeneVocab({len(self):,} tokens: {len(self) - len(specials):,} genes e.g. {genes}, specials {specials})"
+
     def __hash__(self) -> int:
         return hash(tuple(self._tokens))
 

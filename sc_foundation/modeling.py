@@ -448,9 +448,13 @@ def multinomial_nll(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (-(counts * log_shares).sum(-1) / counts.sum(-1).clamp(min=1)).mean()
 
 
+def _not_a_load_report(record: std_logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def transformers_quiet():
-    """transformers' progress bars ("Loading weights", "Writing model shards") off and its LOAD REPORT muted while
+    """transformers' progress bars ("Loading weights", "Writing model shards") off and its LOAD REPORT dropped while
     we load or save a model: our loading is strict and says itself what happened (one INFO line, or an error).
 
     ``logging.getLogger("sc_foundation").setLevel(logging.DEBUG)`` lets transformers' full report and bars through.
@@ -459,14 +463,15 @@ def transformers_quiet():
         yield
         return
     bars = logging.is_progress_bar_enabled()
+    # A filter, not a level: transformers runs extra checks, with warnings of their own, when this logger's level
+    # is WARNING or above.
     loader = std_logging.getLogger("transformers.modeling_utils")
-    level = loader.level
     logging.disable_progress_bar()
-    loader.setLevel(std_logging.ERROR)
+    loader.addFilter(_not_a_load_report)
     try:
         yield
     finally:
-        loader.setLevel(level)
+        loader.removeFilter(_not_a_load_report)
         if bars:
             logging.enable_progress_bar()
 

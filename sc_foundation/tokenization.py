@@ -548,6 +548,19 @@ class GeneTokenizer:
                 medians[vocab[gene]] = value
         return cls(vocab, TokenizerConfig(**payload["config"]), medians)
 
+    def __repr__(self) -> str:
+        cfg = self.config
+        values = f"{cfg.encoding} values" + (f" in {cfg.n_bins} bins" if cfg.encoding == "binned" else "")
+        medians = (
+            ""
+            if self.gene_medians is None
+            else f", rank medians of {int(np.isfinite(self.gene_medians).sum()):,} genes"
+        )
+        return (
+            f"GeneTokenizer({len(self.vocab):,} tokens, {values}, context {cfg.context_length} ({cfg.truncation} "
+            f"truncation{', <cls> first' if cfg.add_cls else ''}){medians})"
+        )
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GeneTokenizer):
             return False

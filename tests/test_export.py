@@ -1,6 +1,7 @@
 """Exports are written atomically and load strictly with their tokenizer."""
 
 import json
+import logging
 import os
 import stat
 
@@ -104,3 +105,43 @@ def test_a_config_that_no_longer_fits_the_weights_is_named(tokenizer, tmp_path, 
         load_pretrained(target, device="cpu")
     assert "config.json and the weights file disagree" in str(error.value)
     assert "ignore_mismatched_sizes" not in str(error.value) + caplog.text
+
+
+def test_loading_and_saving_are_quiet_but_say_what_they_did(tokenizer, tmp_path, capfd, caplog):
+    """Our strict-load line instead of transformers' LOAD REPORT and progress bars; the report under DEBUG."""
+    from transformers import AutoModel
+
+    from sc_foundation.modeling import ScFoundationForCellClassification
+
+    target = export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "model")
+    with caplog.at_level(logging.INFO, logger="sc_foundation"):
+        ScFoundationForCellClassification.from_pretrained(target, new_heads=["classifier"], num_labels=2)
+        AutoModel.from_pretrained(target)
+    printed = capfd.readouterr()
+    screen = printed.out + printed.err
+    assert "LOAD REPORT" not in screen and "Loading weights" not in screen and "Writing model shards" not in screen
+    assert "new heads ['classifier'] start from their initialisation" in caplog.text
+    assert "dropped the checkpoint's heads ['gene_decoder']" in caplog.text
+
+    # transformers' own handler holds whichever stderr existed when it was made: read its records directly.
+    reports = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    transformers_loader = logging.getLogger("transformers.modeling_utils")
+    transformers_loader.addHandler(handler)
+    try:
+        ScFoundationForCellClassification.from_pretrained(target, new_heads=["classifier"], num_labels=2)
+        assert not any("LOAD REPORT" in report for report in reports)
+        logging.getLogger("sc_foundation").setLevel(logging.DEBUG)
+        ScFoundationForCellClassification.from_pretrained(target, new_heads=["classifier"], num_labels=2)
+    finally:
+        logging.getLogger("sc_foundation").setLevel(logging.NOTSET)
+        transformers_loader.removeHandler(handler)
+    assert any("LOAD REPORT" in report for report in reports), "the full report under DEBUG"
+
+
+def test_tokenizer_and_vocabulary_say_what_they_are(tokenizer):
+    assert repr(tokenizer).startswith(f"GeneTokenizer({len(tokenizer.vocab):,} tokens, rank values, context 128")
+    assert "rank medians of" in repr(tokenizer)
+    assert repr(tokenizer.vocab).startswith(f"GeneVocab({len(tokenizer.vocab):,} tokens: ")
+    assert "<pad>" in repr(tokenizer.vocab) and "ENSG" in repr(tokenizer.vocab)

@@ -150,14 +150,19 @@ class StepAtStart(pl.Callback):
 # CellBatchSampler cannot resume mid-epoch: the resumed run restarts the epoch's batches, which Lightning warns of.
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run writes to a new output_dir
-def test_resume_continues_from_the_last_checkpoint(pretrained, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(pretrained, tmp_path, capsys):
     cfg, _ = pretrained
     last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 20
     probe = StepAtStart()
     overrides = [f"ckpt_path={last}", f"output_dir={tmp_path}", "trainer.max_steps=26", "trainer.val_check_interval=10"]
+    overrides += ["trainer.enable_progress_bar=true"]
+    capsys.readouterr()
     resumed = train.run(compose_pretrain([*_overrides_of(cfg), *overrides]), callbacks=[probe])
     assert probe.step == 20 and resumed["trainer"].global_step == 26
+    bar = capsys.readouterr().out
+    assert "steps: 100%" in bar and "26/26" in bar, "one bar over the run's steps, resumed where it left off"
+    assert "Epoch" not in bar and "v_num" not in bar
     assert (tmp_path / "export" / "final" / "model.safetensors").is_file()
 
 
@@ -228,6 +233,8 @@ def test_ddp_on_two_cpu_processes_on_a_cold_cache(tmp_path, kang_file, launcher)
     output = done.stdout + done.stderr
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "exported model:" in done.stdout
+    log = (tmp_path / "hydra" / "train.log").read_text()  # the report is logged, not only printed
+    assert "Corpus store" in log and "corpus store:" in log and "exported model:" in log
     # 10 validation cells make one batch, which the two ranks cannot share: no validation, so no export/best,
     # and the last line must not name it.
     assert "no validation ran, so there is no export/best" in done.stdout and not (out / "export" / "best").exists()
