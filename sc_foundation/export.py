@@ -99,6 +99,32 @@ def check_export_files(path: Path) -> None:
         ) from None
 
 
+def main_command_export(repo: str | os.PathLike = ".") -> Path:
+    """The export of the newest run of the main command, ``python train.py`` without overrides, under
+    ``<repo>/outputs/<date>/<time>``: its ``export/best``, or ``export/final`` when no validation ran.
+
+    Runs with overrides (a 20-step ``experiment=cpu_smoke``, another corpus) are passed over: Hydra lists a run's
+    overrides in ``.hydra/overrides.yaml``, an empty list for the main command.
+
+    Raises:
+        FileNotFoundError: no such run; the message says how to make one.
+    """
+    from omegaconf import OmegaConf
+
+    runs = sorted(Path(repo, "outputs").glob("[0-9]*-[0-9]*-[0-9]*/[0-9]*-[0-9]*-[0-9]*"), reverse=True)
+    for run in runs:
+        overrides = run / ".hydra" / "overrides.yaml"
+        if not overrides.is_file() or len(OmegaConf.load(overrides)):
+            continue
+        for name in ("best", "final"):
+            if (run / "export" / name / "config.json").is_file():
+                return run / "export" / name
+    raise FileNotFoundError(
+        f"no export of the main command (`python train.py` without overrides) under {Path(repo, 'outputs')}: run it "
+        "(the README's first command), or pass the export you want."
+    )
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,23 @@ def test_tokenizer_and_vocabulary_say_what_they_are(tokenizer):
     assert "rank medians of" in repr(tokenizer)
     assert repr(tokenizer.vocab).startswith(f"GeneVocab({len(tokenizer.vocab):,} tokens: ")
     assert "<pad>" in repr(tokenizer.vocab) and "ENSG" in repr(tokenizer.vocab)
+
+
+def test_the_main_commands_export_is_found_past_newer_smoke_runs(tokenizer, tmp_path):
+    from sc_foundation.export import main_command_export
+
+    def run(stamp: str, overrides: str, exports=("best", "final")) -> Path:
+        folder = tmp_path / "outputs" / stamp
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(overrides)
+        for name in exports:
+            export_pretrained(tiny(tokenizer), tokenizer, folder / "export" / name)
+        return folder
+
+    with pytest.raises(FileNotFoundError, match=r"python train\.py"):
+        main_command_export(tmp_path)
+    older = run("2026-11-30/09-00-00", "[]\n")
+    main = run("2026-12-01/09-00-00", "[]\n", exports=("final",))  # no validation ran: final
+    run("2026-12-01/10-00-00", "- experiment=cpu_smoke\n")  # newer, but a smoke run
+    assert main_command_export(tmp_path) == main / "export" / "final"
+    assert older != main
