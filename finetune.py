@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
+from sc_foundation.console import announce, console_callbacks
 from sc_foundation.convert import detect, export_converted
 from sc_foundation.data import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.datasets import corpus_inputs
@@ -55,6 +56,7 @@ from sc_foundation.evaluation import (
 )
 from sc_foundation.export import load_pretrained
 from sc_foundation.genes import _atomic_write_text
+from sc_foundation.hardware import resolve_precision
 from sc_foundation.imputation import (
     choose_panel,
     expression_targets,
@@ -66,7 +68,7 @@ from sc_foundation.imputation import (
     vocabulary_counts,
 )
 from sc_foundation.inference import call_classes, impute
-from sc_foundation.io import write_h5ad_atomic
+from sc_foundation.io import InvalidInputError, write_h5ad_atomic
 from sc_foundation.modeling import (
     ScFoundationForBatchIntegration,
     ScFoundationForCellClassification,
@@ -158,8 +160,39 @@ def predict(model: torch.nn.Module, loader, field: str = "logits", **forward_kwa
 
 
 def _inputs(cfg: DictConfig) -> list[CorpusInput]:
-    """The task's input files, ``cfg.data.files``, as corpus inputs."""
-    return list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    """The task's input files, ``cfg.data.files``, as corpus inputs, checked by :func:`check_cells`."""
+    inputs = list(map(CorpusInput.coerce, corpus_inputs([], OmegaConf.to_container(cfg.data.files, resolve=True))))
+    check_cells(inputs)
+    return inputs
+
+
+def check_cells(inputs: Sequence[CorpusInput]) -> None:
+    """Refuse, before anything is tokenized or trained, inputs whose cells the task cannot tell apart: an empty file,
+    duplicated cell ids within a file (splits, metrics and baselines find cells by file name and id), or two inputs
+    with the same file name.
+
+    Raises:
+        InvalidInputError: naming the file and the fix.
+    """
+    names = [spec.name for spec in inputs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(
+            f"data.files holds several inputs named {repeated}: cells are known by file name and cell id, so give "
+            "each file its own name."
+        )
+    for spec in inputs:
+        with spec.open() as source:
+            ids = source.obs.index
+        if len(ids) == 0:
+            raise InvalidInputError(f"{spec.path}: the file holds no cells (0 rows). Point data.files at cell files.")
+        duplicated = ids[ids.duplicated()].unique()
+        if len(duplicated):
+            raise InvalidInputError(
+                f"{spec.path}: {len(duplicated)} cell ids occur more than once (e.g. {list(duplicated[:3])}), but "
+                "every cell needs its own id. Make them unique and save the file again: "
+                "adata.obs_names_make_unique(); adata.write_h5ad(path)."
+            )
 
 
 def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):
@@ -173,7 +206,7 @@ def _tokenize(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_key
         chunk_size=cfg.data.chunk_size,
         num_workers=cfg.data.build_workers,
     )
-    print(report.format())
+    announce(report.format())
     return tokenizer, report.path
 
 
@@ -241,6 +274,7 @@ def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Se
     if cfg.finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     module = TrainingModule(
         model,
         max_steps=trainer_kwargs["max_steps"],
@@ -250,11 +284,12 @@ def _fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Se
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     best = ExportBest(tokenizer, out / "export" / "best")
     stopping = EarlyStopping(monitor="val/loss", mode="min", patience=cfg.early_stopping.patience)
+    callbacks = [best, stopping, *console_callbacks(trainer_kwargs), *callbacks]
     trainer = pl.Trainer(
         **trainer_kwargs,
         default_root_dir=str(out),
         logger=logger,
-        callbacks=[best, stopping, *callbacks],
+        callbacks=callbacks,
         enable_checkpointing=False,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -315,7 +350,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]
-    print(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
+    announce(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -408,7 +443,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     )
     score = "total" if label_key is not None else "batch"
     summary = ", ".join(f"{name} {result[score]:.3f}" for name, result in baselines.items())
-    print(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
+    announce(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -502,7 +537,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     write_h5ad_atomic(imputed, out / "imputed.h5ad")
     summary = ", ".join(f"{name} {result['median_l1']:.3f}" for name, result in baselines.items())
-    print(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
+    announce(f"median L1 {metrics['model']['median_l1']:.3f} ({summary}); {out / 'metrics.json'}")
     return {
         "output_dir": out,
         "store": store_path,
@@ -609,7 +644,7 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     np.savez(out / "embeddings.npz", **embeddings, cell_id=store.obs["cell_id"].to_numpy(dtype=str))
-    print(
+    announce(
         f"{modality.kind} Pearson per feature {prediction['model']['pearson_feature_mean']:.3f} (ridge from RNA PCA "
         f"{prediction['baselines']['ridge_rna_pca']['pearson_feature_mean']:.3f}); {out / 'metrics.json'}"
     )

@@ -22,11 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sc_foundation.configuration import ScFoundationConfig
+from sc_foundation.console import announce, console_callbacks
 from sc_foundation.data import CorpusDataModule
 from sc_foundation.datasets import DatasetUnavailableError, corpus_inputs, dataset_inputs
 from sc_foundation.export import export_pretrained
 from sc_foundation.gene_panel import cached_panel_vocab
-from sc_foundation.hardware import resolve_cpu_precision
+from sc_foundation.hardware import resolve_precision
 from sc_foundation.model_card import metrics_json, render_model_card
 from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.probes import ProbeCallback, ProbeSet
@@ -95,6 +96,13 @@ def export(
         export_pretrained(module.model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
     trainer.strategy.barrier("export")
     return directory
+
+
+def best_note(directory: Path) -> str:
+    """How the run's last line names ``export/best``: only when it exists (no validation ran, none does)."""
+    if (directory / "config.json").is_file():
+        return f" (best validation loss: {directory.resolve()})"
+    return " (no validation ran, so there is no export/best)"
 
 
 class ExportBest(pl.Callback):
@@ -179,15 +187,15 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Everything ``train.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
     started = time.perf_counter()
     report = build_corpus(cfg)
-    print(report.format())
+    announce(report.format())
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
     datamodule.setup()
     padding = datamodule.padding_report()
-    print(
+    announce(
         f"train/val cells: {len(datamodule.train_indices)}/{len(datamodule.val_indices)}; padded share of token "
         f"slots per epoch: {padding['length_grouped']:.1%} length-grouped vs {padding['random']:.1%} random batches"
     )
-    print(f"corpus store: {Path(report.path).resolve()}")
+    announce(f"corpus store: {Path(report.path).resolve()}")
 
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
@@ -196,8 +204,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.get("accelerator") == "cpu":
-        trainer_kwargs["precision"] = resolve_cpu_precision(str(trainer_kwargs.get("precision", "32-true")))
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     if isinstance(trainer_kwargs.get("strategy"), dict):
@@ -211,13 +218,14 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     best = ExportBest(store.tokenizer, out / "export" / "best")
     probes = probe_callback(cfg, store.tokenizer)
     configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
-    callbacks = [checkpoints, best, *([probes] if probes else []), *configured, *callbacks]
+    extra = [*([probes] if probes else []), *console_callbacks(trainer_kwargs), *configured, *callbacks]
+    callbacks = [checkpoints, best, *extra]
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
     final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
-        print(f"exported model: {final.resolve()} (best validation loss: {best.directory.resolve()})")
+        announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
     return {
         "store": report.path,
         "report": report,

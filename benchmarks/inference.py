@@ -2,8 +2,19 @@
 
 What is timed is the public inference path a user calls on an AnnData: ``sc_foundation.embed(adata, model)``, which
 matches the genes to the model's vocabulary, tokenizes the counts on the fly (chunks of cells), sorts each chunk by
-length, pads batches of ``--batch-size`` cells and runs the backbone forward under ``torch.inference_mode()`` (fp32 on
-the CPU, bf16 autocast on CUDA, as ``embed`` does by itself), copying each batch's embedding back to a NumPy array.
+length, pads batches of ``--batch-size`` cells and runs the backbone forward under ``torch.inference_mode()``,
+copying each batch's embedding back to a NumPy array. On the CPU every model runs twice, ``precision="fp32"`` and
+``precision="bf16"`` (bf16 autocast; ``embed``'s ``auto`` picks it only on CPUs with native bf16, AMX or AVX512-BF16);
+on CUDA in bf16 autocast, as ``embed`` does by itself.
+
+Achieved FLOP/s are the useful forward FLOPs (real tokens only, padding not counted) of the median call over its
+seconds: per cell of L tokens ``2·N·L + 4·n·L²·d`` (N non-embedding backbone parameters, n layers, d width), with each
+cell's L from the store. The same run measures the machine's dense matmul rate in fp32 and bf16
+(``sc_foundation.hardware.matmul_flops_per_s``, the best of 128 and 256 square products, same threads, measured
+before and after the models and the higher kept, since a shared machine's load moves), and
+every result reports its share of the peak of its own dtype. On a CPU without native bf16 (``fast_bf16`` false in
+``machine``) that bf16 peak is an emulated rate, and autocast leaves part of the forward (attention, norms) in fp32:
+its share can exceed 100% and says only that bf16 is not worth it there.
 
 The cells are real: ``--cells`` evenly spaced cells of ``--dataset`` (Kang IFN-beta: control and stimulated PBMCs
 alike; or pbmc3k), raw counts, written once as an ``.h5ad`` slice under the cache folder and read into memory before
@@ -61,6 +72,10 @@ PUBLISHED = {
     "geneformer_v1": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 512},
 }
 """Published architectures (``tests/published.py`` writer arguments); scGPT's vocabulary is padded to its size."""
+# The matmul peak is the best of these square sizes: small products stay in cache, and on CPUs without native bf16
+# the emulated bf16 rate collapses on large ones (0.04 GFLOP/s at 1024 against 0.2 at 256 on an AVX2 EPYC, where
+# one 1024 product takes a minute and one 512 product three seconds).
+PEAK_SIZES = (128, 256)
 
 
 def model_config(name: str) -> dict:
@@ -152,23 +167,34 @@ def parameter_counts(model) -> dict:
     return {"params_backbone": total, "params_backbone_non_embedding": total - embeddings}
 
 
-def measure(model, adata, args, batch_size: int, mean_tokens: float) -> dict:
-    """Warm-up then timed ``embed`` calls over all cells of ``adata`` (in memory, raw counts)."""
+def forward_flops(lengths: np.ndarray, model) -> float:
+    """Useful forward FLOPs of the backbone over cells of ``lengths`` tokens: sum of ``2·N·L + 4·n·L²·d``."""
+    config = model.config
+    n_params = parameter_counts(model)["params_backbone_non_embedding"]
+    lengths = lengths.astype(np.float64)
+    return float(np.sum(2.0 * n_params * lengths + 4.0 * config.num_hidden_layers * lengths**2 * config.hidden_size))
+
+
+def measure(model, adata, args, batch_size: int, mean_tokens: float, flops: float, precision: str = "auto") -> dict:
+    """Warm-up then timed ``embed`` calls over all cells of ``adata`` (in memory, raw counts); ``flops`` is the
+    useful forward FLOPs of one call."""
     import sc_foundation
 
     warmup = adata[: min(args.warmup_cells, adata.n_obs)].copy()
-    sc_foundation.embed(warmup, model, batch_size=batch_size, progress=False)  # untimed: first-call costs
+    sc_foundation.embed(warmup, model, batch_size=batch_size, progress=False, precision=precision)  # untimed
     seconds = []
     for _ in range(args.repeats):
         cells = adata.copy()
         started = time.perf_counter()
-        sc_foundation.embed(cells, model, batch_size=batch_size, progress=False)
+        sc_foundation.embed(cells, model, batch_size=batch_size, progress=False, precision=precision)
         seconds.append(time.perf_counter() - started)
     embedding = cells.obsm["X_sc_foundation"]
     median = statistics.median(seconds)
     return {
         "cells_per_s": adata.n_obs / median,
         "tokens_per_s": adata.n_obs * mean_tokens / median,
+        "precision": cells.uns["sc_foundation"]["precision"],
+        "achieved_flops_per_s": flops / median,
         "seconds": median,
         "seconds_all": seconds,
         "cells": adata.n_obs,
@@ -276,17 +302,22 @@ def measure_published(name: str, adata, args, directory: Path) -> dict:
 
 
 def format_table(payload: dict) -> str:
-    head = f"{'device':<6} {'size':<6} {'params':>11} {'batch':>6} {'threads':>7} {'cells/s':>10} {'tokens/s':>12}"
+    head = (
+        f"{'device':<6} {'size':<6} {'dtype':<5} {'params':>11} {'batch':>6} {'threads':>7} {'cells/s':>10} "
+        f"{'tokens/s':>12} {'GFLOP/s':>9} {'of peak':>8}"
+    )
     lines = [head, "-" * len(head)]
-    for device in ("cpu", "gpu"):
-        for size, r in payload[device].items():
-            if not isinstance(r, dict) or "cells_per_s" not in r:
-                continue
-            threads = r.get("threads", "")
-            lines.append(
-                f"{device:<6} {size:<6} {r['params_backbone']:>11,} {r['batch_size']:>6} {threads:>7} "
-                f"{r['cells_per_s']:>10.1f} {r['tokens_per_s']:>12,.0f}"
-            )
+    rows = [("cpu", size, r) for size, by_dtype in payload["cpu"].items() for r in by_dtype.values()]
+    rows += [("gpu", size, r) for size, r in payload["gpu"].items() if isinstance(r, dict) and "cells_per_s" in r]
+    for device, size, r in rows:
+        share = f"{r['share_of_peak']:>8.1%}" if "share_of_peak" in r else f"{'':>8}"
+        lines.append(
+            f"{device:<6} {size:<6} {r['precision']:<5} {r['params_backbone']:>11,} {r['batch_size']:>6} "
+            f"{r.get('threads', ''):>7} {r['cells_per_s']:>10.1f} {r['tokens_per_s']:>12,.0f} "
+            f"{r['achieved_flops_per_s'] / 1e9:>9.2f} {share}"
+        )
+    peak = payload["cpu_matmul_peak_flops_per_s"]
+    lines.append(f"cpu matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
     if not payload["gpu"]["measured"]:
         lines.append(f"gpu: not measured ({payload['gpu']['reason']})")
     for name, r in payload["published"].items():
@@ -303,15 +334,26 @@ def main(argv: list[str] | None = None) -> dict:
     import anndata
     import torch
 
+    from sc_foundation.hardware import cpu_has_fast_bf16, matmul_flops_per_s
+
     args = parse_args(argv)
     threads = args.threads or usable_cpus()
     torch.set_num_threads(threads)
-    machine = machine_info()
+    machine = machine_info() | {"fast_bf16": cpu_has_fast_bf16()}
     slice_path = cells_slice(args)
     store, store_info = tokenizer_store(slice_path, args)
     tokenizer = store.tokenizer
     adata = anndata.read_h5ad(slice_path)
     mean_tokens = store_info["mean_tokens_per_cell"]
+    lengths = store.obs["length"].to_numpy()  # each embedded cell's tokens, as embed() tokenizes it
+
+    def matmul_peak() -> dict[str, float]:
+        return {
+            name: max(matmul_flops_per_s(dtype, size, seconds=0.5) for size in PEAK_SIZES)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+
+    peak = matmul_peak()  # measured again after the models; the higher of the two counts (a shared machine)
     built = "reused" if store_info["reused"] else f"built in {store_info['seconds']:.1f} s"
     print(
         f"inference benchmark: {adata.n_obs:,} {args.dataset} cells at context {args.context} (store {built}), "
@@ -332,20 +374,19 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             directory = Path(exports) / size
             model = load_model(size, tokenizer, directory, "cpu", args.seed)
-            cpu_results[size] = {
-                **measure(model, adata, args, args.batch_size, mean_tokens),
-                "threads": torch.get_num_threads(),
-                "device": "cpu",
-                "dtype": "float32",
-            }
-            print(f"cpu {size}: {cpu_results[size]['cells_per_s']:.1f} cells/s", flush=True)
+            flops = forward_flops(lengths, model)
+            cpu_results[size] = {}
+            for precision in ("fp32", "bf16"):
+                result = measure(model, adata, args, args.batch_size, mean_tokens, flops, precision)
+                result |= {"threads": torch.get_num_threads(), "device": "cpu"}
+                cpu_results[size][precision] = result
+                print(f"cpu {size} {precision}: {result['cells_per_s']:.1f} cells/s", flush=True)
             del model
             if gpu_measured:
                 model = load_model(size, tokenizer, directory, "cuda", args.seed)
                 gpu_results[size] = {
-                    **measure(model, adata, args, args.gpu_batch_size, mean_tokens),
+                    **measure(model, adata, args, args.gpu_batch_size, mean_tokens, forward_flops(lengths, model)),
                     "device": "cuda",
-                    "dtype": "bfloat16-autocast",
                 }
                 print(f"gpu {size}: {gpu_results[size]['cells_per_s']:.1f} cells/s", flush=True)
                 del model
@@ -355,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
             cells = adata[: min(args.published_cells, adata.n_obs)].copy()
             published[name] = measure_published(name, cells, args, Path(exports) / name)
             print(f"cpu {name}: {published[name]['ours_forward_cells_per_s']:.1f} cells/s", flush=True)
+    peak = {name: max(rate, again) for (name, rate), again in zip(peak.items(), matmul_peak().values(), strict=True)}
+    for by_precision in cpu_results.values():
+        for precision, result in by_precision.items():
+            result["share_of_peak"] = result["achieved_flops_per_s"] / peak[precision]
     machine["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     payload = {
         "machine": machine,
@@ -376,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
             "store": store_info,
             "slice": str(slice_path),
         },
+        "cpu_matmul_peak_flops_per_s": peak,
         "cpu": cpu_results,
         "gpu": gpu_results,
         "published": published,

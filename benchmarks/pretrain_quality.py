@@ -140,7 +140,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
 
     import train
     from sc_foundation.data import CorpusDataModule
-    from sc_foundation.hardware import cpu_description
+    from sc_foundation.hardware import cpu_description, resolve_cpu_precision
     from sc_foundation.training import TrainingModule
 
     cfg = recipe([*overrides, "probes=null"])
@@ -176,7 +176,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
         "s_per_step_fp32": fp32,
         "s_per_step_bf16": bf16,
         "bf16_speedup": fp32 / bf16,
-        "trainer_precision_chosen": train.resolve_cpu_precision("auto"),
+        "trainer_precision_chosen": resolve_cpu_precision("auto"),
     }
 
 

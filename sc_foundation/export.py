@@ -13,12 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig
 
 from . import modeling
-from .genes import VOCAB_FILE
-from .modeling import ScFoundationPreTrainedModel
+from .genes import DAMAGED_FILE_FIX, VOCAB_FILE, current_umask, read_json
+from .modeling import ScFoundationPreTrainedModel, transformers_quiet
 from .tokenization import TOKENIZER_FILE, GeneTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+EXPORT_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, TOKENIZER_FILE)
 
 
 def export_pretrained(
@@ -31,7 +35,8 @@ def export_pretrained(
     """Write ``model`` and ``tokenizer`` to ``directory`` atomically, replacing an earlier export there.
 
     Everything is written into a temporary folder beside ``directory`` and renamed into place, so a reader never
-    sees a half-written export: at any moment ``directory`` is the old export, the new one, or briefly absent.
+    sees a half-written export: at any moment ``directory`` is the old export, the new one, or briefly absent. The
+    folder and its files get the modes the umask gives (0755 and 0644 under umask 022): others load exports.
 
     Args:
         state_dict: the weights to save instead of ``model.state_dict()`` (the full state dict an FSDP run gathers).
@@ -42,10 +47,12 @@ def export_pretrained(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     retired = None
     try:
-        model.save_pretrained(staging, state_dict=state_dict)
+        with transformers_quiet():
+            model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        _share(staging)
         if directory.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, retired / directory.name)
@@ -59,6 +66,68 @@ def export_pretrained(
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     return directory
+
+
+def _share(folder: Path) -> None:
+    """Give ``folder`` (from ``mkdtemp``, 0700) and its files the modes a plain ``mkdir`` and ``open`` would."""
+    umask = current_umask()
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
+
+
+def check_export_files(path: Path) -> None:
+    """Refuse an export whose files are missing, truncated or corrupt, naming the file and the fix.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: ``config.json`` is not JSON, or ``model.safetensors`` is not a complete safetensors file
+            (the tokenizer files are checked as they are read).
+    """
+    missing = [
+        name for name in ("config.json", WEIGHTS_FILE, VOCAB_FILE, TOKENIZER_FILE) if not (path / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not an exported sc_foundation model directory: it lacks {missing}. An export holds "
+            f"{list(EXPORT_FILES)} (see sc_foundation.export)."
+        )
+    read_json(path / "config.json", DAMAGED_FILE_FIX)
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt") as opened:
+            opened.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError, for damaged files
+        raise ValueError(
+            f"{weights} is corrupt or truncated ({weights.stat().st_size:,} bytes; safetensors says: {error}). "
+            f"{DAMAGED_FILE_FIX}"
+        ) from None
+
+
+def main_command_export(repo: str | os.PathLike = ".") -> Path:
+    """The export of the newest run of the main command, ``python train.py`` without overrides, under
+    ``<repo>/outputs/<date>/<time>``: its ``export/best``, or ``export/final`` when no validation ran.
+
+    Runs with overrides (a 20-step ``experiment=cpu_smoke``, another corpus) are passed over: Hydra lists a run's
+    overrides in ``.hydra/overrides.yaml``, an empty list for the main command.
+
+    Raises:
+        FileNotFoundError: no such run; the message says how to make one.
+    """
+    from omegaconf import OmegaConf
+
+    runs = sorted(Path(repo, "outputs").glob("[0-9]*-[0-9]*-[0-9]*/[0-9]*-[0-9]*-[0-9]*"), reverse=True)
+    for run in runs:
+        overrides = run / ".hydra" / "overrides.yaml"
+        if not overrides.is_file() or len(OmegaConf.load(overrides)):
+            continue
+        for name in ("best", "final"):
+            if (run / "export" / name / "config.json").is_file():
+                return run / "export" / name
+    raise FileNotFoundError(
+        f"no export of the main command (`python train.py` without overrides) under {Path(repo, 'outputs')}: run it "
+        "(the README's first command), or pass the export you want."
+    )
 
 
 def load_pretrained(
@@ -78,8 +147,9 @@ def load_pretrained(
 
     Raises:
         FileNotFoundError: the directory lacks the model or the tokenizer files.
-        ValueError: the tokenizer does not fit the model (vocabulary size or value encoding); a published folder
-            that cannot be converted exactly (:class:`~sc_foundation.convert.ConversionError`).
+        ValueError: a file is corrupt or truncated (named), or the tokenizer does not fit the model (vocabulary size
+            or value encoding); a published folder that cannot be converted exactly
+            (:class:`~sc_foundation.convert.ConversionError`).
     """
     from .convert import convert, detect
 
@@ -88,12 +158,7 @@ def load_pretrained(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
-    missing = [name for name in ("config.json", VOCAB_FILE, TOKENIZER_FILE) if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path} is not an exported sc_foundation model directory: it lacks {missing}. An export holds "
-            f"config.json, model.safetensors, {VOCAB_FILE} and {TOKENIZER_FILE} (see sc_foundation.export)."
-        )
+    check_export_files(path)
     config = AutoConfig.from_pretrained(path)
     architecture = (config.architectures or ["ScFoundationModel"])[0]
     model_class = getattr(modeling, architecture, None)

@@ -40,13 +40,39 @@ VOCAB_FILE = "gene_vocab.json"
 _GENOME_PREFIX = re.compile(r"^(?:hg\d+|GRCh\d+|mm\d+|GRCm\d+)[_-]+", re.IGNORECASE)
 _ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
 _SPECIAL = re.compile(r"^<[^<>\s]+>$")
+DAMAGED_FILE_FIX = "Copy the folder (store or model export) again, or build or export it again."
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask, read without changing it where Linux exposes it."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read by setting, then put it back
+    os.umask(mask)
+    return mask
+
+
+def read_json(path: Path, fix: str):
+    """The JSON value in ``path``; a ``ValueError`` naming the file and ``fix`` when it is corrupt or truncated."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt or truncated (not JSON: {error}). {fix}") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never leaves half a file.
+
+    The file gets the mode a plain ``open`` would give it (0644 under umask 022), not ``mkstemp``'s private 0600:
+    stores and exports are read by other people.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -96,7 +122,10 @@ class GeneVocab:
         if not path.exists():
             raise FileNotFoundError(f"No gene vocabulary at {path}.")
         if path.suffix == ".json":
-            return cls(json.loads(path.read_text())["tokens"])
+            payload = read_json(path, DAMAGED_FILE_FIX)
+            if not isinstance(payload, dict) or not isinstance(payload.get("tokens"), list):
+                raise ValueError(f"{path} holds no token list ('tokens'): not a gene vocabulary. {DAMAGED_FILE_FIX}")
+            return cls(payload["tokens"])
         lines = [line.strip() for line in path.read_text().splitlines()]
         return cls([line for line in lines if line])
 
@@ -123,6 +152,11 @@ class GeneVocab:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GeneVocab) and self._tokens == other._tokens
+
+    def __repr__(self) -> str:
+        specials = self.special_tokens
+        genes = [token for token in self._tokens[: len(specials) + 3] if token not in specials]
+        return f"GeneVocab({len(self):,} tokens: {len(self) - len(specials):,} genes e.g. {genes}, specials {specials})"
 
     def __hash__(self) -> int:
         return hash(tuple(self._tokens))

@@ -61,6 +61,17 @@ def resolve_cpu_precision(precision: str) -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """A Lightning precision for ``accelerator``: ``"auto"`` becomes ``"bf16-mixed"`` on CUDA (``gpu``, ``cuda``,
+    or ``auto`` where CUDA is present) and :func:`resolve_cpu_precision`'s choice on a CPU; any other value is
+    returned unchanged."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed"
+    return resolve_cpu_precision(precision)
+
+
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:
     """Measured dense matmul throughput (FLOP/s) of ``size`` x ``size`` matrices in ``dtype`` on ``device``.
 

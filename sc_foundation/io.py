@@ -18,6 +18,7 @@ turns every bad input into an :class:`InvalidInputError` that names the file and
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import scipy.sparse
 __all__ = [
     "CountSource",
     "InvalidInputError",
+    "RoundedLogWarning",
     "counts_from_anndata",
     "open_counts",
     "validate_counts",
@@ -46,10 +48,21 @@ SUPPORTED_FORMATS = (
 _MTX_V2_FILES = ("matrix.mtx", "genes.tsv", "barcodes.tsv")
 _MTX_V3_FILES = ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz")
 _EXAMPLES = 3  # offending values quoted in an error message
+# Rounded log1p values stay small: log1p(1e4) = 9.2 (counts per 10k), log1p(1e6) = 13.8 (per million). Real cells'
+# raw counts exceed this on their top genes (mitochondrial, ribosomal, MALAT1) once a chunk holds a few cells.
+_ROUNDED_LOG_MAX = 15
+_ROUNDED_LOG_MIN_ENTRIES = 1000  # fewer stored values say too little to warn
 
 
 class InvalidInputError(ValueError):
     """Bad user input. The message names the file (and column/layer/genes) and says how to fix it."""
+
+
+class RoundedLogWarning(UserWarning):
+    """Integer values that look like rounded log-normalised data rather than raw counts (see :func:`iter_chunks`).
+
+    Silence it where the counts are right: ``warnings.filterwarnings("ignore", category=RoundedLogWarning)``.
+    """
 
 
 @dataclass(eq=False)
@@ -113,6 +126,10 @@ class CountSource:
 
         Raises:
             InvalidInputError: a chunk holds negative, NaN/inf or (with ``require_integer``) non-integer values.
+
+        Warns:
+            RoundedLogWarning: the first chunk holds integers that look like rounded log values (at least 1000
+                stored values, none above 15), which the integer check cannot catch.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
@@ -132,6 +149,8 @@ class CountSource:
             # astype copies, so dropping zeros below never touches the caller's in-memory matrix.
             counts = block.astype(np.float32)
             counts.eliminate_zeros()
+            if start == 0 and require_integer:
+                _warn_if_rounded_log(counts, f"{self.path}: {desc}", hint)
             yield start, counts
 
     def close(self) -> None:
@@ -331,6 +350,22 @@ def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _warn_if_rounded_log(counts: scipy.sparse.csr_matrix, where: str, hint: str) -> None:
+    """Warn when a chunk's integers look like rounded log1p values: many stored values, a small maximum, few
+    distinct values."""
+    values = counts.data
+    if len(values) < _ROUNDED_LOG_MIN_ENTRIES or values.max() > _ROUNDED_LOG_MAX:
+        return
+    warnings.warn(
+        f"{where}: its {len(values):,} non-zero values are integers from {values.min():.0f} to {values.max():.0f} "
+        f"({len(np.unique(values))} distinct values): this looks like rounded log-normalised data, not raw counts, "
+        f"whose top genes reach far higher. {hint} If these are raw counts, silence this warning with "
+        "warnings.filterwarnings('ignore', category=sc_foundation.io.RoundedLogWarning).",
+        RoundedLogWarning,
+        stacklevel=4,
+    )
 
 
 def _examples(values: np.ndarray) -> str:

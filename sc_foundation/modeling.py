@@ -9,6 +9,8 @@ Each objective is a head class ``ScFoundationFor<Objective>`` that returns an ou
 module registers the classes with the transformers Auto classes.
 """
 
+import contextlib
+import logging as std_logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -608,6 +610,34 @@ class ScFoundationCellObjectives(nn.Module):
         return sum(weights[name] * value for name, value in losses.items())
 
 
+def _not_a_load_report(record: std_logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def transformers_quiet():
+    """transformers' progress bars ("Loading weights", "Writing model shards") off and its LOAD REPORT dropped while
+    we load or save a model: our loading is strict and says itself what happened (one INFO line, or an error).
+
+    ``logging.getLogger("sc_foundation").setLevel(logging.DEBUG)`` lets transformers' full report and bars through.
+    """
+    if logger.isEnabledFor(std_logging.DEBUG):
+        yield
+        return
+    bars = logging.is_progress_bar_enabled()
+    # A filter, not a level: transformers runs extra checks, with warnings of their own, when this logger's level
+    # is WARNING or above.
+    loader = std_logging.getLogger("transformers.modeling_utils")
+    logging.disable_progress_bar()
+    loader.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        loader.removeFilter(_not_a_load_report)
+        if bars:
+            logging.enable_progress_bar()
+
+
 class ScFoundationPreTrainedModel(PreTrainedModel):
     """Weight initialisation and strict loading, shared by the backbone and every head.
 
@@ -650,17 +680,27 @@ class ScFoundationPreTrainedModel(PreTrainedModel):
         Args:
             new_heads: names of this model's heads (top-level modules beside ``sc_foundation``) that are new on
                 purpose and start from their initialisation when the checkpoint has none of their weights.
-            kwargs: as for transformers; ``output_loading_info=True`` also returns the loading report.
+            kwargs: as for transformers; ``output_loading_info=True`` also returns the loading report. Weights of
+                other shapes are an error whatever ``ignore_mismatched_sizes`` says.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        kwargs.pop("ignore_mismatched_sizes", None)
+        with transformers_quiet():
+            # transformers would raise on mismatched shapes with a hint about a flag the caller never set; it
+            # loads the rest here and _check_loading names the shapes instead.
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
         model._check_loading(info, set(new_heads), pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
 
     def _check_loading(self, info: dict, new_heads: set[str], source) -> None:
-        """Raise on what the checkpoint lacks or holds beyond this model, apart from declared and foreign heads."""
+        """Raise on what the checkpoint lacks or holds beyond this model, apart from declared and foreign heads;
+        log one line saying what was loaded otherwise."""
         children = {name for name, _ in self.named_children()}
         heads = children - {self.base_model_prefix} if self.base_model is not self else set()
         if new_heads - heads:
@@ -682,13 +722,21 @@ class ScFoundationPreTrainedModel(PreTrainedModel):
             problems.append(f"missing from the checkpoint: {sorted(missing)}")
         if unexpected:
             problems.append(f"unexpected in the checkpoint: {sorted(unexpected)}")
-        if info["mismatched_keys"]:  # transformers raises itself unless ignore_mismatched_sizes=True
-            problems.append(f"with other shapes in the checkpoint: {sorted(info['mismatched_keys'])}")
+        if info["mismatched_keys"]:
+            problems.append(
+                f"with other shapes in the checkpoint: {sorted(info['mismatched_keys'])} (config.json and the "
+                "weights file disagree, e.g. an edited hidden_size: restore config.json from the export)"
+            )
         if problems:
             hint = f". Heads new on purpose are declared with new_heads=[...]; heads: {sorted(heads)}" if heads else ""
             raise ValueError(f"{type(self).__name__} does not match {source}: weights {'; '.join(problems)}{hint}")
-        if foreign:
-            logger.info(f"Dropped the checkpoint weights of heads {type(self).__name__} lacks: {sorted(foreign)}")
+        fresh = sorted(name for name in new_heads if any(key.startswith(f"{name}.") for key in info["missing_keys"]))
+        dropped = sorted({key.split(".")[0] for key in foreign})
+        logger.info(
+            f"Loaded {type(self).__name__} from {source} strictly: every weight of the checkpoint matched"
+            + (f"; new heads {fresh} start from their initialisation" if fresh else "")
+            + (f"; dropped the checkpoint's heads {dropped}, which {type(self).__name__} lacks" if dropped else "")
+        )
 
 
 class ScFoundationModel(ScFoundationPreTrainedModel):

@@ -35,6 +35,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from .console import announce
 from .io import open_counts
 
 logger = logging.getLogger(__name__)
@@ -290,8 +291,7 @@ class ProbeCallback(pl.Callback):
             f"AvgBIO {r['ours']['avg_bio']:.3f}/{r['pca']['avg_bio']:.3f}"
             for name, r in results.items()
         )
-        logger.info("probes at step %d (ours/PCA): %s", trainer.global_step, summary)
-        print(f"probes at step {trainer.global_step} (ours/PCA): {summary}")
+        announce(f"probes at step {trainer.global_step} (ours/PCA): {summary}", logger)
         return results
 
     def state_dict(self) -> dict:

@@ -9,6 +9,11 @@ Layout of a store directory::
     shards/00000.json ...                  the shard's report; written after the shard, so it marks it complete
     manifest.json                          written last: the store is complete only when this exists
 
+Beside the directory, ``.<name>.lock`` serialises builders: N processes (DDP ranks, two runs, two checkouts sharing
+a cache) asking for the same store build it once, the others wait and reuse it. A directory name holding ``{plan}``
+gets the hash of the plan there, so different inputs or settings never share a folder and a stale cached store is
+left to the runs still reading it.
+
 Every file is written under a temporary name and renamed, so a killed build leaves finished pieces and nothing
 half-written; running the same build again reuses the finished pieces and completes the rest. Shards are Arrow IPC
 streams, the format of HF ``datasets`` cache files: ``CorpusStore.to_hf_dataset()`` opens them as a ``Dataset``.
@@ -19,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -49,8 +57,12 @@ from .tokenization import (
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+PLAN_PLACEHOLDER = "{plan}"
+"""In a store directory name, replaced by :func:`plan_digest` of the store's plan (e.g. ``stores/binned-{plan}``)."""
 TOKEN_COLUMNS = ("gene_ids", "values")
 RESERVED_COLUMNS = ("cell_id", "source", "batch", "length", "n_counts", "n_expressed", *TOKEN_COLUMNS)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,8 @@ class StoreReport:
     shards: list[ShardReport]
     seconds: float = 0.0
     resumed: list[str] = field(default_factory=list)
+    reused: bool = False
+    """The store was complete already (built earlier, or by another process while this one waited)."""
 
     @property
     def n_cells(self) -> int:
@@ -186,8 +200,11 @@ class StoreReport:
                 lines.append(f"  {s.source}: unmatched genes e.g. {', '.join(s.unmatched_examples[:6])}")
             if s.missing_obs_keys:
                 lines.append(f"  {s.source}: obs columns absent (stored as null): {s.missing_obs_keys}")
-        reused = f"; reused {len(self.resumed)} finished shards" if self.resumed else ""
-        lines.append(f"built in {self.seconds:.1f} s{reused}")
+        if self.reused:
+            lines.append(f"reused a complete store (built in {self.seconds:.1f} s)")
+        else:
+            resumed = f"; reused {len(self.resumed)} finished shards" if self.resumed else ""
+            lines.append(f"built in {self.seconds:.1f} s{resumed}")
         return "\n".join(lines)
 
 
@@ -335,9 +352,13 @@ def build_store(
 ) -> StoreReport:
     """Tokenize count files into a corpus store at ``out_dir``; resume an interrupted build of the same plan.
 
+    Safe to call from many processes at once: one builds, under a lock beside ``out_dir``, and the others wait for
+    it and reuse the store.
+
     Args:
         inputs: files (paths, or :class:`CorpusInput` settings as objects or dicts).
-        out_dir: the store directory.
+        out_dir: the store directory; ``{plan}`` in it is replaced by :func:`plan_digest` of this build's plan, so a
+            cache keeps one folder per corpus (``overwrite`` is then never needed).
         tokenizer_config: encoding, context length and the rest (default :class:`TokenizerConfig`).
         tokenizer: a complete tokenizer to encode with as it is (vocabulary, settings and rank medians), e.g. a
             pretrained model's ``gene_tokenizer`` for fine-tuning data; excludes ``tokenizer_config`` and ``vocab``.
@@ -346,7 +367,8 @@ def build_store(
         obs_keys: obs columns to keep with each cell (labels, donors...); files lacking one store nulls.
         chunk_size: cells read and tokenized at a time; memory grows with it, not with the file.
         num_workers: files processed in parallel (one process each).
-        overwrite: replace a store built with another plan (otherwise that is an error).
+        overwrite: replace a store built with another plan (otherwise that is an error); a store that another
+            process has open is never replaced.
     """
     started = time.perf_counter()
     specs = [CorpusInput.coerce(item) for item in inputs]
@@ -365,7 +387,6 @@ def build_store(
     if tokenizer is not None:
         vocab = tokenizer.vocab
     fixed_vocab = None if vocab is None else vocab if isinstance(vocab, GeneVocab) else GeneVocab.from_file(vocab)
-    out = Path(out_dir)
     plan = {
         "inputs": [s.fingerprint() for s in specs],
         "tokenizer": dataclasses.asdict(config),
@@ -376,91 +397,150 @@ def build_store(
         "min_cells_per_gene": min_cells_per_gene,
         "obs_keys": list(obs_keys),
     }
-    _prepare_directory(out, plan, overwrite)
-    if (out / MANIFEST).exists():
-        return load_report(out)
+    out = Path(str(out_dir).replace(PLAN_PLACEHOLDER, plan_digest(plan)))
+    with _build_lock(out):
+        _prepare_directory(out, plan, overwrite)
+        if (out / MANIFEST).exists():
+            return load_report(out, reused=True)
+        with _worker_pool(num_workers, len(specs)) as run:
+            # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
+            if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
+                (out / "stats").mkdir(exist_ok=True)
+                todo = [
+                    (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
+                    for k, s in enumerate(specs)
+                    if not (out / "stats" / f"{k:05d}.npz").exists()
+                ]
+                run(_file_statistics, todo)
+                stats = GeneStatistics.empty([])
+                for k in range(len(specs)):
+                    stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
+            if tokenizer is None:
+                if fixed_vocab is None:
+                    vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
+                else:
+                    vocabulary = fixed_vocab
+                medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
+                tokenizer = GeneTokenizer(vocabulary, config, medians)
+            saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
+            if not saved:
+                tokenizer.save(out)
 
-    with _worker_pool(num_workers, len(specs)) as run:
-        # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
-        if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
-            (out / "stats").mkdir(exist_ok=True)
+            # Pass 2: one shard per file; a shard with its report is finished and is not redone.
+            (out / "shards").mkdir(exist_ok=True)
+            done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
+            vocab_hint = (
+                ""
+                if fixed_vocab is not None
+                else "The vocabulary was built from this corpus with "
+                f"min_cells_per_gene={min_cells_per_gene}: genes seen in fewer cells are left out, so on a small "
+                "corpus lower min_cells_per_gene."
+            )
             todo = [
-                (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
-                for k, s in enumerate(specs)
-                if not (out / "stats" / f"{k:05d}.npz").exists()
+                (s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done
             ]
-            run(_file_statistics, todo)
-            stats = GeneStatistics.empty([])
-            for k in range(len(specs)):
-                stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
-        if tokenizer is None:
-            if fixed_vocab is None:
-                vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
-            else:
-                vocabulary = fixed_vocab
-            medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
-            tokenizer = GeneTokenizer(vocabulary, config, medians)
-        saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
-        if not saved:
-            tokenizer.save(out)
-
-        # Pass 2: one shard per file; a shard with its report is finished and is not redone.
-        (out / "shards").mkdir(exist_ok=True)
-        done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
-        vocab_hint = (
-            ""
-            if fixed_vocab is not None
-            else f"The vocabulary was built from this corpus with min_cells_per_gene={min_cells_per_gene}: genes seen "
-            "in fewer cells are left out, so on a small corpus lower min_cells_per_gene."
+            run(_write_shard, todo)
+        reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
+        report = StoreReport(
+            path=str(out),
+            n_vocab=len(tokenizer.vocab),
+            shards=reports,
+            seconds=time.perf_counter() - started,
+            resumed=[specs[k].name for k in done],
         )
-        todo = [(s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done]
-        run(_write_shard, todo)
-    reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
-    report = StoreReport(
-        path=str(out),
-        n_vocab=len(tokenizer.vocab),
-        shards=reports,
-        seconds=time.perf_counter() - started,
-        resumed=[specs[k].name for k in done],
-    )
-    manifest = {
-        "format": 1,
-        "n_cells": report.n_cells,
-        "shards": [f"shards/{k:05d}.arrow" for k in range(len(specs))],
-        "obs_keys": list(obs_keys),
-        "report": dataclasses.asdict(report),
-    }
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    return report
+        manifest = {
+            "format": 1,
+            "n_cells": report.n_cells,
+            "shards": [f"shards/{k:05d}.arrow" for k in range(len(specs))],
+            "obs_keys": list(obs_keys),
+            "report": dataclasses.asdict(report),
+        }
+        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+        return report
+
+
+def plan_digest(plan: dict) -> str:
+    """12 hex digits of the SHA-256 of a build plan (inputs with their size and modification time, settings)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Hold the exclusive build lock of the store ``out``: ``.<name>.lock`` beside it, naming its owner.
+
+    An ``flock`` is released by the kernel when its holder exits, killed or not, so a dead builder never leaves a
+    stale lock: the next process takes it and resumes the build. The file itself stays (deleting it could let two
+    processes hold locks on two different files).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            logger.info(f"Waiting for the build of the corpus store {out} by {owner} (lock {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prepare_directory(out: Path, plan: dict, overwrite: bool) -> None:
-    """Start a store at ``out``, or check that the store already there follows the same plan."""
+    """Start a store at ``out``, or check that the store already there follows the same plan. Needs the build lock.
+
+    Replacing a store (``overwrite``) is refused while a :class:`CorpusStore` anywhere has it open.
+    """
     plan_file = out / PLAN
     if plan_file.exists():
         if json.loads(plan_file.read_text()) == json.loads(json.dumps(plan)):
-            for leftover in out.rglob(".*.tmp*"):
+            for leftover in out.rglob(".*.tmp*"):  # a killed builder's; no other builder runs under the lock
                 leftover.unlink()
             return
         if not overwrite:
             raise FileExistsError(
                 f"{out} holds a store built from other inputs or settings (see {plan_file}). Choose another "
-                "directory, or pass overwrite=True to replace it."
+                f"directory (a name holding {PLAN_PLACEHOLDER} gets one per plan), or pass overwrite=True to "
+                "replace it."
             )
-        shutil.rmtree(out)
+        _remove_unused(out)
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not a corpus store; choose an empty or new directory.")
-        shutil.rmtree(out)
+        _remove_unused(out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(plan_file, json.dumps(plan, indent=1))
 
 
-def load_report(store_dir: str | os.PathLike) -> StoreReport:
-    """The build report saved in a complete store."""
+def _remove_unused(out: Path) -> None:
+    """Delete the store ``out`` unless a reader holds its manifest (see :class:`CorpusStore`)."""
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        shutil.rmtree(out)
+        return
+    with open(manifest, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"{out} holds a store of another plan that a running process is reading, so it is not replaced. "
+                f"Use another directory (a name holding {PLAN_PLACEHOLDER} gets one per plan)."
+            ) from None
+        shutil.rmtree(out)
+
+
+def load_report(store_dir: str | os.PathLike, reused: bool = False) -> StoreReport:
+    """The build report saved in a complete store (``reused`` marks it as reused rather than just built)."""
     saved = json.loads((Path(store_dir) / MANIFEST).read_text())["report"]
     saved["shards"] = [ShardReport(**s) for s in saved["shards"]]
-    return StoreReport(**saved)
+    return dataclasses.replace(StoreReport(**saved), reused=reused)
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -483,7 +563,11 @@ class CorpusStore:
                 else "build one with build_store (or `python train.py`)"
             )
             raise FileNotFoundError(f"{self.path} is not a complete corpus store ({MANIFEST} missing); {hint}.")
-        manifest = json.loads(manifest_path.read_text())
+        # A shared lock on the manifest for as long as this object lives: build_store(overwrite=True) elsewhere
+        # then refuses to delete the store under this reader.
+        self._in_use = open(manifest_path, "rb")  # noqa: SIM115 (held open with the store)
+        fcntl.flock(self._in_use, fcntl.LOCK_SH)
+        manifest = json.loads(self._in_use.read())
         self.tokenizer = GeneTokenizer.from_pretrained(self.path)
         self.shard_paths = [self.path / s for s in manifest["shards"]]
         ids, values, starts, buffer_of_cell, obs = [], [], [], [], []

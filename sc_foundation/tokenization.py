@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .genes import _GENOME_PREFIX, EOS_TOKEN, GeneResolution, GeneVocab, _atomic_write_text, resolve_genes
+from .genes import (
+    _GENOME_PREFIX,
+    DAMAGED_FILE_FIX,
+    EOS_TOKEN,
+    GeneResolution,
+    GeneVocab,
+    _atomic_write_text,
+    read_json,
+    resolve_genes,
+)
 
 if TYPE_CHECKING:
     from .io import CountSource
@@ -617,7 +626,9 @@ class GeneTokenizer:
         path = directory / TOKENIZER_FILE
         if not path.exists():
             raise FileNotFoundError(f"No {TOKENIZER_FILE} in {directory}: not a store or model directory.")
-        payload = json.loads(path.read_text())
+        payload = read_json(path, DAMAGED_FILE_FIX)
+        if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+            raise ValueError(f"{path} holds no tokenizer settings ('config'): not a gene tokenizer. {DAMAGED_FILE_FIX}")
         vocab = GeneVocab.from_file(directory)
         medians = None
         if "gene_medians" in payload:
@@ -625,6 +636,19 @@ class GeneTokenizer:
             for gene, value in payload["gene_medians"].items():
                 medians[vocab[gene]] = value
         return cls(vocab, TokenizerConfig(**payload["config"]), medians)
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        values = f"{cfg.encoding} values" + (f" in {cfg.n_bins} bins" if cfg.encoding == "binned" else "")
+        medians = (
+            ""
+            if self.gene_medians is None
+            else f", rank medians of {int(np.isfinite(self.gene_medians).sum()):,} genes"
+        )
+        return (
+            f"GeneTokenizer({len(self.vocab):,} tokens, {values}, context {cfg.context_length} ({cfg.truncation} "
+            f"truncation{', <cls> first' if cfg.add_cls else ''}){medians})"
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GeneTokenizer):

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 import finetune
 from sc_foundation.export import load_pretrained
+from sc_foundation.io import InvalidInputError
 from sc_foundation.modeling import ScFoundationForCellClassification
 from sc_foundation.store import CorpusStore
 from tests.conftest import CELLBENCH
@@ -129,4 +130,36 @@ def relabelled(real_slice, tmp_path):
 def test_bad_labels_are_refused(pretrained, relabelled, tmp_path, edit, message):
     cfg = compose_finetune(overrides(pretrained, f"[{relabelled(edit)}]", tmp_path / "out"))
     with pytest.raises(ValueError, match=message):
+        finetune.run(cfg)
+
+
+def _duplicate_ids(adata):
+    adata.obs_names = ["AAAC-1", "AAAC-1", *adata.obs_names[2:]]
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _duplicate_ids,
+            r"relabelled.h5ad: 1 cell ids occur more than once.*'AAAC-1'.*obs_names_make_unique",
+        ),
+        (lambda a: a._inplace_subset_obs(np.zeros(a.n_obs, dtype=bool)), "relabelled.h5ad: the file holds no cells"),
+    ],
+    ids=["duplicated_cell_ids", "empty_file"],
+)
+def test_inputs_the_task_cannot_use_are_refused_before_training(pretrained, relabelled, tmp_path, edit, message):
+    out = tmp_path / "out"
+    cfg = compose_finetune(overrides(pretrained, f"[{relabelled(edit)}]", out))
+    with pytest.raises(InvalidInputError, match=message):
+        finetune.run(cfg)
+    assert not out.exists(), "refused before any store, split or model is written"
+
+
+def test_two_inputs_of_the_same_name_are_refused(pretrained, cellbench, tmp_path):
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / cellbench.name).symlink_to(cellbench)
+    cfg = compose_finetune(overrides(pretrained, f"[{cellbench}, {tmp_path / 'copy' / cellbench.name}]", tmp_path))
+    with pytest.raises(InvalidInputError, match="several inputs named"):
         finetune.run(cfg)

@@ -158,3 +158,23 @@ def test_transfer_labels_refuses_missing_inputs(cells):
         transfer_labels(reference, cells.copy(), label_key="cell_type")
     with pytest.raises(KeyError, match="no obs\\['celltype'\\]"):
         transfer_labels(reference, reference.copy(), label_key="celltype")
+
+
+def test_bf16_on_cpus_with_native_bf16_stays_close_to_fp32(cells, model, embedded, monkeypatch):
+    """This host has no native bf16 (auto stays fp32); a CPU with AMX or AVX512-BF16 gets bf16, forced here."""
+    import sc_foundation.inference as inference
+
+    auto = embed(cells, model, copy=True)
+    assert auto.uns["sc_foundation"]["precision"] == ("bf16" if inference.cpu_has_fast_bf16() else "fp32")
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    fast = embed(cells, model, copy=True)
+    assert fast.uns["sc_foundation"]["precision"] == "bf16"
+    bf16 = fast.obsm[KEY]
+    assert not np.array_equal(bf16, embedded), "bf16 really ran"
+    cosine = (bf16 * embedded).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(embedded, axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+    forced = embed(cells, model, copy=True, precision="fp32")
+    assert forced.uns["sc_foundation"]["precision"] == "fp32"
+    np.testing.assert_array_equal(forced.obsm[KEY], embedded)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        embed(cells, model, precision="fp16")

@@ -36,18 +36,30 @@ def test_inference_benchmark(inference_benchmark, tmp_path, shared_data):
     # Truncated at the context (the <cls> token included), and Kang cells have more detected genes than 64.
     assert 32 < config["mean_tokens_per_cell"] <= 64
 
-    assert set(payload["cpu"]) == {"tiny"}
-    tiny = payload["cpu"]["tiny"]
-    assert_positive(tiny, ["cells_per_s", "tokens_per_s", "seconds", "params_backbone", "match_rate"])
-    assert tiny["cells"] == tiny["cells_embedded"] == CELLS and tiny["embedding_width"] == 64
-    assert tiny["batch_size"] == 16 and tiny["threads"] == 1 and tiny["device"] == "cpu" and tiny["dtype"] == "float32"
-    assert len(tiny["seconds_all"]) == 2 and min(tiny["seconds_all"]) <= tiny["seconds"] <= max(tiny["seconds_all"])
-    assert tiny["cells_per_s"] == pytest.approx(CELLS / tiny["seconds"])
-    assert tiny["tokens_per_s"] == pytest.approx(tiny["cells_per_s"] * config["mean_tokens_per_cell"])
-    assert 0.5 <= tiny["match_rate"] <= 1.0
+    assert set(payload["cpu"]) == {"tiny"} and set(payload["cpu"]["tiny"]) == {"fp32", "bf16"}
+    peak = payload["cpu_matmul_peak_flops_per_s"]
+    assert_positive(peak, ["fp32", "bf16"])
+    for precision, tiny in payload["cpu"]["tiny"].items():
+        assert_positive(tiny, ["cells_per_s", "tokens_per_s", "seconds", "params_backbone", "match_rate"])
+        assert_positive(tiny, ["achieved_flops_per_s", "share_of_peak"])
+        assert tiny["precision"] == precision and tiny["device"] == "cpu"
+        assert tiny["cells"] == tiny["cells_embedded"] == CELLS and tiny["embedding_width"] == 64
+        assert tiny["batch_size"] == 16 and tiny["threads"] == 1
+        assert len(tiny["seconds_all"]) == 2
+        assert min(tiny["seconds_all"]) <= tiny["seconds"] <= max(tiny["seconds_all"])
+        assert tiny["cells_per_s"] == pytest.approx(CELLS / tiny["seconds"])
+        assert tiny["tokens_per_s"] == pytest.approx(tiny["cells_per_s"] * config["mean_tokens_per_cell"])
+        assert tiny["share_of_peak"] == pytest.approx(tiny["achieved_flops_per_s"] / peak[precision])
+        if precision == "fp32" or payload["machine"]["fast_bf16"]:  # emulated bf16 has no meaningful peak
+            assert tiny["share_of_peak"] < 1.0, "a forward pass cannot beat the machine's own matmul rate"
+        assert 0.5 <= tiny["match_rate"] <= 1.0
+    # 2·N·L + 4·n·L²·d per cell: at least the parameter term over the real tokens of every cell
+    tiny = payload["cpu"]["tiny"]["fp32"]
+    floor = 2 * tiny["params_backbone_non_embedding"] * CELLS * config["mean_tokens_per_cell"]
+    assert tiny["achieved_flops_per_s"] * tiny["seconds"] > floor
     assert payload["gpu"] == {"measured": False, "reason": "--no-gpu"} and payload["published"] == {}
     # The exported models were temporary: only the slice and the store stay in the cache.
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == [
         f"inference-kang_ifnb-{CELLS}.h5ad",
         f"inference-store-inference-kang_ifnb-{CELLS}-ctx64-min1",
     ]

@@ -1,5 +1,6 @@
 """Tests for sc_foundation.io: every reader on small real files, layers/raw on synthetic files, every bad input."""
 
+import warnings
 from pathlib import Path
 
 import anndata
@@ -8,7 +9,13 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from sc_foundation.io import InvalidInputError, counts_from_anndata, open_counts, validate_counts
+from sc_foundation.io import (
+    InvalidInputError,
+    RoundedLogWarning,
+    counts_from_anndata,
+    open_counts,
+    validate_counts,
+)
 
 TENX = "tenx_readers"
 V2_H5 = f"{TENX}/1.2.0/filtered_gene_bc_matrices_h5.h5"
@@ -325,3 +332,22 @@ def test_incomplete_mtx_folder(tmp_path):
     (tmp_path / "features.tsv").write_text("")
     with pytest.raises(InvalidInputError, match=r"incomplete 10x folder.*gzip/gunzip them to match one layout"):
         open_counts(tmp_path)
+
+
+def test_rounded_log_values_warn_and_raw_counts_do_not(real_slice):
+    """Integers pass the count check, but log1p(counts per 10k) rounded to integers stays below 10."""
+    import scanpy as sc
+
+    raw = real_slice("pbmc3k/pbmc3k.h5ad", 300)
+    rounded = raw.copy()
+    sc.pp.normalize_total(rounded, target_sum=1e4)
+    sc.pp.log1p(rounded)
+    rounded.X.data = np.rint(rounded.X.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RoundedLogWarning)
+        list(counts_from_anndata(raw, name="raw.h5ad").iter_chunks(100))
+    with pytest.warns(
+        RoundedLogWarning, match=r"rounded.h5ad: X: .* integers from 1 to [5-9] .*filterwarnings"
+    ) as seen:
+        list(counts_from_anndata(rounded, name="rounded.h5ad").iter_chunks(100))
+    assert len(seen) == 1, "one warning per input, not per chunk"

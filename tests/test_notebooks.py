@@ -66,6 +66,7 @@ def _check_embed(probe: dict, run: Run) -> None:
     assert probe["clusters"] in ("leiden", "kmeans") and probe["n_clusters"] >= 2
     assert probe["umap_shape"] == [n_obs, 2]
     assert -1.0 <= probe["ari"] <= 1.0
+    assert probe["ari_pca"] > 0.3, "the PCA baseline the prose compares against recovers the PBMC cell types"
 
 
 def _check_annotation(probe: dict, run: Run) -> None:
@@ -156,6 +157,7 @@ CASES: dict[str, Case] = {
             "n_clusters": int(adata.obs[CLUSTERS].nunique()),
             "umap_shape": list(adata.obsm["X_umap"].shape),
             "ari": float(ari),
+            "ari_pca": float(ari_pca),
         }""",
         check=_check_embed,
     ),

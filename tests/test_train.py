@@ -56,13 +56,16 @@ def test_every_experiment_composes(experiment):
     assert cfg.trainer.max_steps > 0 and cfg.optim.learning_rate > 0
 
 
+PRECISION = {"cpu": "32-true", "gpu": "bf16-mixed", "ddp": "auto", "fsdp": "bf16-mixed"}  # ddp: fits the accelerator
+
+
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
 def test_model_and_trainer_groups_compose(size, trainer):
     cfg = compose_pretrain([f"model={size}", f"trainer={trainer}", "logger=wandb"])
     ScFoundationConfig(**cfg.model)
     assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.gradient_clip_val == 1.0
-    assert (cfg.trainer.precision == "bf16-mixed") == (trainer != "cpu")
+    assert cfg.trainer.precision == PRECISION[trainer]
     assert ("strategy" in cfg.trainer) == (trainer in ("ddp", "fsdp"))
     assert cfg.logger.offline is True
 
@@ -148,14 +151,19 @@ class StepAtStart(pl.Callback):
 # CellBatchSampler cannot resume mid-epoch: the resumed run restarts the epoch's batches, which Lightning warns of.
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run writes to a new output_dir
-def test_resume_continues_from_the_last_checkpoint(pretrained, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(pretrained, tmp_path, capsys):
     cfg, _ = pretrained
     last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 20
     probe = StepAtStart()
     overrides = [f"ckpt_path={last}", f"output_dir={tmp_path}", "trainer.max_steps=26", "trainer.val_check_interval=10"]
+    overrides += ["trainer.enable_progress_bar=true"]
+    capsys.readouterr()
     resumed = train.run(compose_pretrain([*_overrides_of(cfg), *overrides]), callbacks=[probe])
     assert probe.step == 20 and resumed["trainer"].global_step == 26
+    bar = capsys.readouterr().out
+    assert "steps: 100%" in bar and "26/26" in bar, "one bar over the run's steps, resumed where it left off"
+    assert "Epoch" not in bar and "v_num" not in bar
     assert (tmp_path / "export" / "final" / "model.safetensors").is_file()
 
 
@@ -195,15 +203,24 @@ def _overrides_of(cfg):
     return ["data.datasets=[]", f"data.files=[{cfg.data.files[0]}]", f"paths.cache={cfg.paths.cache}", *TINY_RUN]
 
 
-def test_ddp_on_two_cpu_processes(tmp_path, kang_file):
+LAUNCHERS = {
+    "lightning": [sys.executable, str(ROOT / "train.py")],  # Lightning starts the second process itself
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
+}
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [pytest.param("lightning", marks=pytest.mark.slow), "torchrun"],  # about 30 s each on 2 busy cores
+)
+def test_ddp_on_two_cpu_processes_on_a_cold_cache(tmp_path, kang_file, launcher):
+    """The README's two-process launches, each on an empty cache: every rank asks for the store, one builds it."""
     out = tmp_path / "out"
     command = [
-        sys.executable,
-        str(ROOT / "train.py"),
+        *LAUNCHERS[launcher],
         "trainer=ddp",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1",
@@ -212,10 +229,19 @@ def test_ddp_on_two_cpu_processes(tmp_path, kang_file):
         f"hydra.run.dir={tmp_path / 'hydra'}",
         f"callbacks=[{{_target_: tests.recording.RecordCells, directory: {tmp_path / 'cells'}}}]",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "exported model:" in done.stdout
+    log = (tmp_path / "hydra" / "train.log").read_text()  # the report is logged, not only printed
+    assert "Corpus store" in log and "corpus store:" in log and "exported model:" in log
+    # 10 validation cells make one batch, which the two ranks cannot share: no validation, so no export/best,
+    # and the last line must not name it.
+    assert "no validation ran, so there is no export/best" in done.stdout and not (out / "export" / "best").exists()
+    assert "bfloat16" not in output, "trainer=ddp on CPUs without native bf16 runs in 32-true"
+    stores = [p for p in (tmp_path / "cache" / "stores").iterdir() if not p.name.startswith(".")]
+    assert len(stores) == 1 and len(CorpusStore(stores[0])) == 200
     model = load_pretrained(out / "export" / "final", device="cpu")
     assert model.config.hidden_size == 64
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
@@ -224,13 +250,38 @@ def test_ddp_on_two_cpu_processes(tmp_path, kang_file):
     assert not set(seen[0]) & set(seen[1]), "the two ranks see disjoint cells"
 
 
-def test_a_stale_cached_store_is_rebuilt_or_refused(kang_file, real_slice, tmp_path):
+def test_precision_auto_fits_the_accelerator(monkeypatch):
+    from sc_foundation import hardware
+
+    assert hardware.resolve_precision("auto", "gpu") == "bf16-mixed"
+    assert hardware.resolve_precision("16-mixed", "gpu") == "16-mixed"
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.resolve_precision("auto", "cpu") == "bf16-mixed"
+
+
+def test_each_corpus_gets_its_own_cached_store(kang_file, real_slice, tmp_path):
+    """data.files runs and the default corpus never share a folder; a changed input builds a new one beside the old."""
     overrides = data_overrides(kang_file, tmp_path / "cache")
     first = train.build_corpus(compose_pretrain(overrides))
     other = tmp_path / "other.h5ad"
     real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(200, 320)).write_h5ad(other)
-    changed = [*overrides, f"data.files=[{other}]"]  # same store_dir, other inputs: a stale plan
+    second = train.build_corpus(compose_pretrain([*overrides, f"data.files=[{other}]"]))
+    assert Path(first.path).parent == Path(second.path).parent == tmp_path / "cache" / "stores"
+    assert first.path != second.path and second.n_cells == 120
+    assert len(CorpusStore(first.path)) == 200, "the first store is left to the runs that read it"
+    default = compose_pretrain([f"paths.cache={tmp_path / 'cache'}"]).data.store_dir
+    assert default.endswith("{plan}"), "the default corpus's folder is keyed by its plan too"
+
+
+def test_a_stale_store_in_a_fixed_folder_is_rebuilt_or_refused(kang_file, real_slice, tmp_path):
+    fixed = [*data_overrides(kang_file, tmp_path / "cache"), f"data.store_dir={tmp_path / 'mine'}"]
+    first = train.build_corpus(compose_pretrain(fixed))
+    other = tmp_path / "other.h5ad"
+    real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(200, 320)).write_h5ad(other)
+    changed = [*fixed, f"data.files=[{other}]"]  # same store_dir, other inputs: a stale plan
     with pytest.raises(FileExistsError, match="holds a store built from other inputs or settings"):
-        train.build_corpus(compose_pretrain([*changed, "data.rebuild_stale_store=false"]))
-    rebuilt = train.build_corpus(compose_pretrain(changed))
+        train.build_corpus(compose_pretrain(changed))
+    rebuilt = train.build_corpus(compose_pretrain([*changed, "data.rebuild_stale_store=true"]))
     assert rebuilt.path == first.path and rebuilt.n_cells == 120 != first.n_cells

@@ -1,0 +1,356 @@
+"""The fault suite: processes killed mid-work (store builds, exports, pretraining, fine-tuning), damaged export files,
+a full disk during a store build, and property-based fuzzing of the readers and the tokenizer.
+
+Every kill is a SIGKILL at a seeded random moment of the work, followed by a rerun that must end exactly where an
+uninterrupted run ends. Counts of what survives are in BENCHMARKS.md ("Fault suite").
+"""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sc_foundation.store as store_module
+from sc_foundation.export import EXPORT_FILES, export_pretrained, load_pretrained
+from sc_foundation.genes import GeneVocab
+from sc_foundation.io import InvalidInputError, counts_from_anndata
+from sc_foundation.store import CorpusStore, build_store
+from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig, cell_keys
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+KANG = "kang_ifnb/kang_ifnb.h5ad"
+STORE_SETTINGS = {"tokenizer_config": TokenizerConfig(context_length=64), "min_cells_per_gene": 1, "chunk_size": 64}
+BUILD = """
+import sys
+from sc_foundation.store import build_store
+from sc_foundation.tokenization import TokenizerConfig
+build_store(sys.argv[1:-1], sys.argv[-1], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
+            chunk_size=64)
+"""
+EXPORT_FOREVER = """
+import sys, torch
+from sc_foundation.export import export_pretrained, load_pretrained
+model = load_pretrained(sys.argv[1], device="cpu")
+print("exporting", flush=True)
+while True:
+    export_pretrained(model, model.gene_tokenizer, sys.argv[2])
+"""
+
+
+def kill_during(command: list[str], started: callable, seed: int, span: float, cwd=ROOT) -> bool:
+    """Run ``command``; once ``started()`` is true, SIGKILL it after a seeded random delay in [0, span) seconds.
+
+    Returns whether it was killed (False: it finished first, so the kill came too late to test anything).
+    """
+    process = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not started() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0, span))
+    killed = process.poll() is None
+    if killed:
+        os.kill(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert killed or process.returncode == 0, stderr[-3000:]
+    return killed
+
+
+@pytest.fixture(scope="module")
+def slices(real_slice, tmp_path_factory) -> list[Path]:
+    """Three real files of 300 Kang cells each: a store build of a few seconds, three shards."""
+    folder = tmp_path_factory.mktemp("fault_slices")
+    paths = []
+    for k in range(3):
+        path = folder / f"kang{k}.h5ad"
+        real_slice(KANG, np.arange(k, 9000, 30)).write_h5ad(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference_store(slices, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "store"
+    build_store(slices, out, **STORE_SETTINGS)
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    left, right = CorpusStore(a), CorpusStore(b)
+    assert left.tokenizer == right.tokenizer and len(left) == len(right)
+    pd.testing.assert_frame_equal(left.obs, right.obs)
+    for i in range(len(left)):
+        np.testing.assert_array_equal(left[i][0], right[i][0])
+        np.testing.assert_array_equal(left[i][1], right[i][1])
+
+
+# --------------------------------------------------------------------------------------------------- kills
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_a_killed_store_build_reruns_to_the_same_store(slices, reference_store, tmp_path, seed):
+    out = tmp_path / "store"
+    lock = tmp_path / ".store.lock"
+    command = [sys.executable, "-c", BUILD, *map(str, slices), str(out)]
+    killed = kill_during(command, lambda: lock.exists() and lock.read_text().startswith("pid"), seed, span=3.0)
+    if killed:
+        with pytest.raises(FileNotFoundError):  # never readable half-built
+            CorpusStore(out)
+    report = build_store(slices, out, **STORE_SETTINGS)
+    assert not report.reused or not killed
+    assert_same_store(out, reference_store)
+    assert not list(out.rglob(".*tmp*")), "the rerun leaves no temporary files"
+
+
+@pytest.fixture(scope="module")
+def exported(reference_store, tmp_path_factory) -> Path:
+    import torch
+
+    from sc_foundation.configuration import ScFoundationConfig
+    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+
+    from .conftest import TINY_ARCHITECTURE
+
+    tokenizer = CorpusStore(reference_store).tokenizer
+    torch.manual_seed(0)
+    model = ScFoundationForMaskedValueModeling(ScFoundationConfig.from_tokenizer(tokenizer, **TINY_ARCHITECTURE))
+    return export_pretrained(model, tokenizer, tmp_path_factory.mktemp("exported") / "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_killed_export_leaves_the_old_export_or_none_and_reruns_the_same(exported, tmp_path, seed):
+    target = tmp_path / "final"
+    command = [sys.executable, "-c", EXPORT_FOREVER, str(exported), str(target)]
+    assert kill_during(command, lambda: target.exists(), seed, span=2.0)
+    if target.exists():  # at any moment: a complete export, or briefly none
+        load_pretrained(target, device="cpu")
+    model = load_pretrained(exported, device="cpu")
+    export_pretrained(model, model.gene_tokenizer, target)
+    for name in EXPORT_FILES:
+        assert (target / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=cpu_smoke",
+        "data.datasets=[]",
+        f"data.files=[{kang_file}]",
+        f"paths.cache={cache}",
+        "data.min_cells_per_gene=1",
+        "data.build_workers=1",
+        "data.tokenizer.context_length=64",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=4",
+        "checkpoint.every_n_train_steps=2",
+        "trainer.enable_progress_bar=false",
+        f"output_dir={out}",
+        f"hydra.run.dir={out}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, tmp_path, seed):
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command(slices[0], cache, straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=4.0)
+    resume = [f"ckpt_path={last}"] if last.exists() else []
+    subprocess.run(
+        _train_command(slices[0], cache, killed, *resume), cwd=ROOT, env=ENV, check=True, capture_output=True
+    )
+    for name in EXPORT_FILES:
+        expected = (straight / "export" / "final" / name).read_bytes()
+        assert (killed / "export" / "final" / name).read_bytes() == expected, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_finetuning_reruns_to_the_same_metrics(pretrained, cellbench, real_slice, tmp_path, seed):
+    data = tmp_path / "cells.h5ad"
+    real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 499, 2)).write_h5ad(data)  # both protocols
+
+    def command(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            str(ROOT / "finetune.py"),
+            f"pretrained={pretrained}",
+            f"data.files=[{data}]",
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=5",
+            "trainer.enable_progress_bar=false",
+            "baselines.n_pcs=5",
+            f"output_dir={out}",
+            f"hydra.run.dir={out}",
+        ]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    assert kill_during(command(killed), lambda: (killed / "store").exists(), seed, span=15.0)
+    assert not (killed / "metrics.json").exists() or (killed / "metrics.json").read_text()
+    subprocess.run(command(killed), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    expected = json.loads((straight / "metrics.json").read_text())
+    assert json.loads((killed / "metrics.json").read_text())["model"] == expected["model"]
+    for name in EXPORT_FILES:
+        assert (killed / "export" / "best" / name).read_bytes() == (straight / "export" / "best" / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ damaged files
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: bytes(random.Random(len(data)).randrange(256) for _ in range(min(len(data), 4096))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_damaged_export_files_are_refused_by_name(exported, tmp_path, name, damage):
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for file in exported.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    (copy / name).write_bytes(DAMAGE[damage]((exported / name).read_bytes()))
+    with pytest.raises(ValueError, match="is corrupt or truncated") as error:
+        load_pretrained(copy, device="cpu")
+    assert str(copy / name) in str(error.value) and "again" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+def test_a_full_disk_during_a_store_build_leaves_no_readable_store(slices, reference_store, tmp_path, monkeypatch):
+    """ENOSPC while writing the second shard, then while writing the manifest: never a store that opens."""
+    out = tmp_path / "store"
+    writes = []
+    real_write = pa.ipc.RecordBatchStreamWriter.write_batch
+
+    def write_until_full(self, batch, *args, **kwargs):
+        writes.append(1)
+        if len(writes) > 6:  # the first shard (5 chunks of 64 cells) fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(pa.ipc.RecordBatchStreamWriter, "write_batch", write_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_store(slices, out, **STORE_SETTINGS)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        CorpusStore(out)
+    monkeypatch.setattr(pa.ipc.RecordBatchStreamWriter, "write_batch", real_write)
+
+    real_atomic = store_module._atomic_write_text
+
+    def manifest_fails(path, text):
+        if Path(path).name == store_module.MANIFEST:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_atomic(path, text)
+
+    monkeypatch.setattr(store_module, "_atomic_write_text", manifest_fails)
+    with pytest.raises(OSError, match="No space left"):
+        build_store(slices, out, **STORE_SETTINGS)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        CorpusStore(out)
+    monkeypatch.setattr(store_module, "_atomic_write_text", real_atomic)
+
+    report = build_store(slices, out, **STORE_SETTINGS)  # space again: the rerun completes it
+    assert report.resumed == ["kang0.h5ad", "kang1.h5ad", "kang2.h5ad"]
+    assert_same_store(out, reference_store)
+
+
+# --------------------------------------------------------------------------------------- property tests
+GENES = [f"ENSG{k:011d}" for k in range(1, 41)]
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = [np.int32, np.int64, np.uint16, np.float32, np.float64]
+
+
+@st.composite
+def count_matrices(draw):
+    """A random (n_cells, n_genes) count matrix as dense, CSR or CSC (what AnnData holds) of any numeric dtype."""
+    n_cells, n_genes = draw(st.integers(1, 30)), draw(st.integers(1, len(GENES)))
+    density = draw(st.floats(0.0, 1.0))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dense = np.where(rng.random((n_cells, n_genes)) < density, rng.integers(0, 50, (n_cells, n_genes)), 0)
+    dense = dense.astype(draw(st.sampled_from(DTYPES)))
+    layout = draw(st.sampled_from(["dense", "csr", "csc"]))
+    matrix = dense if layout == "dense" else getattr(sp, f"{layout}_matrix")(dense)
+    return dense, matrix
+
+
+@FUZZ
+@given(data=count_matrices(), chunk_size=st.integers(1, 40))
+def test_fuzz_readers_give_back_every_count(data, chunk_size):
+    dense, matrix = data
+    adata = anndata.AnnData(matrix, var=pd.DataFrame(index=GENES[: dense.shape[1]]))
+    chunks = list(counts_from_anndata(adata).iter_chunks(chunk_size))
+    assert [start for start, _ in chunks] == list(range(0, dense.shape[0], chunk_size))
+    combined = sp.vstack([chunk for _, chunk in chunks]).tocsr()
+    assert combined.dtype == np.float32 and not (combined.data == 0).any()
+    np.testing.assert_array_equal(combined.toarray(), dense.astype(np.float32))
+
+
+@FUZZ
+@given(data=count_matrices(), bad=st.sampled_from([-1.0, np.nan, np.inf, 0.5]))
+def test_fuzz_readers_refuse_what_counts_cannot_hold(data, bad):
+    dense, _ = data
+    broken = dense.astype(np.float64)
+    broken[-1, -1] = bad
+    adata = anndata.AnnData(sp.csr_matrix(broken), var=pd.DataFrame(index=GENES[: dense.shape[1]]))
+    with pytest.raises(InvalidInputError, match="<AnnData>: X"):
+        list(counts_from_anndata(adata).iter_chunks(7))
+
+
+@pytest.fixture(scope="module")
+def fuzz_tokenizers() -> dict[str, GeneTokenizer]:
+    vocab = GeneVocab.from_genes(GENES)
+    return {
+        encoding: GeneTokenizer(vocab, TokenizerConfig(encoding=encoding, context_length=64, min_match_rate=0.0))
+        for encoding in ("binned", "continuous")
+    }
+
+
+@FUZZ
+@given(data=count_matrices(), order_seed=st.integers(0, 2**32 - 1), encoding=st.sampled_from(["binned", "continuous"]))
+def test_fuzz_tokenizer_tokens_are_valid_and_ignore_gene_order(fuzz_tokenizers, data, order_seed, encoding):
+    tokenizer = fuzz_tokenizers[encoding]
+    dense, _ = data
+    genes = GENES[: dense.shape[1]]
+    keys = cell_keys(pd.Index([f"c{i}" for i in range(dense.shape[0])]))
+
+    def tokens(columns: np.ndarray) -> dict[int, set]:
+        counts = sp.csr_matrix(dense[:, columns].astype(np.float32))
+        counts.eliminate_zeros()
+        match = tokenizer.match_genes([genes[c] for c in columns], cells_per_gene=np.ones(len(columns)))
+        cells = tokenizer.encode(counts, match, keys)
+        assert len(cells.gene_ids) == len(cells.values) == cells.offsets[-1]
+        assert (cells.gene_ids >= 0).all() and (cells.gene_ids < len(tokenizer.vocab)).all()
+        assert (cells.gene_ids != tokenizer.vocab.pad_id).all() and np.isfinite(cells.values).all()
+        if encoding == "binned":
+            body = cells.gene_ids != tokenizer.vocab.cls_id
+            assert ((cells.values[body] >= 1) & (cells.values[body] <= tokenizer.config.n_bins - 1)).all()
+        expressed = (dense > 0).sum(axis=1)
+        np.testing.assert_array_equal(cells.rows, np.flatnonzero(expressed))  # empty cells dropped, no other
+        np.testing.assert_array_equal(cells.lengths, expressed[cells.rows] + 1)  # + <cls>; 40 genes < context
+        return {
+            int(row): set(zip(cells.cell(i)[0].tolist(), cells.cell(i)[1].tolist(), strict=True))
+            for i, row in enumerate(cells.rows)
+        }
+
+    identity = np.arange(dense.shape[1])
+    shuffled = np.random.default_rng(order_seed).permutation(dense.shape[1])
+    assert tokens(identity) == tokens(shuffled)
