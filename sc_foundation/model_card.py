@@ -21,7 +21,7 @@ def probe_table(results: Mapping[str, dict]) -> str:
         ours, pca, ratio = r["ours"], r["pca"], r["ratio"]
         lines.append(
             f"| {name} | {r['n_cells']} | {ours['knn_accuracy']:.3f} | {pca['knn_accuracy']:.3f} "
-            f"| {ratio['knn_accuracy']:.2f} | {ours['avg_bio']:.3f} | {pca['avg_bio']:.3f} | {ratio['avg_bio']:.2f} "
+            f"| {ratio['knn_accuracy']:.3f} | {ours['avg_bio']:.3f} | {pca['avg_bio']:.3f} | {ratio['avg_bio']:.3f} "
             f"| {ours.get('depth_correlation', float('nan')):.2f} | {pca.get('depth_correlation', float('nan')):.2f} |"
         )
     return "\n".join(lines)
