@@ -56,11 +56,14 @@ def current_umask() -> int:
 
 
 def read_json(path: Path, fix: str):
-    """The JSON value in ``path``; a ``ValueError`` naming the file and ``fix`` when it is corrupt or truncated."""
+    """The JSON object in ``path``; a ``ValueError`` naming the file and ``fix`` when it is corrupt or truncated."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is corrupt or truncated (not JSON: {error}). {fix}") from None
+    if not isinstance(value, dict):  # every file of ours holds an object; random bytes can parse as a number
+        raise ValueError(f"{path} is corrupt or truncated (a JSON {type(value).__name__}, not an object). {fix}")
+    return value
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

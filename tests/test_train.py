@@ -51,7 +51,8 @@ def data_overrides(kang_file, cache):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
     cfg = compose_pretrain([f"experiment={experiment}"])
-    ScFoundationConfig(**cfg.model)  # plain constructor arguments
+    # plain constructor arguments, with the value encoding the store's tokenizer would give
+    ScFoundationConfig(**cfg.model, value_encoding=cfg.data.tokenizer.encoding)
     assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.trainer.max_steps > 0 and cfg.optim.learning_rate > 0
 
@@ -127,7 +128,9 @@ def test_pretraining_exports_a_loadable_model(pretrained, capsys):
     assert list((out / "csv").glob("version_*/metrics.csv"))
     for directory in (out / "export" / "final", out / "export" / "best"):
         names = {p.name for p in directory.iterdir()}
-        assert names == {"config.json", "model.safetensors", "gene_vocab.json", "gene_tokenizer.json"}
+        weights = {"config.json", "model.safetensors", "gene_vocab.json", "gene_tokenizer.json"}
+        # the final export also carries the model card (README.md) and metrics.json
+        assert names == (weights | {"README.md", "metrics.json"} if directory.name == "final" else weights)
     assert not [p for p in (out / "export").iterdir() if p.name.startswith(".")]  # no temp folders left
 
     trained = result["module"].model.eval()
