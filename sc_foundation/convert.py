@@ -264,14 +264,23 @@ def _scgpt_vocab(path: Path, rows: int) -> GeneVocab:
     mapping = json.loads(path.read_text())
     if not isinstance(mapping, dict):
         raise ConversionError(f"{path}: expected {{token: id}}, found {type(mapping).__name__}")
+    missing = "the vocabulary lacks {token}, which scGPT's embedding needs"
+    return _vocab_in_id_order(path, mapping, rows, "encoder.embedding.weight", (PAD_TOKEN, CLS_TOKEN), missing)
+
+
+def _vocab_in_id_order(
+    source: Path, mapping: dict, rows: int, embedding: str, required: tuple[str, ...], missing: str
+) -> GeneVocab:
+    """A published ``{token: id}`` mapping as our vocabulary, ids kept: they must be 0..n-1 without gaps, n the
+    ``rows`` of ``embedding``, and the ``required`` tokens present (else ``missing`` names the one absent)."""
     ids = sorted(mapping.values())
     if ids != list(range(len(ids))):
-        raise ConversionError(f"{path}: token ids must be 0..{len(ids) - 1} without gaps")
+        raise ConversionError(f"{source}: token ids must be 0..{len(ids) - 1} without gaps")
     if len(ids) != rows:
-        raise ConversionError(f"{path}: {len(ids)} tokens, but encoder.embedding.weight has {rows} rows")
-    for token in (PAD_TOKEN, CLS_TOKEN):
+        raise ConversionError(f"{source}: {len(ids)} tokens, but {embedding} has {rows} rows")
+    for token in required:
         if token not in mapping:
-            raise ConversionError(f"{path}: the vocabulary lacks {token}, which scGPT's embedding needs")
+            raise ConversionError(f"{source}: {missing.format(token=token)}")
     return GeneVocab(sorted(mapping, key=mapping.get))
 
 
@@ -395,15 +404,9 @@ def _geneformer_dictionaries(path: Path, tokens: str | os.PathLike | None, media
 def _geneformer_vocab(token_file: Path, rows: int) -> tuple[GeneVocab, int]:
     """Our vocabulary of Geneformer's token dictionary (ids kept) and how many tokens the source has."""
     mapping = load_gene_dictionary(token_file, int)
-    ids = sorted(mapping.values())
-    if ids != list(range(len(ids))):
-        raise ConversionError(f"{token_file}: token ids must be 0..{len(ids) - 1} without gaps")
-    if len(ids) != rows:
-        raise ConversionError(f"{token_file}: {len(ids)} tokens, but the word embedding has {rows} rows")
-    for token in (PAD_TOKEN, MASK_TOKEN):
-        if token not in mapping:
-            raise ConversionError(f"{token_file}: lacks {token}")
-    return GeneVocab(sorted(mapping, key=mapping.get)), len(ids)
+    required = (PAD_TOKEN, MASK_TOKEN)
+    vocab = _vocab_in_id_order(token_file, mapping, rows, "the word embedding", required, "lacks {token}")
+    return vocab, len(mapping)
 
 
 def _convert_geneformer(path: Path, token_file: Path, median_file: Path, overrides: dict) -> Converted:
