@@ -8,16 +8,13 @@ Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resumi
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -25,12 +22,12 @@ from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.console import announce, console_callbacks
 from sc_foundation.data import CorpusDataModule
 from sc_foundation.datasets import DatasetUnavailableError, corpus_inputs, dataset_inputs
-from sc_foundation.export import export_pretrained
 from sc_foundation.gene_panel import cached_panel_vocab
 from sc_foundation.hardware import resolve_precision
 from sc_foundation.model_card import metrics_json, render_model_card
 from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.probes import ProbeCallback, ProbeSet
+from sc_foundation.runs import ExportBest, best_note, export, output_dir
 from sc_foundation.store import CorpusStore, build_store
 from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
 from sc_foundation.training import TrainingModule
@@ -65,68 +62,11 @@ def build_corpus(cfg: DictConfig):
     )
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir``, else Hydra's run directory, else ``outputs/<date>/<time>`` (a composed config)."""
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
-    if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-
-
 def build_model(cfg: DictConfig, store: CorpusStore):
     """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
     config = ScFoundationConfig.from_tokenizer(store.tokenizer, **OmegaConf.to_container(cfg.model, resolve=True))
     head = ScFoundationForMaskedGeneModeling if config.value_encoding == "rank" else ScFoundationForMaskedValueModeling
     return head(config)
-
-
-def export(
-    trainer: pl.Trainer,
-    module: TrainingModule,
-    tokenizer: GeneTokenizer,
-    directory: Path,
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Export the trained model. Called on every rank (FSDP gathers the full weights collectively); rank 0 writes."""
-    state = trainer.strategy.lightning_module_state_dict()
-    if trainer.is_global_zero:
-        prefix = "model."
-        weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-        export_pretrained(module.model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
-    trainer.strategy.barrier("export")
-    return directory
-
-
-def best_note(directory: Path) -> str:
-    """How the run's last line names ``export/best``: only when it exists (no validation ran, none does)."""
-    if (directory / "config.json").is_file():
-        return f" (best validation loss: {directory.resolve()})"
-    return " (no validation ran, so there is no export/best)"
-
-
-class ExportBest(pl.Callback):
-    """Exports the model to ``directory`` whenever the validation loss reaches a new low."""
-
-    def __init__(self, tokenizer: GeneTokenizer, directory: Path, monitor: str = "val/loss"):
-        self.tokenizer = tokenizer
-        self.directory = directory
-        self.monitor = monitor
-        self.best = math.inf
-
-    def on_validation_end(self, trainer: pl.Trainer, module: TrainingModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        value = float(trainer.callback_metrics[self.monitor])  # averaged over ranks: the same on each
-        if value < self.best:
-            self.best = value
-            export(trainer, module, self.tokenizer, self.directory)
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict["best"]
 
 
 def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback | None:

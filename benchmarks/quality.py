@@ -292,7 +292,7 @@ def task_overrides(name: str, spec: dict, files: list, modality_files: list, arg
 
 def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
     """Fine-tune and score one task; fills ``record`` as it goes (so a failure keeps what was known)."""
-    import finetune
+    from sc_foundation import tasks
 
     spec = TASKS[name]
     files = [dict(f) if isinstance(f, dict) else {"path": f} for f in spec["files"]]
@@ -316,7 +316,7 @@ def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
     record["overrides"] = overrides
     cfg = compose("finetune", overrides)
     started = time.perf_counter()
-    result = finetune.run(cfg)
+    result = tasks.run(cfg)
     record["finetune_wall_s"] = time.perf_counter() - started
     metrics = result["metrics"]
     out = Path(result["output_dir"])
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     matplotlib.use("Agg")
     if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # finetune.py and train.py live at the repository root
+        sys.path.insert(0, str(REPO_ROOT))  # train.py (the main command) lives at the repository root
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,9 @@ class TrainingModule(pl.LightningModule):
         backbone_lr_ratio: the backbone's parameters (``model.base_model``) learn at ``learning_rate`` times this,
             the rest (the head) at ``learning_rate``; the schedule scales both alike. Below 1 it fine-tunes a
             pretrained backbone gently while a new head learns at full rate. 1 (default) treats all parameters alike.
+        layer_lr_decay: layer-wise learning-rate decay (as in BERT/ELECTRA fine-tuning): each backbone block learns at
+            this factor times the rate of the block above it, the embeddings at ``layer_lr_decay ** L``; so the
+            layers nearest the head adapt most and the general features below them least. 1 (default): off.
         peak_flops: peak FLOP/s of one device for the MFU estimate. The default is an H100 SXM's dense bf16 rate
             (989 TFLOP/s); set the peak of the device and precision in use (an A100 gives 312e12 in bf16).
     """
@@ -143,14 +146,17 @@ class TrainingModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         peak_flops: float = H100_BF16_DENSE_FLOPS,
         backbone_lr_ratio: float = 1.0,
+        layer_lr_decay: float = 1.0,
     ):
         super().__init__()
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}")
         if backbone_lr_ratio < 0:
             raise ValueError(f"backbone_lr_ratio must be >= 0, got {backbone_lr_ratio}")
-        if backbone_lr_ratio != 1.0 and getattr(model, "base_model", model) is model:
-            raise ValueError("backbone_lr_ratio needs a head model whose backbone is model.base_model")
+        if not 0 < layer_lr_decay <= 1:
+            raise ValueError(f"layer_lr_decay must be in (0, 1], got {layer_lr_decay}")
+        if (backbone_lr_ratio, layer_lr_decay) != (1.0, 1.0) and getattr(model, "base_model", model) is model:
+            raise ValueError("backbone_lr_ratio and layer_lr_decay need a head whose backbone is model.base_model")
         # The model's weights travel in the checkpoint's state_dict; the hyperparameters are the rest of the recipe.
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -162,6 +168,7 @@ class TrainingModule(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.peak_flops = peak_flops
         self.backbone_lr_ratio = backbone_lr_ratio
+        self.layer_lr_decay = layer_lr_decay
         signature = inspect.signature(model.forward).parameters
         self._forward_keys = set(signature)
         self._forward_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
@@ -180,16 +187,15 @@ class TrainingModule(pl.LightningModule):
             {"params": list(decay.values()), "weight_decay": self.weight_decay},
             {"params": list(no_decay.values()), "weight_decay": 0.0},
         ]
-        if self.backbone_lr_ratio != 1.0:
-            # Each group splits into head and backbone halves; heads come first, so train/lr logs the head's rate.
-            backbone = {id(p) for p in self.model.base_model.parameters()}
-            halves = []
-            for is_backbone in (False, True):
-                for group in groups:
-                    params = [p for p in group["params"] if (id(p) in backbone) == is_backbone]
-                    lr = self.learning_rate * (self.backbone_lr_ratio if is_backbone else 1.0)
-                    halves.append({**group, "params": params, "lr": lr})
-            groups = [group for group in halves if group["params"]]
+        scales = self._lr_scales()
+        if any(scale != 1.0 for scale in scales.values()):
+            # Each group splits by learning-rate scale; the head's (1.0) comes first, so train/lr logs the head's rate.
+            groups = [
+                {**group, "params": params, "lr": self.learning_rate * scale}
+                for scale in sorted(set(scales.values()), reverse=True)
+                for group in groups
+                if (params := [p for p in group["params"] if scales[id(p)] == scale])
+            ]
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
         max_steps = self.max_steps
         if max_steps is None:
@@ -204,6 +210,23 @@ class TrainingModule(pl.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _lr_scales(self) -> dict[int, float]:
+        """Each parameter's learning rate as a multiple of ``learning_rate``, by ``id``: 1 for the head;
+        ``backbone_lr_ratio * layer_lr_decay ** (L - depth)`` for the backbone, where the embeddings have depth 0,
+        block ``i`` depth ``i + 1`` and the final norm depth ``L`` (the number of blocks)."""
+        scales = {id(p): 1.0 for p in self.model.parameters()}
+        if self.backbone_lr_ratio == 1.0 and self.layer_lr_decay == 1.0:
+            return scales
+        backbone = self.model.base_model
+        depth_count = len(getattr(backbone, "layers", ()))
+        for name, param in backbone.named_parameters():
+            parts = name.split(".")
+            depth = {"layers": None, "embeddings": 0}.get(parts[0], depth_count)
+            if depth is None:
+                depth = int(parts[1]) + 1
+            scales[id(param)] = self.backbone_lr_ratio * self.layer_lr_decay ** (depth_count - depth)
+        return scales
 
     def on_fit_start(self) -> None:
         self._non_embedding_params = count_non_embedding_parameters(self.model)
@@ -225,10 +248,12 @@ class TrainingModule(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("val/loss", loss, batch_size=_cell_lengths(batch).numel(), sync_dist=True, prog_bar=True)
-        return loss
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        """Logs ``val/loss``; returns ``{"loss", "output"}``, so a callback's ``on_validation_batch_end`` can score
+        the model's output (a task metric such as macro-F1) without a second forward pass."""
+        output = self(batch)
+        self.log("val/loss", output.loss, batch_size=_cell_lengths(batch).numel(), sync_dist=True, prog_bar=True)
+        return {"loss": output.loss, "output": output}
 
     def on_validation_start(self) -> None:
         self._validation_started = time.perf_counter()

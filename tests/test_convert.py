@@ -303,7 +303,7 @@ def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_p
     """``finetune.py task=annotation pretrained=<published scGPT folder>``: converted once, fine-tuned, scored,
     exported. On pbmc68k_reduced (short cells). The Geneformer stand-in is fine-tuned by notebooks/05, in
     tests/test_notebooks.py."""
-    import finetune
+    from sc_foundation import tasks
     from tests.test_finetune import QUIET, compose_finetune
 
     folder = published["scgpt"][0]
@@ -319,7 +319,7 @@ def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_p
             "baselines.n_pcs=20",
         ]
     )
-    result = finetune.run(cfg)
+    result = tasks.run(cfg)
     assert (tmp_path / "converted" / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 6 and 0.0 <= metrics["model"]["macro_f1"] <= 1.0

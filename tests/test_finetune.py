@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
-import finetune
+from sc_foundation import tasks
 from sc_foundation.export import load_pretrained
+from sc_foundation.inference import call_classes
 from sc_foundation.io import InvalidInputError
 from sc_foundation.modeling import ScFoundationForCellClassification
 from sc_foundation.store import CorpusStore
@@ -21,8 +21,7 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 
 
 def compose_finetune(overrides=()):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="finetune", overrides=list(overrides))
+    return tasks.compose_config(overrides)
 
 
 def overrides(pretrained, files, out, *extra):
@@ -34,13 +33,14 @@ def annotation(pretrained, cellbench, tmp_path_factory):
     out = tmp_path_factory.mktemp("annotation")
     files = f"[{{path: {cellbench}, batch_key: batch}}]"
     cfg = compose_finetune(overrides(pretrained, files, out, "trainer.max_steps=120"))
-    return finetune.run(cfg)
+    return tasks.run(cfg)
 
 
 def test_conf_composes():
     cfg = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=annotation", "finetune.mode=lower_lr"])
     assert cfg.label_key == "cell_type" and cfg.class_weights == "balanced" and cfg.unknown_threshold is None
-    assert cfg.early_stopping.patience > 0 and cfg.trainer.max_steps > 0 and cfg.trainer.accelerator == "cpu"
+    assert cfg.early_stopping.patience > 0 and cfg.trainer.max_epochs > 0 and cfg.trainer.accelerator == "cpu"
+    assert (cfg.early_stopping.monitor, cfg.early_stopping.mode) == ("val/macro_f1", "max")
 
 
 def test_annotates_cellbench_cell_lines(annotation):
@@ -68,10 +68,10 @@ def test_export_loads_and_reproduces_predictions(annotation):
     assert len(model.config.class_weights) == 3  # the balanced loss travels with the export
     assert isinstance(AutoModelForSequenceClassification.from_pretrained(annotation["export"]), type(model))
     batch = next(iter(annotation["datamodule"].test_dataloader()))
-    logits, _ = finetune.predict(model, [batch])
-    again, _ = finetune.predict(load_pretrained(annotation["export"], device="cpu"), [batch])
+    logits, _ = tasks.predict(model, [batch])
+    again, _ = tasks.predict(load_pretrained(annotation["export"], device="cpu"), [batch])
     np.testing.assert_allclose(logits, again)
-    predicted = finetune.call_classes(logits, None)
+    predicted = call_classes(logits, None)
     assert (predicted == batch["labels"].numpy()).mean() > 0.8
 
 
@@ -88,7 +88,7 @@ def test_frozen_mode_leaves_the_backbone_unchanged(pretrained, cellbench, tmp_pa
             "baselines.n_pcs=5",
         )
     )
-    result = finetune.run(cfg)
+    result = tasks.run(cfg)
     before = ScFoundationForCellClassification.from_pretrained(pretrained, new_heads=["classifier"], num_labels=3)
     after = load_pretrained(result["export"], device="cpu")
     for (name, old), (_, new) in zip(
@@ -130,7 +130,7 @@ def relabelled(real_slice, tmp_path):
 def test_bad_labels_are_refused(pretrained, relabelled, tmp_path, edit, message):
     cfg = compose_finetune(overrides(pretrained, f"[{relabelled(edit)}]", tmp_path / "out"))
     with pytest.raises(ValueError, match=message):
-        finetune.run(cfg)
+        tasks.run(cfg)
 
 
 def _duplicate_ids(adata):
@@ -153,7 +153,7 @@ def test_inputs_the_task_cannot_use_are_refused_before_training(pretrained, rela
     out = tmp_path / "out"
     cfg = compose_finetune(overrides(pretrained, f"[{relabelled(edit)}]", out))
     with pytest.raises(InvalidInputError, match=message):
-        finetune.run(cfg)
+        tasks.run(cfg)
     assert not out.exists(), "refused before any store, split or model is written"
 
 
@@ -162,4 +162,4 @@ def test_two_inputs_of_the_same_name_are_refused(pretrained, cellbench, tmp_path
     (tmp_path / "copy" / cellbench.name).symlink_to(cellbench)
     cfg = compose_finetune(overrides(pretrained, f"[{cellbench}, {tmp_path / 'copy' / cellbench.name}]", tmp_path))
     with pytest.raises(InvalidInputError, match="several inputs named"):
-        finetune.run(cfg)
+        tasks.run(cfg)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import finetune
-from sc_foundation import impute, load_pretrained
+from sc_foundation import impute, load_pretrained, tasks
 from sc_foundation.imputation import gene_mean_shares, hide_entries, imputation_metrics, knn_smoothing_shares
 from sc_foundation.modeling import ScFoundationForImputation
 from tests.conftest import CELLBENCH
@@ -22,7 +21,7 @@ def imputation(pretrained, cellbench, tmp_path_factory):
     out = tmp_path_factory.mktemp("imputation")
     extra = ("task=imputation", "decoder_genes=500", "trainer.max_steps=30", "trainer.val_check_interval=10")
     extra += ("baselines.scvi=false",)  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
-    return finetune.run(compose_finetune(overrides(pretrained, f"[{cellbench}]", out, *extra)))
+    return tasks.run(compose_finetune(overrides(pretrained, f"[{cellbench}]", out, *extra)))
 
 
 def test_hide_entries_hides_a_seeded_tenth_of_the_non_zero_counts():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune
+from sc_foundation import tasks
 from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.export import load_pretrained
 from sc_foundation.modeling import ScFoundationForBatchIntegration, grad_reverse
@@ -35,7 +35,7 @@ def integration(pretrained, cellbench, tmp_path_factory):
             "baselines.scvi=false",  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
         )
     )
-    return finetune.run(cfg)
+    return tasks.run(cfg)
 
 
 def test_gradient_reversal_negates_and_scales_the_gradient():
@@ -103,7 +103,7 @@ def test_export_loads_and_reproduces_the_embedding(integration):
     model = load_pretrained(integration["export"], device="cpu")
     assert isinstance(model, ScFoundationForBatchIntegration)
     assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"] and model.discriminator is not None
-    embedding, cells = finetune.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
+    embedding, cells = tasks.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
     np.testing.assert_allclose(embedding[np.argsort(cells)], integration["embedding"], rtol=1e-5, atol=1e-6)
 
 
@@ -123,4 +123,4 @@ def test_bad_batches_are_refused(pretrained, real_slice, tmp_path, edit, batch_k
     extra = ("task=integration", f"batch_key={batch_key}")
     cfg = compose_finetune(overrides(pretrained, f"[{path}]", tmp_path / "out", *extra))
     with pytest.raises(ValueError, match=message):
-        finetune.run(cfg)
+        tasks.run(cfg)

@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import finetune
-from sc_foundation import load_pretrained, predict_modality
+from sc_foundation import load_pretrained, predict_modality, tasks
 from sc_foundation.io import InvalidInputError
 from sc_foundation.modeling import ScFoundationForMultimodal
 from sc_foundation.multimodal import normalise_modality, prediction_metrics
@@ -31,7 +30,7 @@ def protein(pretrained, shared_data, tmp_path_factory):
     cfg = compose_finetune(
         multimodal_overrides(pretrained, shared_data / ECCITE_RNA, shared_data / ECCITE_ADT, out, "protein")
     )
-    return finetune.run(cfg)
+    return tasks.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def test_predict_modality_api(protein, pretrained, real_slice):
 def test_atac_joint_embedding_is_scored_on_cell_types(pretrained, snare_slice, tmp_path):
     rna, atac = snare_slice
     extra = ("label_key=cell_type", "modality.n_features=500")
-    result = finetune.run(compose_finetune(multimodal_overrides(pretrained, rna, atac, tmp_path, "atac", *extra)))
+    result = tasks.run(compose_finetune(multimodal_overrides(pretrained, rna, atac, tmp_path, "atac", *extra)))
     metrics = result["metrics"]
     assert metrics["features"] == 500 and result["values"].max() == 1.0
     embedding = metrics["embedding"]
@@ -114,12 +113,12 @@ def test_missing_or_mismatched_modality_is_refused(pretrained, shared_data, real
         )
     )
     with pytest.raises(ValueError, match=r"modality.files needs one protein file per RNA file in data.files \(1\)"):
-        finetune.run(cfg)
+        tasks.run(cfg)
     partial = tmp_path / "adt_first_100.h5ad"
     real_slice(ECCITE_ADT, 100).write_h5ad(partial)  # the protein of 100 of the 500 cells
     cfg = compose_finetune(multimodal_overrides(pretrained, rna, partial, tmp_path / "b", "protein"))
     with pytest.raises(InvalidInputError, match=r"adt_first_100.h5ad: 400 of 500 RNA cells have no row here, e.g."):
-        finetune.run(cfg)
+        tasks.run(cfg)
     cfg = compose_finetune(multimodal_overrides(pretrained, rna, rna, tmp_path / "c", "rna"))
     with pytest.raises(ValueError, match="modality kind must be one of"):
-        finetune.run(cfg)
+        tasks.run(cfg)

@@ -1,0 +1,139 @@
+"""``task=integration``: a batch-corrected cell embedding, scored by scIB on all cells against PCA, Harmony and scVI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from ..console import announce
+from ..data import split_cells
+from ..evaluation import (
+    integration_baselines,
+    integration_metrics,
+    store_counts,
+)
+from ..export import load_pretrained
+from ..genes import _atomic_write_text
+from ..imputation import (
+    expression_targets,
+    panel_shares,
+)
+from ..modeling import (
+    ScFoundationForBatchIntegration,
+)
+from ..runs import output_dir
+from ..scvi_baselines import scvi_latent
+from ..store import CorpusStore
+from .common import (
+    architecture_overrides,
+    category_ids,
+    check_categories,
+    fit,
+    init_decoder_bias,
+    predict,
+    read_inputs,
+    run_scvi,
+    skipped_baselines,
+    task_datamodule,
+    tokenize_inputs,
+    with_batch_key,
+    write_splits,
+)
+
+
+def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=integration``: see the module docstring.
+
+    The metrics are of all cells, the scIB convention: the labels never reach the model (only the batches do, as
+    for Harmony), and the baselines see the same cells. The validation cells serve early stopping only.
+    """
+    out = output_dir(cfg)
+    batch_key, label_key, split = cfg.batch_key, cfg.label_key, cfg.split
+    inputs = with_batch_key(read_inputs(cfg), batch_key)
+    check_categories(inputs, batch_key, setting="batch_key", noun="batch", need="integration needs two or more batches")
+    if label_key is not None:
+        check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
+    tokenizer, store_path = tokenize_inputs(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    batch_names, batch_ids = category_ids(store, "batch")
+    labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
+    counts = store_counts(store, inputs)  # (n_cells, n_genes), store order: the decoder's targets and the baselines'
+    counts.obs["batch"] = np.asarray(batch_names)[batch_ids]
+    targets, gene_ids = expression_targets(counts, tokenizer, cfg.decoder_genes, inputs[0].species, "batch")
+    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
+    splits = {"train": train, "val": val}
+    write_splits(cfg, out, store, splits)
+    datamodule = task_datamodule(cfg, store_path, {"batch_ids": batch_ids, "counts": targets}, splits)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model = ScFoundationForBatchIntegration.from_pretrained(
+        cfg.pretrained,
+        new_heads=["batch_embeddings", "decoder", *(["discriminator"] if cfg.dab_weight > 0 else [])],
+        batch_names=batch_names,
+        batch_embedding_size=cfg.batch_embedding_size,
+        dab_weight=cfg.dab_weight,
+        decoder_gene_ids=gene_ids,
+        **architecture_overrides(cfg),
+    )
+    init_decoder_bias(model.decoder, np.log(panel_shares(targets[train]).mean(0) + 1e-8))
+    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+
+    # Embed with the export itself: what users load is what the numbers describe.
+    embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
+    embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
+    baselines, baseline_embeddings = integration_baselines(
+        counts,
+        batch_ids,
+        labels,
+        n_top_genes=cfg.baselines.n_top_genes,
+        n_pcs=cfg.baselines.n_pcs,
+        seed=cfg.seed,
+    )
+    if run_scvi(cfg):
+        baseline_embeddings["scvi"] = scvi_latent(
+            counts, batch_ids, n_top_genes=cfg.baselines.n_top_genes, seed=cfg.seed
+        )
+        baselines["scvi"] = integration_metrics(baseline_embeddings["scvi"], batch_ids, labels)
+    metrics = {
+        "task": "integration",
+        "batch_key": batch_key,
+        "label_key": label_key,
+        "batches": batch_names,
+        "dab_weight": cfg.dab_weight,
+        "finetune_mode": cfg.finetune.mode,
+        "scored_cells": "all",
+        "n_cells": {"all": len(store), **{name: len(rows) for name, rows in splits.items()}},
+        "steps": trainer.global_step,
+        "model": integration_metrics(embedding, batch_ids, labels),
+        "baselines": baselines,
+        "skipped_baselines": skipped_baselines(cfg),
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    np.savez(
+        out / "embeddings.npz",
+        model=embedding,
+        **baseline_embeddings,
+        cell_id=store.obs["cell_id"].to_numpy(dtype=str),  # fixed-width strings: loads without pickle
+        batch=np.asarray(batch_names)[batch_ids],
+        **({} if labels is None else {"label": labels}),
+    )
+    score = "total" if label_key is not None else "batch"
+    summary = ", ".join(f"{name} {result[score]:.3f}" for name, result in baselines.items())
+    announce(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "batch_ids": batch_ids,
+        "embedding": embedding,
+        "metrics": metrics,
+        "export": best,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
