@@ -17,8 +17,8 @@ Outputs in ``--out``, each written to a temporary file and renamed (``quality.js
 after every task, so an interrupted run leaves the finished tasks readable):
 
 * ``quality.json``: command, dates, machine, the pretrained export and its config, and per task its data, overrides,
-  wall time, fine-tuning steps, the headline tables (values per method, best per metric, our verdict per metric) and
-  the full ``metrics.json`` path; a task that raised has ``status: "error"`` with the message and traceback.
+  wall time, fine-tuning epochs and steps, the headline tables (values per method, best per metric, our verdict per
+  metric) and the full ``metrics.json`` path; a task that raised has ``status: "error"`` with the message and traceback.
 * ``quality.md``: the same as markdown tables, one section per task.
 * PNGs: ``annotation_confusion.png`` (ours beside the HVG logistic regression), ``integration_umap.png`` (UMAPs of
   every embedding in the run's ``embeddings.npz``, coloured by batch and by cell type), ``atac_umap.png`` (the joint
@@ -29,7 +29,7 @@ after every task, so an interrupted run leaves the finished tasks readable):
 A task that raises is recorded and the others still run; the script then exits with status 1.
 
     python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
-        [--max-steps N] [--seed 0] [--set KEY=VALUE ...] [--data-dir ../shared/data]
+        [--max-epochs N] [--seed 0] [--set KEY=VALUE ...] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -52,21 +52,21 @@ SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_ata
 # The default task table. ``task``: finetune.py's task; ``files`` / ``modality_files``: inputs under --data-dir (str,
 # or a dict of CorpusInput fields); ``subset``: a seeded subset of that many cells (the same cells of every file of the
 # task) written to OUT/data first, None for all cells; ``overrides``: Hydra overrides of conf/finetune.yaml (the
-# steps, validation interval and task keys). --max-steps replaces every trainer.max_steps, --set adds overrides.
+# steps, validation interval and task keys). --max-epochs replaces every trainer.max_epochs, --set adds overrides.
 TASKS: dict[str, dict] = {
     "annotation": {
         "task": "annotation",
         "description": "PBMC 68k subset (10x), 10 FACS-sorted cell types; test split scored",
         "files": ["pbmc68k_reduced/pbmc68k_reduced_counts.h5ad"],
         "subset": None,
-        "overrides": ["label_key=cell_type", "trainer.max_steps=300", "trainer.val_check_interval=20"],
+        "overrides": ["label_key=cell_type"],
     },
     "annotation_cellbench": {
         "task": "annotation",
         "description": "CellBench: 3 lung-cancer cell lines, two protocols; test split scored (an easy case)",
         "files": [{"path": "cellbench_3cl/cellbench_3cl.h5ad", "batch_key": "batch"}],
         "subset": None,
-        "overrides": ["label_key=cell_type", "trainer.max_steps=150", "trainer.val_check_interval=20"],
+        "overrides": ["label_key=cell_type"],
     },
     "integration": {
         "task": "integration",
@@ -76,8 +76,6 @@ TASKS: dict[str, dict] = {
         "overrides": [
             "batch_key=batch",
             "label_key=cell_type",
-            "trainer.max_steps=300",
-            "trainer.val_check_interval=20",
         ],
     },
     "imputation": {
@@ -86,7 +84,7 @@ TASKS: dict[str, dict] = {
         "counts hidden, scored on those in the panel",
         "files": [{"path": "pbmc3k/pbmc3k.h5ad", "gene_key": "gene_ids"}],
         "subset": 1000,
-        "overrides": ["trainer.max_steps=300", "trainer.val_check_interval=20"],
+        "overrides": [],
     },
     "protein": {
         "task": "multimodal",
@@ -94,7 +92,7 @@ TASKS: dict[str, dict] = {
         "files": ["eccite_pbmc/eccite_rna.h5ad"],
         "modality_files": ["eccite_pbmc/eccite_adt.h5ad"],
         "subset": None,
-        "overrides": ["modality.kind=protein", "trainer.max_steps=300", "trainer.val_check_interval=20"],
+        "overrides": ["modality.kind=protein"],
     },
     "atac": {
         "task": "multimodal",
@@ -106,8 +104,6 @@ TASKS: dict[str, dict] = {
         "overrides": [
             "modality.kind=atac",
             "label_key=cell_type",
-            "trainer.max_steps=300",
-            "trainer.val_check_interval=20",
         ],
     },
 }
@@ -128,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for quality.json, quality.md, PNGs and runs")
     parser.add_argument("--pretrained", type=Path, default=None, help="an export directory (default: pretrain one)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
-    parser.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps of every task")
+    parser.add_argument("--max-epochs", type=int, default=None, help="trainer.max_epochs (the budget) of every task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the subsets and the training")
     parser.add_argument(
         "--set",
@@ -140,8 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
     args = parser.parse_args(argv)
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max-steps must be at least 1")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        parser.error("--max-epochs must be at least 1")
     args.tasks = list(dict.fromkeys(args.tasks))
     return args
 
@@ -284,9 +280,9 @@ def task_overrides(name: str, spec: dict, files: list, modality_files: list, arg
     ]
     if modality_files:
         overrides.append(f"modality.files=[{', '.join(hydra_value(f['path']) for f in modality_files)}]")
-    if args.max_steps is not None:
-        overrides = [o for o in overrides if not o.startswith("trainer.max_steps=")]
-        overrides.append(f"trainer.max_steps={args.max_steps}")
+    if args.max_epochs is not None:
+        overrides = [o for o in overrides if not o.startswith("trainer.max_epochs=")]
+        overrides.append(f"trainer.max_epochs={args.max_epochs}")
     return [*overrides, *args.extra]
 
 
@@ -323,6 +319,8 @@ def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
     record["output_dir"] = str(out)
     record["metrics_file"] = str(out / "metrics.json")
     record["steps"] = metrics.get("steps")
+    record["epochs"] = metrics.get("epochs")
+    record["stopped_early"] = metrics.get("stopped_early")
     record["n_cells"] = metrics.get("n_cells")
     record["comparisons"] = comparisons(spec["task"], metrics)
     return {"metrics": metrics, "output_dir": out}
@@ -579,14 +577,17 @@ def markdown(payload: dict) -> str:
         lines.append(f"**Failed tasks**: {', '.join(summary['failed'])}.")
     lines += [
         "",
-        "| task | status | beats all baselines | fine-tuning steps | wall time (s) |",
+        "| task | status | beats all baselines | fine-tuning epochs (steps) | wall time (s) |",
         "| --- | --- | --- | ---: | ---: |",
     ]
     for name, record in payload["tasks"].items():
         beats = summary["beats_all_baselines"].get(name)
         mark = "n/a" if beats is None else "✓ yes" if beats else "✗ no"
         wall = "" if record.get("wall_s") is None else f"{record['wall_s']:.0f}"
-        lines.append(f"| {name} | {record['status']} | {mark} | {record.get('steps', '')} | {wall} |")
+        trained = "" if record.get("steps") is None else f"{record.get('epochs')} ({record['steps']})"
+        if record.get("stopped_early"):
+            trained += ", stopped early"
+        lines.append(f"| {name} | {record['status']} | {mark} | {trained} | {wall} |")
     lines.append("")
     for name, record in payload["tasks"].items():
         lines += [f"## {name}", "", f"{record['description']}", ""]
@@ -597,7 +598,7 @@ def markdown(payload: dict) -> str:
             lines.append(f"- data: {', '.join(f'`{f}`' for f in data['files'] + data['modality_files'])}{note}")
         if record.get("n_cells"):
             cells = ", ".join(f"{split} {n}" for split, n in record["n_cells"].items())
-            lines.append(f"- cells: {cells}; fine-tuning steps: {record.get('steps')}")
+            lines.append(f"- cells: {cells}; fine-tuning: {record.get('epochs')} epochs, {record.get('steps')} steps")
         if record.get("wall_s") is not None:
             lines.append(
                 f"- wall time: {record['wall_s']:.0f} s (fine-tuning and scoring "
@@ -659,7 +660,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": 0.0,
         "machine": machine_info(),
         "seed": args.seed,
-        "max_steps_override": args.max_steps,
+        "max_epochs_override": args.max_epochs,
         "extra_overrides": args.extra,
         "data_dir": str(args.data_dir),
         "pretrained": {},

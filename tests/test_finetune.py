@@ -2,19 +2,23 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from sc_foundation import tasks
+from sc_foundation.configuration import ScFoundationConfig
 from sc_foundation.export import load_pretrained
 from sc_foundation.inference import call_classes
 from sc_foundation.io import InvalidInputError
 from sc_foundation.modeling import ScFoundationForCellClassification
 from sc_foundation.store import CorpusStore
-from tests.conftest import CELLBENCH
+from sc_foundation.tasks.convergence import GradualUnfreezing
+from tests.conftest import CELLBENCH, TINY_ARCHITECTURE
 
 ROOT = Path(__file__).parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~logger"]
@@ -32,7 +36,7 @@ def overrides(pretrained, files, out, *extra):
 def annotation(pretrained, cellbench, tmp_path_factory):
     out = tmp_path_factory.mktemp("annotation")
     files = f"[{{path: {cellbench}, batch_key: batch}}]"
-    cfg = compose_finetune(overrides(pretrained, files, out, "trainer.max_steps=120"))
+    cfg = compose_finetune(overrides(pretrained, files, out, "trainer.max_epochs=12"))
     return tasks.run(cfg)
 
 
@@ -59,6 +63,34 @@ def test_annotates_cellbench_cell_lines(annotation):
     for baseline in ("hvg_logreg", "pca_logreg"):
         assert np.isfinite(saved["baselines"][baseline]["macro_f1"])
         assert saved["baselines"][baseline]["n_cells"] == model["n_cells"] == metrics["n_cells"]["test"]
+
+
+def test_learning_curves_follow_the_task_metric(annotation):
+    """One curves.csv row per epoch with the training loss, val/loss and val/macro_f1; the export is the epoch with
+    the best validation macro-F1; a PNG of the curves."""
+    out, metrics = annotation["output_dir"], annotation["metrics"]
+    curves = pd.read_csv(out / "curves.csv")
+    assert list(curves["epoch"]) == list(range(len(curves))) and len(curves) == metrics["epochs"]
+    assert {"train_loss", "lr", "val/loss", "val/macro_f1"} <= set(curves.columns)
+    assert curves["val/macro_f1"].between(0, 1).all() and np.isfinite(curves["train_loss"]).all()
+    assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
+    assert curves["val/macro_f1"].idxmax() == metrics["best_epoch"]  # the first best, as early stopping counts
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["steps"] > 0 and isinstance(metrics["stopped_early"], bool)
+
+
+def test_gradual_mode_freezes_the_backbone_for_its_first_epochs():
+    model = ScFoundationForCellClassification(ScFoundationConfig(vocab_size=20, num_labels=2, **TINY_ARCHITECTURE))
+    module, callback = SimpleNamespace(model=model), GradualUnfreezing(unfreeze_epoch=2)
+    callback.on_train_start(SimpleNamespace(current_epoch=0), module)
+    assert not any(p.requires_grad for p in model.base_model.parameters())
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    callback.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
+    assert not any(p.requires_grad for p in model.base_model.parameters())
+    callback.on_train_epoch_start(SimpleNamespace(current_epoch=2), module)
+    assert all(p.requires_grad for p in model.base_model.parameters())
+    with pytest.raises(ValueError, match="unfreeze_epoch"):
+        GradualUnfreezing(0)
 
 
 def test_export_loads_and_reproduces_predictions(annotation):

@@ -44,13 +44,13 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     out = tmp_path / "quality"
     argv = [
         "--out", str(out), "--pretrained", str(pretrained), "--tasks", "annotation_cellbench", "broken",
-        "--max-steps", "4", "--data-dir", str(shared_data), "--seed", "1",
+        "--max-epochs", "1", "--data-dir", str(shared_data), "--seed", "1",
     ]  # fmt: skip
     payload = quality.main(argv)
 
     saved = json.loads((out / "quality.json").read_text())
     assert saved == json.loads(json.dumps(payload))
-    assert saved["complete"] is True and saved["seed"] == 1 and saved["max_steps_override"] == 4
+    assert saved["complete"] is True and saved["seed"] == 1 and saved["max_epochs_override"] == 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert saved["machine"]["cpu_count"] >= 1
     pre = saved["pretrained"]
@@ -64,7 +64,8 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     assert failed["status"] == "error" and "missing.h5ad" in failed["error"] and "Traceback" in failed["traceback"]
 
     task = saved["tasks"]["annotation_cellbench"]
-    assert task["status"] == "ok" and task["steps"] == 4 and "trainer.max_steps=4" in task["overrides"]
+    assert task["status"] == "ok" and "trainer.max_epochs=1" in task["overrides"]
+    assert task["epochs"] == 1 and task["steps"] == math.ceil(task["n_cells"]["train"] / 32)  # one epoch of batches
     assert task["wall_s"] > 0 and sum(task["n_cells"].values()) == 499
     metrics = json.loads(Path(task["metrics_file"]).read_text())
     table = task["comparisons"]["annotation"]

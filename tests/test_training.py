@@ -203,6 +203,29 @@ def test_backbone_learns_at_a_fraction_of_the_rate(store_dirs):
         TrainingModule(nn.Linear(2, 2), backbone_lr_ratio=0.5)
 
 
+def test_layer_wise_learning_rate_decay(store_dirs):
+    """Each block learns at ``decay`` times the rate of the block above; the embeddings lowest, the head at the full
+    rate; combined with backbone_lr_ratio, both factors apply."""
+    model = tiny_model(store_dirs["binned"], ScFoundationForMaskedValueModeling)  # 2 blocks
+    module = TrainingModule(model, learning_rate=1e-3, warmup_steps=0, max_steps=10, layer_lr_decay=0.5)
+    optimizer = module.configure_optimizers()["optimizer"]
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    backbone = model.base_model
+    expected = {"embeddings": 0.25e-3, "layers.0": 0.5e-3, "layers.1": 1e-3, "norm": 1e-3}
+    for name, param in backbone.named_parameters():
+        prefix = next(key for key in expected if name.startswith(key))
+        assert rate[id(param)] == pytest.approx(expected[prefix]), name
+    head = [p for p in model.parameters() if id(p) not in {id(q) for q in backbone.parameters()}]
+    assert head and all(rate[id(p)] == pytest.approx(1e-3) for p in head)
+    assert len(rate) == len(list(model.parameters()))
+    both = TrainingModule(model, 1e-3, warmup_steps=0, max_steps=10, layer_lr_decay=0.5, backbone_lr_ratio=0.1)
+    rates = sorted({g["lr"] for g in both.configure_optimizers()["optimizer"].param_groups})
+    assert rates == pytest.approx([0.25e-4, 0.5e-4, 1e-4, 1e-3])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="layer_lr_decay"):
+            TrainingModule(model, layer_lr_decay=bad)
+
+
 @pytest.mark.parametrize(
     ("encoding", "head"), [("binned", ScFoundationForMaskedValueModeling), ("rank", ScFoundationForMaskedGeneModeling)]
 )

@@ -34,6 +34,7 @@ from .common import (
     task_datamodule,
     three_way_split,
     tokenize_inputs,
+    training_record,
 )
 from .convergence import ValidationMacroF1
 
@@ -93,7 +94,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "finetune_mode": cfg.finetune.mode,
         "unknown_threshold": cfg.unknown_threshold,
         "n_cells": {name: len(rows) for name, rows in splits.items()},
-        "steps": trainer.global_step,
+        **training_record(trainer),
         "model": classification_metrics(labels[cells], predicted, names),
         "baselines": baselines,
     }

@@ -247,6 +247,19 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     return trainer, module, best.directory
 
 
+def training_record(trainer: pl.Trainer) -> dict:
+    """How the fine-tuning run went, for metrics.json: ``steps``, ``epochs`` trained, and whether early stopping
+    ended it (``stopped_early``, with the ``best_epoch`` of the monitored metric) or the budget did."""
+    stopping = trainer.early_stopping_callback
+    stopped = stopping is not None and stopping.stopped_epoch > 0
+    return {
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "stopped_early": stopped,
+        "best_epoch": trainer.current_epoch - 1 - stopping.wait_count if stopping is not None else None,
+    }
+
+
 def run_scvi(cfg: DictConfig) -> bool:
     """Whether to fit the scVI baseline: asked for (``baselines.scvi``) and installed (the ``baselines`` extra)."""
     return bool(cfg.baselines.scvi) and scvi_available()

@@ -45,6 +45,7 @@ from .common import (
     skipped_baselines,
     task_datamodule,
     tokenize_inputs,
+    training_record,
     write_splits,
 )
 
@@ -120,7 +121,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
             "panel": int(in_panel.sum()),
             "scored": int(scored.sum()),
         },
-        "steps": trainer.global_step,
+        **training_record(trainer),
         "model": score(imputed.layers["sc_foundation_imputed"].toarray()),
         "baselines": baselines,
         "skipped_baselines": skipped_baselines(cfg),

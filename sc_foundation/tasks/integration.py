@@ -40,6 +40,7 @@ from .common import (
     skipped_baselines,
     task_datamodule,
     tokenize_inputs,
+    training_record,
     with_batch_key,
     write_splits,
 )
@@ -108,7 +109,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         "finetune_mode": cfg.finetune.mode,
         "scored_cells": "all",
         "n_cells": {"all": len(store), **{name: len(rows) for name, rows in splits.items()}},
-        "steps": trainer.global_step,
+        **training_record(trainer),
         "model": integration_metrics(embedding, batch_ids, labels),
         "baselines": baselines,
         "skipped_baselines": skipped_baselines(cfg),

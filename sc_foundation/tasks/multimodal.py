@@ -42,6 +42,7 @@ from .common import (
     task_datamodule,
     three_way_split,
     tokenize_inputs,
+    training_record,
 )
 
 
@@ -112,7 +113,7 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "label_key": label_key,
         "finetune_mode": cfg.finetune.mode,
         "n_cells": {name: len(rows) for name, rows in splits.items()},
-        "steps": trainer.global_step,
+        **training_record(trainer),
         "prediction": prediction,
     }
     if labels is not None:
