@@ -75,6 +75,11 @@ class TokenizerConfig:
             gene by its name as written, else by the Ensembl id of a vocabulary symbol.
         add_eos: put an ``<eos>`` token (value 0) last (Geneformer V2); the vocabulary must hold it.
         cls_value: the value the ``<cls>`` token carries (scGPT gives it its ``pad_value``, -2).
+        gene_panel: vocabulary tokens the cells are read through (a task's variable genes), or None for every
+            vocabulary gene. Genes outside the panel still count in the library size and the match rate; with
+            ``include_zeros`` each cell then carries every panel gene its input has, zeros included, which is a
+            fixed context of the genes that tell the task's cells apart (fine-tuning sets it; the export keeps it,
+            so inference reads new cells the same way).
         bin_edges: ``binned`` only: ``"rank"`` (ours) or ``"quantile"`` (scGPT's ``binning``); see the module
             docstring.
     """
@@ -93,8 +98,13 @@ class TokenizerConfig:
     add_eos: bool = False
     cls_value: float = 0.0
     bin_edges: Literal["rank", "quantile"] = "rank"
+    gene_panel: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.gene_panel is not None:  # a list read back from JSON compares equal to the tuple it was
+            object.__setattr__(self, "gene_panel", tuple(self.gene_panel))
+            if not self.gene_panel:
+                raise ValueError("gene_panel is empty: give the panel's genes, or None for every vocabulary gene.")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}.")
         if self.truncation not in ("random", "top"):
@@ -386,8 +396,9 @@ class GeneTokenizer:
         if cells_per_gene is not None:
             unmatched = unmatched[np.argsort(-np.asarray(cells_per_gene)[unmatched], kind="stable")]
             unmatched = unmatched[detected[unmatched]]
-        kept_ids, aggregate = aggregate_columns(ids)
-        n_duplicated = int(matched.sum() - len(kept_ids))
+        n_duplicated = int(matched.sum() - len(np.unique(ids[matched])))
+        panel = self._panel_ids
+        kept_ids, aggregate = aggregate_columns(ids if panel is None else np.where(np.isin(ids, panel), ids, -1))
         match = GeneMatch(
             source=source,
             n_input=len(ids),
@@ -410,7 +421,8 @@ class GeneTokenizer:
                 "to overlap little."
             )
         if n_duplicated and self.config.duplicates == "error":
-            repeated = kept_ids[np.asarray(aggregate.sum(axis=0)).ravel() > 1]
+            unique, times = np.unique(ids[matched], return_counts=True)
+            repeated = unique[times > 1]
             dup = np.flatnonzero(np.isin(ids, repeated))
             raise GeneMatchError(
                 f"{source}: {n_duplicated} input genes map onto a gene already present, e.g. "
@@ -426,6 +438,21 @@ class GeneTokenizer:
         by_ensembl = self._symbol_ids_by_ensembl
         via_ensembl = np.fromiter((by_ensembl.get(g, -1) for g in resolution.canonical), np.int64, len(by_name))
         return np.where(by_name >= 0, by_name, via_ensembl)
+
+    @functools.cached_property
+    def _panel_ids(self) -> np.ndarray | None:
+        """(P,) int64 vocabulary ids of ``config.gene_panel``, None without a panel."""
+        panel = self.config.gene_panel
+        if panel is None:
+            return None
+        ids = self.vocab.lookup(list(panel))
+        if (ids < 0).any():
+            missing = [gene for gene, i in zip(panel, ids, strict=True) if i < 0]
+            raise ValueError(
+                f"gene_panel names {len(missing)} genes the vocabulary lacks, e.g. {missing[:5]}: a panel must be "
+                "vocabulary tokens (gene_vocab.json)."
+            )
+        return ids
 
     @functools.cached_property
     def _symbol_ids_by_ensembl(self) -> dict[str, int]:
@@ -498,7 +525,9 @@ class GeneTokenizer:
             rows = np.repeat(np.arange(n_cells), n_expressed)
             cols = norm.indices.astype(np.int64)
             raw = norm.data
-        keep_cell = n_expressed > 0
+        # A cell is kept when it has tokens with a value; through a panel with zeros, a cell with counts outside the
+        # panel only is a real cell too (all its panel genes at zero), which the task must still score.
+        keep_cell = (totals > 0) if cfg.gene_panel is not None and cfg.include_zeros else n_expressed > 0
         genes = match.token_ids[cols]
         values = self._values(rows, genes, raw, n_cells, keys)
         # Entries arrive grouped by cell and in vocabulary order within each cell.
@@ -647,7 +676,9 @@ class GeneTokenizer:
         )
         return (
             f"GeneTokenizer({len(self.vocab):,} tokens, {values}, context {cfg.context_length} ({cfg.truncation} "
-            f"truncation{', <cls> first' if cfg.add_cls else ''}){medians})"
+            f"truncation{', <cls> first' if cfg.add_cls else ''}"
+            f"{'' if cfg.gene_panel is None else f', a panel of {len(cfg.gene_panel):,} genes'}"
+            f"{', zeros included' if cfg.include_zeros else ''}){medians})"
         )
 
     def __eq__(self, other: object) -> bool:

@@ -4,6 +4,8 @@ Expected values are computed independently here with numpy from the raw counts: 
 the vocabulary, library sizes over all input columns, and the documented formula of each encoding.
 """
 
+import dataclasses
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -375,6 +377,32 @@ def test_include_zeros_offers_every_panel_gene(kang, encoding):
         assert ids[1:][nonzero].tolist() == sparse_ids[1:].tolist()
         np.testing.assert_array_equal(values[1:][nonzero], sparse_values[1:])
         assert (~nonzero).sum() == n_panel - dense.n_expressed[i] > 0
+
+
+def test_gene_panel_reads_every_cell_through_the_panel(tmp_path, kang, kang_vocab):
+    """A gene panel keeps only its genes as tokens (every one, zeros included), while the library size and the
+    values stay those of the whole vocabulary; it survives save/load; a gene outside the vocabulary is refused."""
+    base = TokenizerConfig(encoding="continuous", context_length=30_000, min_match_rate=0.0)
+    match, full = encode(GeneTokenizer(kang_vocab, base), kang)
+    panel_ids = match.token_ids[::7][:40]  # 40 genes, some of them unexpressed in most cells
+    genes = tuple(kang_vocab.tokens[i] for i in panel_ids)
+    config = dataclasses.replace(base, gene_panel=genes, include_zeros=True, context_length=41)
+    tokenizer = GeneTokenizer(kang_vocab, config)
+    _, cells = encode(tokenizer, kang)
+    assert np.array_equal(cells.rows, full.rows) and np.all(cells.lengths == 41)
+    np.testing.assert_array_equal(cells.n_counts, full.n_counts)  # the whole library, not the panel's
+    for i in range(len(cells)):
+        ids, values = cells.cell(i)
+        assert sorted(ids[1:].tolist()) == sorted(panel_ids.tolist())
+        full_ids, full_values = full.cell(i)
+        expressed = dict(zip(full_ids[1:].tolist(), full_values[1:].tolist(), strict=True))
+        np.testing.assert_allclose(values[1:], [expressed.get(g, 0.0) for g in ids[1:].tolist()], rtol=1e-6)
+    assert sum((cells.cell(i)[1][1:] == 0).sum() for i in range(len(cells))) > 0
+    tokenizer.save(tmp_path)
+    assert GeneTokenizer.from_pretrained(tmp_path) == tokenizer
+    assert "a panel of 40 genes, zeros included" in repr(tokenizer)
+    with pytest.raises(ValueError, match="NOT_A_GENE"):
+        encode(GeneTokenizer(kang_vocab, dataclasses.replace(config, gene_panel=(*genes, "NOT_A_GENE"))), kang)
 
 
 @pytest.mark.parametrize("truncation", ["random", "top"])

@@ -19,8 +19,10 @@ from pytorch_lightning.callbacks import EarlyStopping
 from ..console import announce, console_callbacks
 from ..data import CorpusDataModule, split_train_val_test
 from ..datasets import corpus_inputs
+from ..evaluation import read_counts
 from ..genes import _atomic_write_text
 from ..hardware import resolve_precision
+from ..imputation import choose_panel, vocabulary_counts
 from ..io import InvalidInputError
 from ..runs import ExportBest, export
 from ..scvi_baselines import scvi_available
@@ -126,9 +128,31 @@ def check_cells(inputs: Sequence[CorpusInput]) -> None:
             )
 
 
+def panel_tokenizer(
+    tokenizer: GeneTokenizer, inputs: Sequence[CorpusInput], n_genes: int, include_zeros: bool
+) -> GeneTokenizer:
+    """``tokenizer`` reading cells through the task's ``n_genes`` most variable vocabulary genes (scanpy, Seurat
+    flavour, over all the inputs' cells; :func:`~sc_foundation.imputation.choose_panel`), zeros included when
+    ``include_zeros``, with a context that holds the whole panel: every cell is read through the same genes, the
+    ones that tell the task's cells apart, as the baselines' HVG matrices are."""
+    counts = vocabulary_counts(read_counts(inputs), tokenizer, inputs[0].species)  # (n_cells, n_vocabulary_genes)
+    genes = counts.var_names[choose_panel(counts, n_genes)]
+    config = tokenizer.config
+    context = len(genes) + int(config.add_cls) + int(config.add_eos)
+    panel = dataclasses.replace(
+        config, gene_panel=tuple(genes), include_zeros=include_zeros, context_length=context, truncation="top"
+    )
+    return GeneTokenizer(tokenizer.vocab, panel, tokenizer.gene_medians)
+
+
 def tokenize_inputs(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):
-    """The pretrained tokenizer and the store of the inputs tokenized with it (obs columns ``obs_keys`` kept)."""
+    """The task's tokenizer and the store of the inputs tokenized with it (obs columns ``obs_keys`` kept): the
+    pretrained tokenizer, or with ``data.panel_genes`` that tokenizer through the task's gene panel
+    (:func:`panel_tokenizer`)."""
     tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
+    if cfg.data.get("panel_genes"):
+        tokenizer = panel_tokenizer(tokenizer, inputs, cfg.data.panel_genes, cfg.data.include_zeros)
+        announce(f"task tokenizer: {tokenizer}")
     report = build_store(
         inputs,
         cfg.data.store_dir or out / "store",
