@@ -78,6 +78,12 @@ class ScFoundationConfig(PreTrainedConfig):
         dab_weight: Weight of the integration head's adversarial batch discriminator (scGPT's DAB): its
             cross-entropy is added to the loss and its gradient reaches the encoder reversed. 0 disables it and
             builds no parameters for it.
+        latent_size: An expression head's variational latent (scVI's, on the cell embedding): the decoder reads a
+            sample of ``N(mu, sigma^2)`` whose mean and log-variance are linear maps of the cell embedding, with a
+            KL term towards ``N(0, I)``; the cell embedding becomes ``mu`` (``latent_size`` wide). The KL pressure
+            drops what the decoder gets elsewhere (the batch), which is how scVI integrates. None: deterministic.
+        kl_weight: Weight of that KL term; the loss is then the negative ELBO per count (KL divided by the cell's
+            panel counts, like the reconstruction term).
         decoder_gene_ids: Vocabulary ids of the genes whose expression an expression decoder predicts (the panel of
             :class:`~sc_foundation.modeling.ScFoundationForImputation` and of the integration head), in the order of
             its outputs; None where there is no such decoder. Any vocabulary genes, expressed in a cell or not.
@@ -88,6 +94,9 @@ class ScFoundationConfig(PreTrainedConfig):
         modality_features: The names of that modality's features (antibodies, peaks), in feature-id order.
         modality_dropout: While training a multimodal head, the share of cells whose second modality is withheld
             from the encoder, so that it learns both to predict that modality from RNA alone and to embed both.
+        modality_feature_scale: Protein only: each feature's scale (the training cells' standard deviation of its
+            CLR values), by which its regression error is divided, so every antibody weighs alike in the loss
+            rather than in proportion to its variance (the task is scored per antibody). None: plain MSE.
         masked_weight: Weight of the masked token objective of a pretraining head (masked value or masked gene
             prediction). 0 trains the cell-level objectives below alone (the masked tokens are still hidden).
         reconstruction_weight: Weight of the cell-level count reconstruction of a pretraining head
@@ -144,10 +153,13 @@ class ScFoundationConfig(PreTrainedConfig):
     batch_names: list[str] | None = None
     batch_embedding_size: int = 16
     dab_weight: float | int = 0.0
+    latent_size: int | None = None
+    kl_weight: float | int = 1.0
     decoder_gene_ids: list[int] | None = None
     modality: Literal["protein", "atac"] | None = None
     modality_features: list[str] | None = None
     modality_dropout: float | int = 0.5
+    modality_feature_scale: list[float] | None = None
     masked_weight: float | int = 1.0
     reconstruction_weight: float | int = 0.0
     reconstruction_decoder: Literal["mlp", "linear"] = "mlp"
@@ -224,6 +236,10 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(f"batch_embedding_size must be positive, got {self.batch_embedding_size}")
         if self.dab_weight < 0:
             raise ValueError(f"dab_weight must be >= 0, got {self.dab_weight}")
+        if self.latent_size is not None and self.latent_size < 1:
+            raise ValueError(f"latent_size must be positive or None, got {self.latent_size}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         for name in ("masked_weight", "reconstruction_weight", "contrastive_weight", "ecs_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -252,6 +268,16 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(f"modality={self.modality!r} needs modality_features, a list of distinct feature names")
         if not 0 <= self.modality_dropout < 1:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        scale = self.modality_feature_scale
+        if scale is not None and (
+            self.modality != "protein"
+            or len(scale) != len(self.modality_features)
+            or not all(value > 0 for value in scale)
+        ):
+            raise ValueError(
+                "modality_feature_scale needs modality='protein' and one positive scale per modality feature, got "
+                f"{None if scale is None else len(scale)} scales for {len(self.modality_features or [])} features"
+            )
         for name, token_id in special.items():
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {self.vocab_size})")

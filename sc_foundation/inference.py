@@ -446,7 +446,9 @@ def _run(
             f"this model's backbone is conditioned on {sorted(model.config.condition_vocab_sizes)}, which inference "
             "does not supply; use a model without condition embeddings."
         )
-    module = model.base_model if fields == ("cell_embedding",) else model
+    # The backbone's pooled embedding, unless the head makes its own (a variational latent's mean).
+    own_embedding = getattr(model, "latent", None) is not None
+    module = model.base_model if fields == ("cell_embedding",) and not own_embedding else model
     device = next(model.parameters()).device
     dtype = inference_precision(device, precision)
     batch_size = batch_size or (256 if device.type == "cuda" else 64)

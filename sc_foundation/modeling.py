@@ -135,15 +135,19 @@ class ScFoundationExpressionOutput(ModelOutput):
             ``counts`` are given.
         reconstruction_loss: scalar multinomial negative log-likelihood of the panel counts, per count.
         dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0`` and counts are given.
+        kl_loss: scalar KL divergence of the variational latent from ``N(0, I)`` per count (with
+            ``config.latent_size``), when counts are given; ``loss`` adds ``kl_weight`` times it.
         logits: (n_cells, G) scores of the G panel genes (``config.decoder_gene_ids``); their softmax is each gene's
             expected share of the cell's panel counts.
         batch_logits: (n_cells, n_batches) discriminator scores, when ``dab_weight > 0`` and counts are given.
-        cell_embedding: (n_cells, h), what the decoder reads (with the batch embedding, when batch-conditioned).
+        cell_embedding: (n_cells, h), what the decoder reads (with the batch embedding, when batch-conditioned);
+            with ``config.latent_size``, the latent mean (n_cells, latent_size).
     """
 
     loss: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
     dab_loss: torch.Tensor | None = None
+    kl_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     batch_logits: torch.Tensor | None = None
     cell_embedding: torch.Tensor | None = None
@@ -1135,12 +1139,15 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
             raise ValueError("an expression decoder needs config.decoder_gene_ids, the vocabulary ids of its genes")
         h = config.hidden_size
         self.sc_foundation = ScFoundationModel(config)
+        # The variational latent: mean and log-variance, both from the pooled cell embedding.
+        self.latent = nn.Linear(h, 2 * config.latent_size) if config.latent_size else None
+        embedding_size = config.latent_size or h
         batched = config.batch_names is not None
         self.batch_embeddings = nn.Embedding(len(config.batch_names), config.batch_embedding_size) if batched else None
-        cell_size = h + (config.batch_embedding_size if batched else 0)
+        cell_size = embedding_size + (config.batch_embedding_size if batched else 0)
         self.decoder = ScFoundationFeatureDecoder(config, cell_size, len(config.decoder_gene_ids))
         has_discriminator = batched and config.dab_weight > 0
-        self.discriminator = _mlp(h, h, len(config.batch_names)) if has_discriminator else None
+        self.discriminator = _mlp(embedding_size, h, len(config.batch_names)) if has_discriminator else None
         self.post_init()
 
     def forward(
@@ -1158,8 +1165,17 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
         of the panel genes, the targets; ``batch_ids``: (n_cells,) long ids into ``config.batch_names``, needed by
         a batch-conditioned decoder. Without ``batch_ids`` such a model returns only the cell embedding."""
         encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
-        output = ScFoundationExpressionOutput(cell_embedding=encoded.cell_embedding)
         cells = encoded.cell_embedding  # (n_cells, h)
+        kl = None
+        if self.latent is not None:
+            mean, log_var = self.latent(cells).float().clamp(-10, 10).chunk(2, dim=-1)  # (n_cells, d) each
+            kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum(-1)  # (n_cells,) KL(N(mean, var) || N(0, I))
+            # Sampled while training (the reparameterisation trick); the mean otherwise, so embeddings are fixed.
+            cells = mean + torch.randn_like(mean) * (0.5 * log_var).exp() if self.training else mean
+            cells = cells.to(encoded.cell_embedding.dtype)
+            output = ScFoundationExpressionOutput(cell_embedding=mean.to(cells.dtype))
+        else:
+            output = ScFoundationExpressionOutput(cell_embedding=cells)
         if self.batch_embeddings is not None:
             if batch_ids is None:
                 if counts is not None:
@@ -1172,8 +1188,11 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
             return output
         output.reconstruction_loss = multinomial_nll(output.logits, counts)
         output.loss = output.reconstruction_loss
+        if kl is not None:  # per count, as the reconstruction term: together the negative ELBO per count
+            output.kl_loss = (kl / counts.float().sum(-1).clamp(min=1)).mean()
+            output.loss = output.loss + self.config.kl_weight * output.kl_loss
         if self.discriminator is not None:
-            output.batch_logits = self.discriminator(grad_reverse(encoded.cell_embedding))  # (n_cells, n_batches)
+            output.batch_logits = self.discriminator(grad_reverse(output.cell_embedding))  # (n_cells, n_batches)
             output.dab_loss = F.cross_entropy(output.batch_logits.float(), batch_ids.long())
             # Only training minimises the adversarial sum; in eval mode (validation, early stopping) the loss is the
             # reconstruction alone, since a falling or rising discriminator loss says nothing of a better model.
@@ -1288,8 +1307,13 @@ class ScFoundationForMultimodal(ScFoundationPreTrainedModel):
         )
         if modality_values is not None:
             target = modality_values.float()
-            loss = F.binary_cross_entropy_with_logits if atac else F.mse_loss
-            output.loss = loss(scores.float(), target)
+            if atac:
+                output.loss = F.binary_cross_entropy_with_logits(scores.float(), target)
+            elif self.config.modality_feature_scale is not None:  # every antibody weighs alike
+                scale = torch.tensor(self.config.modality_feature_scale, device=scores.device)
+                output.loss = (((scores.float() - target) / scale) ** 2).mean()
+            else:
+                output.loss = F.mse_loss(scores.float(), target)
         return output
 
     def _modality_tokens(self, modality_values: torch.Tensor, given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

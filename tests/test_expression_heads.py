@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 
 from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.modeling import ScFoundationForImputation, ScFoundationForMultimodal, multinomial_nll
+from sc_foundation.modeling import (
+    ScFoundationForBatchIntegration,
+    ScFoundationForImputation,
+    ScFoundationForMultimodal,
+    multinomial_nll,
+)
 
 INPUT_IDS = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
 VALUES = torch.tensor([[0.0, 3, 1, 2], [0, 4, 1, 0]])
@@ -57,6 +62,32 @@ def test_imputation_decodes_every_panel_gene_and_learns_a_profile():
     assert shares[0, 0] > shares[1, 0] and shares[1, 3] > shares[0, 3]
     model.eval()
     assert model(INPUT_IDS, VALUES, MASK).loss is None
+
+
+def test_variational_latent_is_scvis_elbo_per_count():
+    """With latent_size, the embedding is the latent mean (fixed in eval mode), training decodes a sample, and the
+    loss adds kl_weight times KL(N(mu, sigma^2) || N(0, I)) divided by each cell's panel counts."""
+    torch.manual_seed(0)
+    config = tiny(decoder_gene_ids=[5, 6, 7, 8], batch_names=["a", "b"], latent_size=3, kl_weight=0.5)
+    model = ScFoundationForBatchIntegration(config).eval()
+    counts = torch.tensor([[5.0, 1, 3, 0], [0, 0, 2, 6]])
+    batch_ids = torch.tensor([0, 1])
+    output = model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids)
+    assert output.cell_embedding.shape == (2, 3)
+    encoded = model.sc_foundation(INPUT_IDS, VALUES, MASK).cell_embedding
+    mean, log_var = model.latent(encoded).chunk(2, dim=-1)
+    torch.testing.assert_close(output.cell_embedding, mean)
+    kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum(-1)
+    torch.testing.assert_close(output.kl_loss, (kl / counts.sum(-1)).mean())
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.5 * output.kl_loss)
+    again = model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids)
+    torch.testing.assert_close(again.logits, output.logits)  # the mean, not a sample
+    model.train()
+    sampled = [model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids).logits for _ in range(2)]
+    assert not torch.equal(sampled[0], sampled[1])
+    assert torch.equal(model(INPUT_IDS, VALUES, MASK).cell_embedding, model(INPUT_IDS, VALUES, MASK).cell_embedding)
+    with pytest.raises(StrictDataclassError, match="latent_size"):
+        ScFoundationConfig(vocab_size=20, latent_size=0)
 
 
 def test_decoder_genes_must_be_vocabulary_genes():

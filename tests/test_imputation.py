@@ -19,7 +19,7 @@ LAYER = "sc_foundation_imputed"
 @pytest.fixture(scope="module")
 def imputation(pretrained, cellbench, tmp_path_factory):
     out = tmp_path_factory.mktemp("imputation")
-    extra = ("task=imputation", "decoder_genes=500", "trainer.max_steps=30", "trainer.val_check_interval=10")
+    extra = ("task=imputation", "decoder_genes=500", "trainer.max_epochs=2")
     extra += ("baselines.scvi=false",)  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
     return tasks.run(compose_finetune(overrides(pretrained, f"[{cellbench}]", out, *extra)))
 

@@ -29,8 +29,7 @@ def integration(pretrained, cellbench, tmp_path_factory):
             "task=integration",
             "batch_key=batch",
             "label_key=cell_type",
-            "trainer.max_steps=30",
-            "trainer.val_check_interval=10",
+            "trainer.max_epochs=2",
             "baselines.n_pcs=20",
             "baselines.scvi=false",  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
         )

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sc_foundation import load_pretrained, predict_modality, tasks
 from sc_foundation.io import InvalidInputError
@@ -14,7 +15,7 @@ from tests.test_finetune import compose_finetune, overrides
 
 ECCITE_RNA, ECCITE_ADT = "eccite_pbmc/eccite_rna.h5ad", "eccite_pbmc/eccite_adt.h5ad"
 SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_atac.h5ad"
-SHORT = ("trainer.max_steps=30", "trainer.val_check_interval=10", "baselines.n_top_genes=500")
+SHORT = ("trainer.max_epochs=2", "baselines.n_top_genes=500")
 
 
 def multimodal_overrides(pretrained, rna, other, out, kind, *extra):
@@ -69,6 +70,22 @@ def test_predicts_protein_from_rna(protein):
     # Per cell, the CLR profile (which antibodies a cell shows most) is largely shared: both must get it.
     assert metrics["prediction"]["baselines"]["ridge_rna_pca"]["pearson_cell_mean"] > 0.5
     assert metrics["prediction"]["model"]["pearson_cell_mean"] > 0.5
+
+
+def test_protein_loss_weighs_every_antibody_alike(protein):
+    """The exported protein head divides each antibody's error by its training spread: the loss is the mean squared
+    standardised error, so scaling one antibody's values and its scale together leaves the loss unchanged."""
+    model = load_pretrained(protein["export"], device="cpu")
+    scale = np.asarray(model.config.modality_feature_scale)
+    assert scale.shape == (49,) and (scale > 0).all()
+    batch = next(iter(protein["datamodule"].test_dataloader()))
+    with torch.no_grad():
+        output = model(batch["input_ids"], batch["values"], batch["attention_mask"], batch["modality_values"])
+    target = batch["modality_values"].float()
+    expected = (((output.predictions - target) / torch.tensor(scale, dtype=torch.float32)) ** 2).mean()
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="modality_feature_scale"):
+        type(model.config)(**{**model.config.to_dict(), "modality_feature_scale": [1.0] * 3})
 
 
 def test_predict_modality_api(protein, pretrained, real_slice):

@@ -44,7 +44,7 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     out = tmp_path / "quality"
     argv = [
         "--out", str(out), "--pretrained", str(pretrained), "--tasks", "annotation_cellbench", "broken",
-        "--max-epochs", "1", "--data-dir", str(shared_data), "--seed", "1",
+        "--max-epochs", "1", "--data-dir", str(shared_data), "--seed", "1", "--set", "data.panel_genes=200",
     ]  # fmt: skip
     payload = quality.main(argv)
 

@@ -74,10 +74,17 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     pl.seed_everything(cfg.seed, workers=True)
     model = ScFoundationForBatchIntegration.from_pretrained(
         cfg.pretrained,
-        new_heads=["batch_embeddings", "decoder", *(["discriminator"] if cfg.dab_weight > 0 else [])],
+        new_heads=[
+            "batch_embeddings",
+            "decoder",
+            *(["discriminator"] if cfg.dab_weight > 0 else []),
+            *(["latent"] if cfg.latent_size else []),
+        ],
         batch_names=batch_names,
         batch_embedding_size=cfg.batch_embedding_size,
         dab_weight=cfg.dab_weight,
+        latent_size=cfg.latent_size,
+        kl_weight=cfg.kl_weight,
         decoder_gene_ids=gene_ids,
         **architecture_overrides(cfg),
     )
@@ -106,6 +113,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         "label_key": label_key,
         "batches": batch_names,
         "dab_weight": cfg.dab_weight,
+        "latent_size": cfg.latent_size,
         "finetune_mode": cfg.finetune.mode,
         "scored_cells": "all",
         "n_cells": {"all": len(store), **{name: len(rows) for name, rows in splits.items()}},

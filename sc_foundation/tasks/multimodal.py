@@ -84,6 +84,9 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         modality=modality.kind,
         modality_features=names,
         modality_dropout=modality.dropout,
+        modality_feature_scale=_feature_scale(values[splits["train"]])
+        if modality.kind == "protein" and modality.scale_features
+        else None,
         **architecture_overrides(cfg),
     )
     mean = values[splits["train"]].mean(0)
@@ -140,6 +143,13 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "module": module,
         "datamodule": datamodule,
     }
+
+
+def _feature_scale(values: np.ndarray) -> list[float]:
+    """Each protein's scale for the loss: the (n_train, F) training values' standard deviation per feature, floored
+    at a tenth of the median one (a near-constant antibody would otherwise dominate)."""
+    spread = values.std(axis=0)
+    return np.maximum(spread, 0.1 * np.median(spread) + 1e-6).astype(float).tolist()
 
 
 def _read_second_modality(
