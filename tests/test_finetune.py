@@ -73,7 +73,8 @@ def test_learning_curves_follow_the_task_metric(annotation):
     out, metrics = annotation["output_dir"], annotation["metrics"]
     curves = pd.read_csv(out / "curves.csv")
     assert list(curves["epoch"]) == list(range(len(curves))) and len(curves) == metrics["epochs"]
-    assert {"train_loss", "lr", "val/loss", "val/macro_f1"} <= set(curves.columns)
+    assert {"wall_s", "train_loss", "lr", "val/loss", "val/macro_f1"} <= set(curves.columns)
+    assert curves["wall_s"].is_monotonic_increasing
     assert curves["val/macro_f1"].between(0, 1).all() and np.isfinite(curves["train_loss"]).all()
     assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
     assert curves["val/macro_f1"].idxmax() == metrics["best_epoch"]  # the first best, as early stopping counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,10 @@ class ValidationMacroF1(pl.Callback):
 class LearningCurves(pl.Callback):
     """Writes the run's learning curves: ``curves.csv`` after every validation, ``curves.png`` at the end.
 
-    One row per validation: ``epoch``, ``step``, ``train_loss`` (mean of the training steps since the last row),
-    ``lr`` (the head's) and every logged ``val/*`` metric. The PNG plots the losses against the epoch, and the
-    monitored metric on its own axis when it is not a loss. Rank 0 writes; each file is replaced atomically.
+    One row per validation: ``epoch``, ``step``, ``wall_s`` (seconds since training started), ``train_loss`` (mean
+    of the training steps since the last row), ``lr`` (the head's) and every logged ``val/*`` metric. The PNG plots
+    the losses against the epoch, and the monitored metric on its own axis when it is not a loss. Rank 0 writes;
+    each file is replaced atomically.
     """
 
     def __init__(self, directory: Path, monitor: str):
@@ -57,6 +59,9 @@ class LearningCurves(pl.Callback):
         self.monitor = monitor
         self.rows: list[dict] = []
         self._losses: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -68,6 +73,7 @@ class LearningCurves(pl.Callback):
         row = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
+            "wall_s": round(time.perf_counter() - self._started, 2),
             "train_loss": float(np.mean(self._losses)) if self._losses else math.nan,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
         }
