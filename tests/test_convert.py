@@ -314,7 +314,7 @@ def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_p
             f"output_dir={tmp_path}",
             *QUIET,
             "trainer.max_epochs=1",
-            "trainer.limit_train_batches=6",
+            "+trainer.limit_train_batches=6",
             "baselines.n_top_genes=500",
             "baselines.n_pcs=20",
         ]

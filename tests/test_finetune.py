@@ -46,7 +46,7 @@ def test_conf_composes():
     cfg = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=annotation", "finetune.mode=lower_lr"])
     assert cfg.label_key == "cell_type" and cfg.class_weights == "balanced" and cfg.unknown_threshold is None
     assert cfg.early_stopping.patience > 0 and cfg.trainer.max_epochs > 0 and cfg.trainer.accelerator == "cpu"
-    assert (cfg.early_stopping.monitor, cfg.early_stopping.mode) == ("val/macro_f1", "max")
+    assert (cfg.early_stopping.monitor, cfg.early_stopping.mode) == ("val/macro_f1_then_loss", "max")
 
 
 def test_annotates_cellbench_cell_lines(annotation):
@@ -73,11 +73,15 @@ def test_learning_curves_follow_the_task_metric(annotation):
     out, metrics = annotation["output_dir"], annotation["metrics"]
     curves = pd.read_csv(out / "curves.csv")
     assert list(curves["epoch"]) == list(range(len(curves))) and len(curves) == metrics["epochs"]
-    assert {"wall_s", "train_loss", "lr", "val/loss", "val/macro_f1"} <= set(curves.columns)
+    assert {"wall_s", "train_loss", "lr", "val/loss", "val/macro_f1", "val/macro_f1_then_loss"} <= set(curves.columns)
     assert curves["wall_s"].is_monotonic_increasing
     assert curves["val/macro_f1"].between(0, 1).all() and np.isfinite(curves["train_loss"]).all()
     assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
-    assert curves["val/macro_f1"].idxmax() == metrics["best_epoch"]  # the first best, as early stopping counts
+    # macro-F1 first, then the lower loss: the selection score orders epochs by both
+    expected = curves["val/macro_f1"] - 1e-4 * curves["val/loss"]
+    np.testing.assert_allclose(curves["val/macro_f1_then_loss"], expected, rtol=0, atol=1e-6)
+    best = curves["val/macro_f1_then_loss"].idxmax()
+    assert best == metrics["best_epoch"] and curves["val/macro_f1"][best] == curves["val/macro_f1"].max()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["steps"] > 0 and isinstance(metrics["stopped_early"], bool)
 
@@ -118,7 +122,7 @@ def test_frozen_mode_leaves_the_backbone_unchanged(pretrained, cellbench, tmp_pa
             tmp_path,
             "finetune.mode=frozen",
             "trainer.max_epochs=1",
-            "trainer.limit_train_batches=5",
+            "+trainer.limit_train_batches=5",
             "unknown_threshold=0.9",
             "baselines.n_pcs=5",
         )
