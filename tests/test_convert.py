@@ -2,6 +2,7 @@
 ``load_pretrained`` and match the reference forward passes to 1e-5 in fp32, tokenize as the sources do on real
 cells, load strictly and refuse code hidden in their files."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -324,4 +325,14 @@ def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_p
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 6 and 0.0 <= metrics["model"]["macro_f1"] <= 1.0
     model = sc_foundation.load_pretrained(result["export"], device="cpu")
-    assert model.config.id2label and model.gene_tokenizer == sc_foundation.load_pretrained(folder).gene_tokenizer
+    # The published tokenizer, read through the task's gene panel (data.panel_genes) and otherwise unchanged.
+    published, tuned = sc_foundation.load_pretrained(folder).gene_tokenizer, model.gene_tokenizer
+    assert model.config.id2label and tuned.vocab == published.vocab and tuned.config.gene_panel
+    unpanelled = dataclasses.replace(
+        tuned.config,
+        gene_panel=None,
+        include_zeros=published.config.include_zeros,
+        context_length=published.config.context_length,
+        truncation=published.config.truncation,
+    )
+    assert unpanelled == published.config

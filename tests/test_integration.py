@@ -94,14 +94,17 @@ def test_integrates_cellbench_protocols(integration):
         assert scores["total"] == pytest.approx(0.6 * scores["bio"] + 0.4 * scores["batch"])
     assert saved["baselines"]["harmony"]["ilisi"] > saved["baselines"]["pca"]["ilisi"]
     embeddings = np.load(out / "embeddings.npz")
-    assert embeddings["model"].shape == (499, 32) and embeddings["pca"].shape == embeddings["harmony"].shape
+    # the variational latent's mean (latent_size), not the 32-wide backbone output
+    assert embeddings["model"].shape == (499, saved["latent_size"]) == (499, 16)
+    assert embeddings["pca"].shape == embeddings["harmony"].shape
     assert len(embeddings["cell_id"]) == len(embeddings["batch"]) == len(embeddings["label"]) == 499
 
 
 def test_export_loads_and_reproduces_the_embedding(integration):
     model = load_pretrained(integration["export"], device="cpu")
     assert isinstance(model, ScFoundationForBatchIntegration)
-    assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"] and model.discriminator is not None
+    assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"]
+    assert model.discriminator is None and model.latent is not None  # the defaults: the variational latent, no DAB
     embedding, cells = tasks.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
     np.testing.assert_allclose(embedding[np.argsort(cells)], integration["embedding"], rtol=1e-5, atol=1e-6)
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from sc_foundation import load_pretrained, predict_modality, tasks
 from sc_foundation.io import InvalidInputError
@@ -84,7 +85,7 @@ def test_protein_loss_weighs_every_antibody_alike(protein):
     target = batch["modality_values"].float()
     expected = (((output.predictions - target) / torch.tensor(scale, dtype=torch.float32)) ** 2).mean()
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="modality_feature_scale"):
+    with pytest.raises(StrictDataclassError, match="modality_feature_scale"):
         type(model.config)(**{**model.config.to_dict(), "modality_feature_scale": [1.0] * 3})
 
 

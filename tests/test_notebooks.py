@@ -93,7 +93,7 @@ def _check_integration(probe: dict, run: Run) -> None:
     assert probe["table_total"][0] == pytest.approx(metrics["model"]["total"])
     for key in ("X_pca", "X_harmony", "X_sc_foundation", "X_umap_pca", "X_umap_harmony", "X_umap_sc_foundation"):
         assert probe["obsm_shapes"][key][0] == 499, key
-    assert probe["obsm_shapes"]["X_sc_foundation"] == [499, 32]
+    assert probe["obsm_shapes"]["X_sc_foundation"] == [499, 16]  # the variational latent's mean
     # sc_foundation.embed() on the AnnData reproduces the embedding finetune.py computed from its store.
     assert probe["embed_difference"] < 1e-4
 

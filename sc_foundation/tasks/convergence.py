@@ -106,13 +106,12 @@ class LearningCurves(pl.Callback):
         return self.directory / "curves.csv"
 
     def write_png(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
+        # A bare Figure, not pyplot: no backend switch and no display in a notebook that called the task.
+        from matplotlib.figure import Figure
 
         epochs = [row["epoch"] + 1 for row in self.rows]
-        figure, losses = plt.subplots(figsize=(6, 4))
+        figure = Figure(figsize=(6, 4))
+        losses = figure.subplots()
         losses.plot(epochs, [row["train_loss"] for row in self.rows], label="train loss")
         losses.plot(epochs, [row.get("val/loss", math.nan) for row in self.rows], label="val loss")
         losses.set_xlabel("epoch")
@@ -128,8 +127,7 @@ class LearningCurves(pl.Callback):
         figure.tight_layout()
         path = self.directory / "curves.png"
         temporary = path.with_name(f".tmp-{path.name}")
-        figure.savefig(temporary, dpi=100)
-        plt.close(figure)
+        figure.savefig(temporary, dpi=100, format="png")
         temporary.replace(path)
         return path
 
