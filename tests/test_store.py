@@ -87,6 +87,11 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert cells_a == cells_b
 
 
+def as_stored(tokenizer: GeneTokenizer, values: np.ndarray) -> np.ndarray:
+    """What a store gives back for a cell's tokenizer values: a rank store keeps none (the order is the value)."""
+    return np.zeros_like(values) if tokenizer.config.encoding == "rank" else values
+
+
 def write_h5ad(path: Path, X, var_names, obs=None, layers=None) -> Path:
     obs = obs if obs is not None else pd.DataFrame(index=[f"cell{i}" for i in range(X.shape[0])])
     adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(var_names)), layers=layers)
@@ -184,7 +189,8 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
             ids, values = store[index]
             expected_ids, expected_values = cells.cell(i)
             assert np.array_equal(ids, expected_ids)
-            assert np.array_equal(values, expected_values)
+            assert values.dtype == np.float32
+            assert np.array_equal(values, as_stored(tokenizer, expected_values))
         np.testing.assert_array_equal(store.lengths[indices], cells.lengths)
         # A padded batch, in shuffled order.
         picked = np.random.default_rng(0).permutation(len(cells))[:40]
@@ -197,7 +203,7 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
             ids, values = cells.cell(i)
             n = len(ids)
             assert np.array_equal(batch["input_ids"][row, :n], ids)
-            assert np.array_equal(batch["values"][row, :n], values)
+            assert np.array_equal(batch["values"][row, :n], as_stored(tokenizer, values))
             assert np.all(batch["input_ids"][row, n:] == tokenizer.vocab.pad_id)
             assert np.all(batch["values"][row, n:] == 0)
             assert batch["attention_mask"][row].tolist() == [True] * n + [False] * (width - n)
@@ -208,7 +214,8 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
         assert int(packed["max_seqlen"]) == lengths.max()
         assert packed["input_ids"].shape == (1, lengths.sum())
         assert np.array_equal(packed["input_ids"][0], np.concatenate([cells.cell(i)[0] for i in picked]))
-        assert np.array_equal(packed["values"][0], np.concatenate([cells.cell(i)[1] for i in picked]))
+        expected = np.concatenate([cells.cell(i)[1] for i in picked])
+        assert np.array_equal(packed["values"][0], as_stored(tokenizer, expected))
         start += len(cells)
     assert start == len(store)
 
@@ -418,13 +425,13 @@ def test_small_single_file_and_min_cells_per_gene(slices, tmp_path):
 def test_killed_build_is_refused_then_resumed(slices, binned_store, tmp_path):
     out = tmp_path / "store"
     build(slices, out)
-    shards = out / "shards"
-    kept_times = {k: (shards / f"{k:05d}.arrow").stat().st_mtime_ns for k in (0, 2)}
+    shards = out / "shards"  # one shard per input part; each input here is one part
+    kept_times = {k: (shards / f"{k:05d}-00000.arrow").stat().st_mtime_ns for k in (0, 2)}
     # Simulate a build killed while writing shard 1: no manifest, no shard 1, a half-written temporary file.
     (out / "manifest.json").unlink()
-    (shards / "00001.json").unlink()
-    (shards / "00001.arrow").unlink()
-    (shards / ".00001.arrow.tmp").write_bytes(b"half a shard")
+    (shards / "00001-00000.json").unlink()
+    (shards / "00001-00000.arrow").unlink()
+    (shards / ".00001-00000.arrow.tmp").write_bytes(b"half a shard")
     with pytest.raises(FileNotFoundError, match="build_store") as error:
         CorpusStore(out)
     assert "again" in str(error.value)
@@ -432,8 +439,8 @@ def test_killed_build_is_refused_then_resumed(slices, binned_store, tmp_path):
     assert report.resumed == ["kang.h5ad", "eccite.h5ad"]
     assert report.n_cells == 700
     assert not list(out.rglob("*.tmp*"))
-    assert sorted(p.name for p in shards.iterdir()) == [f"{k:05d}.{ext}" for k in range(3) for ext in ("arrow", "json")]
-    assert {k: (shards / f"{k:05d}.arrow").stat().st_mtime_ns for k in (0, 2)} == kept_times
+    assert sorted(p.name for p in shards.iterdir()) == [f"{k:05d}-00000.{ext}" for k in range(3) for ext in ("arrow", "json")]
+    assert {k: (shards / f"{k:05d}-00000.arrow").stat().st_mtime_ns for k in (0, 2)} == kept_times
     assert_same_store(out, binned_store)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_cells"] == 700
