@@ -122,7 +122,8 @@ class SomaCountSource:
             if value_filter is None:
                 raise
             raise InvalidInputError(
-                f"{path}: obs value_filter {value_filter!r} failed ({error}). obs columns: {list(obs_schema)}."
+                f"{path}: obs value_filter {value_filter!r} failed ({str(error).splitlines()[0]}). Fix the filter; obs "
+                f"columns: {list(obs_schema)}."
             ) from error
         obs = table.to_pandas().sort_values("soma_joinid", kind="stable")
         self.joinids = obs["soma_joinid"].to_numpy(np.int64)

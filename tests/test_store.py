@@ -262,8 +262,20 @@ def test_fixed_geneformer_vocab(slices, shared_data, tmp_path):
 
 
 def test_num_workers_two_gives_the_same_store(slices, binned_store, tmp_path):
-    build(slices, tmp_path / "parallel", num_workers=2)
+    """Inputs cut into row ranges of 128 cells (7 parts) on two workers: the store of one process, uncut."""
+    build(slices, tmp_path / "parallel", num_workers=2, part_size=128)
+    shards = sorted(p.stem for p in (tmp_path / "parallel" / "shards").glob("*.arrow"))
+    assert shards == [
+        "00000-00000",
+        "00000-00001",
+        "00000-00002",
+        "00001-00000",
+        "00001-00001",
+        "00002-00000",
+        "00002-00001",
+    ]
     assert_same_store(tmp_path / "parallel", binned_store)
+    assert [s.n_cells_in for s in load_report(tmp_path / "parallel").shards] == [300, 200, 200]
 
 
 # --- reports ------------------------------------------------------------------------------------------------------
@@ -439,7 +451,9 @@ def test_killed_build_is_refused_then_resumed(slices, binned_store, tmp_path):
     assert report.resumed == ["kang.h5ad", "eccite.h5ad"]
     assert report.n_cells == 700
     assert not list(out.rglob("*.tmp*"))
-    assert sorted(p.name for p in shards.iterdir()) == [f"{k:05d}-00000.{ext}" for k in range(3) for ext in ("arrow", "json")]
+    assert sorted(p.name for p in shards.iterdir()) == [
+        f"{k:05d}-00000.{ext}" for k in range(3) for ext in ("arrow", "json")
+    ]
     assert {k: (shards / f"{k:05d}-00000.arrow").stat().st_mtime_ns for k in (0, 2)} == kept_times
     assert_same_store(out, binned_store)
     manifest = json.loads((out / "manifest.json").read_text())
