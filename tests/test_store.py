@@ -511,3 +511,53 @@ def test_a_given_tokenizer_is_used_as_it_is(tmp_path, real_slice):
     assert not (tmp_path / "fine" / "stats").exists(), "no statistics pass: the medians are the pretrained ones"
     with pytest.raises(ValueError, match="either tokenizer="):
         build_store([tmp_path / "fine.h5ad"], tmp_path / "x", tokenizer=pretrained, tokenizer_config=config)
+
+
+# --- store format -------------------------------------------------------------------------------------------------
+
+
+def test_narrow_types_and_format_1_stores_still_read(binned_store, tmp_path):
+    """Format 2 keeps uint16 ids and uint8 bins; a format-1 store (int32 ids, float32 values in large lists, plain
+    strings) reads back the same cells; a store of a newer format is refused with a message."""
+    import shutil
+
+    import pyarrow as pa
+
+    store = CorpusStore(binned_store)
+    schema = pa.ipc.open_stream(pa.memory_map(str(store.shard_paths[0]))).schema
+    assert schema.field("gene_ids").type == pa.list_(pa.uint16())
+    assert schema.field("values").type == pa.list_(pa.uint8())
+    assert pa.types.is_dictionary(schema.field("source").type)
+    old = tmp_path / "format1"
+    shutil.copytree(binned_store, old)
+    for shard in sorted((old / "shards").glob("*.arrow")):
+        table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
+        columns = {
+            name: table[name].cast(pa.string()) if pa.types.is_dictionary(table[name].type) else table[name]
+            for name in table.column_names
+        }
+        columns["gene_ids"] = table["gene_ids"].cast(pa.large_list(pa.int32()))
+        columns["values"] = table["values"].cast(pa.large_list(pa.float32()))
+        rewritten = pa.table(columns)
+        with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, rewritten.schema) as writer:
+            writer.write_table(rewritten, max_chunksize=64)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    assert CorpusStore(old).format == 1
+    assert_same_store(old, binned_store)
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(ValueError, match="format 99, newer than this sc_foundation reads"):
+        CorpusStore(old)
+
+
+def test_rank_store_keeps_no_values_and_a_negative_cls_value_fits_int8(slices, tmp_path):
+    from sc_foundation.store import token_types
+
+    rank = build(slices, tmp_path / "rank", encoding="rank")
+    assert rank.n_cells == 700
+    store = CorpusStore(tmp_path / "rank")
+    batch = store.get_batch([0, 5])
+    assert batch["values"].dtype == np.float32 and not batch["values"].any()
+    scgpt = GeneTokenizer(store.vocab, TokenizerConfig(cls_value=-2.0))
+    assert [str(t) for t in token_types(scgpt)] == ["uint16", "int8"]
+    assert [str(t) for t in token_types(store.tokenizer)] == ["uint16", "None"]
