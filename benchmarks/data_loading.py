@@ -17,7 +17,11 @@ does). Loaders:
   then normalised and tokenized by the store's own tokenizer (``match_genes`` once per file, ``encode`` per batch)
   and padded into tensors;
 * ``in_memory_anndata``: the same from AnnData read fully into memory; the load is timed and its memory reported
-  separately, only the batches are timed.
+  separately, only the batches are timed;
+* ``store_masked_workers{n}``: ``store_masked`` with ``n`` DataLoader workers (``--masked-workers``, default 1 and 2),
+  which hand each batch over as one shared buffer (``sc_foundation.data.SharedBatch``);
+* the peers (``--peers``, the ``bench`` extra; see ``_peers.py``): ``bionemo_scdl``, ``tiledbsoma_ml`` and
+  ``annbatch`` (skipped below Python 3.12), each timed raw and tokenized; ``race`` compares them with ``store``.
 
 Each loader runs ``--warmup`` untimed batches, then ``--repeats`` timed rounds of ``--batches`` batches and reports
 the median round's cells/s; a loader whose timed rounds exceed ``--time-budget`` seconds in all stops early (the JSON
