@@ -58,6 +58,7 @@ def build_corpus(cfg: DictConfig):
         obs_keys=list(data.obs_keys),
         chunk_size=data.chunk_size,
         num_workers=data.build_workers,
+        part_size=data.part_size,
         overwrite=data.rebuild_stale_store,
     )
 

@@ -10,7 +10,8 @@ nothing of this script's own memory. Reported per encoding:
 * ``cells_per_s``: cells written / wall seconds of the ``build_store`` call (both passes: the gene statistics that
   build the vocabulary, and the rank medians, then tokenizing and writing the shards). Process start is not
   counted; ``child_wall_s`` is the process's whole life as the parent saw it.
-* ``cells_per_s_per_core``: the above divided by the worker processes actually busy, ``max(1, min(workers, files))``.
+* ``cells_per_s_per_core``: the above divided by the worker processes actually busy, ``max(1, min(workers, parts))``
+  (an input larger than ``--part-size`` cells is cut into row ranges, each a part).
 * ``peak_rss_mb``: the largest peak resident memory of any process of the build: the kernel's high-water mark
   ``VmHWM`` of the build process (read by it at the end) and of each of its worker processes (read from ``/proc``
   every 20 ms while they live; the mark only grows, so the last reading is the peak up to 20 ms). ``ru_maxrss`` is
@@ -18,7 +19,7 @@ nothing of this script's own memory. Reported per encoding:
   a ``subprocess`` call reports at least the parent's own peak. ``baseline_rss_mb`` is the build process's mark
   before the build (the imports it starts with); ``peak_rss_tree_mb`` the largest sum of current RSS over the build
   process and its workers seen by the polling.
-* cells, tokens, mean tokens per cell, store size on disk.
+* cells, tokens, mean tokens per cell, store size on disk and ``bytes_per_token`` (store size / tokens).
 
 The input files are read once before each build so that every encoding starts with them in the page cache.
 
@@ -51,7 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     parser.add_argument("--cells", type=int, default=200_000, help="cells in the replicated corpus")
-    parser.add_argument("--workers", type=int, default=1, help="build_store num_workers (files in parallel)")
+    parser.add_argument("--workers", type=int, default=1, help="build_store num_workers (parts in parallel)")
+    parser.add_argument(
+        "--part-size", type=int, default=None, help="build_store part_size: cells per row range of an input"
+    )
     parser.add_argument("--chunk-size", type=int, default=8192, help="cells read and tokenized at a time")
     parser.add_argument("--context", type=int, default=2048, help="context length (tokens per cell, CLS included)")
     parser.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=list(ENCODINGS))
@@ -71,8 +75,14 @@ def _build(job: dict) -> None:
     baseline = _high_water_bytes(os.getpid())
     config = TokenizerConfig(encoding=job["encoding"], context_length=job["context"])
     started = time.perf_counter()
+    parts = {} if job["part_size"] is None else {"part_size": job["part_size"]}
     report = build_store(
-        job["inputs"], job["store"], tokenizer_config=config, chunk_size=job["chunk_size"], num_workers=job["workers"]
+        job["inputs"],
+        job["store"],
+        tokenizer_config=config,
+        chunk_size=job["chunk_size"],
+        num_workers=job["workers"],
+        **parts,
     )
     seconds = time.perf_counter() - started
     result = {
@@ -147,6 +157,7 @@ def run_build(encoding: str, files: list[Path], work_dir: Path, args: argparse.N
             "context": args.context,
             "chunk_size": args.chunk_size,
             "workers": args.workers,
+            "part_size": args.part_size,
             "inputs": [str(f) for f in files],
             "store": str(tmp / "store"),
             "result": str(tmp / "result.json"),
@@ -167,13 +178,14 @@ def run_build(encoding: str, files: list[Path], work_dir: Path, args: argparse.N
             raise RuntimeError(f"the {encoding} build failed (exit code {child.exitcode}); its traceback is above")
         result = json.loads(Path(job["result"]).read_text())
         store_bytes = _directory_bytes(tmp / "store")
+        n_parts = len(list((tmp / "store" / "shards").glob("*.arrow")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if result["resumed"]:
         raise RuntimeError(f"the {encoding} build reused finished shards {result['resumed']}: not a fresh build")
     workers_peak = max(worker_peaks.values(), default=0)
     self_peak, baseline = result["peak_rss_self_bytes"] or 0, result["baseline_rss_bytes"] or 0
-    busy = max(1, min(args.workers, len(files)))
+    busy = max(1, min(args.workers, n_parts))
     rate = result["n_cells"] / result["seconds"]
     sequential = busy == 1
     return {
@@ -199,6 +211,8 @@ def run_build(encoding: str, files: list[Path], work_dir: Path, args: argparse.N
         "cells_truncated": result["n_truncated"],
         "vocab_size": result["n_vocab"],
         "store_size_mb": store_bytes / MB,
+        "bytes_per_token": store_bytes / max(result["n_tokens"], 1),
+        "n_parts": n_parts,
         "meets_target": rate / busy >= TARGETS["cells_per_s_per_core"],
     }
 
@@ -214,7 +228,7 @@ def format_table(results: dict[str, dict]) -> str:
         lines.append(
             f"{encoding:<11} {r['cells']:>9,} {r['seconds']:>8.1f} {r['cells_per_s']:>9,.0f} "
             f"{r['cells_per_s_per_core']:>8,.0f} {stats:>8} {r['peak_rss_mb']:>8.0f} {r['peak_rss_tree_mb']:>8.0f} "
-            f"{r['tokens']:>12,} {r['mean_length']:>9.1f} {r['store_size_mb']:>9.1f}"
+            f"{r['tokens']:>12,} {r['mean_length']:>9.1f} {r['store_size_mb']:>9.1f} {r['bytes_per_token']:>8.2f}"
         )
     return "\n".join(lines)
 
@@ -255,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
             "timing": "wall seconds of build_store (statistics pass + shard pass) in a fresh process per encoding "
             "(forked from a server that imported sc_foundation.store); inputs read once beforehand so they are in "
             "the page cache",
-            "per_core": "cells_per_s / max(1, min(workers, n_files))",
+            "part_size": args.part_size,
+            "per_core": "cells_per_s / max(1, min(workers, n_parts))",
         },
         **results,
         "targets": TARGETS,

@@ -17,7 +17,11 @@ does). Loaders:
   then normalised and tokenized by the store's own tokenizer (``match_genes`` once per file, ``encode`` per batch)
   and padded into tensors;
 * ``in_memory_anndata``: the same from AnnData read fully into memory; the load is timed and its memory reported
-  separately, only the batches are timed.
+  separately, only the batches are timed;
+* ``store_masked_workers{n}``: ``store_masked`` with ``n`` DataLoader workers (``--masked-workers``, default 1 and 2),
+  which hand each batch over as one shared buffer (``sc_foundation.data.SharedBatch``);
+* the peers (``--peers``, the ``bench`` extra; see ``_peers.py``): ``bionemo_scdl``, ``tiledbsoma_ml`` and
+  ``annbatch`` (skipped below Python 3.12), each timed raw and tokenized; ``race`` compares them with ``store``.
 
 Each loader runs ``--warmup`` untimed batches, then ``--repeats`` timed rounds of ``--batches`` batches and reports
 the median round's cells/s; a loader whose timed rounds exceed ``--time-budget`` seconds in all stops early (the JSON
@@ -44,8 +48,10 @@ from _corpus import (
     make_replicated_corpus,
     write_json_atomic,
 )
+from _peers import tokenize
 
 TARGETS = {"store_cells_per_s": 20000, "speedup_vs_backed": 10}
+PEERS = ("bionemo_scdl", "tiledbsoma_ml", "annbatch")
 MB = 2**20
 PAD_TO_MULTIPLE = 8  # CorpusStore.get_batch's default
 DETECTION_ROWS = 8192  # rows whose detected genes decide the match rate (build_store's first chunk)
@@ -62,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches before timing each loader")
     parser.add_argument("--time-budget", type=float, default=120.0, help="most timed seconds per loader")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the store_workers loader")
+    parser.add_argument(
+        "--masked-workers", type=int, nargs="+", default=[1, 2], help="worker counts of the masked store loaders"
+    )
+    parser.add_argument(
+        "--peers", nargs="*", default=list(PEERS), choices=PEERS, help="peer loaders to race (the bench extra)"
+    )
     parser.add_argument("--mask-ratio", type=float, default=0.15, help="masking of the store_masked loader")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--file-cells", type=int, default=50_000, help="about how many cells per corpus file")
@@ -101,10 +113,14 @@ def measure(batches: Iterator[dict], n_batches: int, warmup: int, budget_s: floa
         round_cells = round_done = 0
         started = time.perf_counter()
         while round_done < n_batches:
-            mask = next(batches)["attention_mask"].numpy()
-            round_cells += mask.shape[0]
-            slots += mask.size
-            real += int(np.count_nonzero(mask))
+            batch = next(batches)
+            if isinstance(batch, dict):
+                mask = batch["attention_mask"].numpy()
+                round_cells += mask.shape[0]
+                slots += mask.size
+                real += int(np.count_nonzero(mask))
+            else:  # a peer's raw batch: counts (tensor or array, cells first), or (counts, obs)
+                round_cells += (batch[0] if isinstance(batch, tuple) else batch).shape[0]
             round_done += 1
             last = round_done == n_batches and round_ == repeats - 1
             if not last and spent + time.perf_counter() - started > budget_s:
@@ -217,31 +233,13 @@ class AnnDataBatches:
                 adata.file.close()
 
     def batch(self, cells: np.ndarray) -> dict:
-        import torch
-
         cells = np.sort(cells)
         file_of = np.searchsorted(self.starts, cells, side="right") - 1
-        parts = []
+        groups = []
         for f in np.unique(file_of):
             rows = cells[file_of == f] - self.starts[f]
-            counts = self.matrices[f][rows]
-            parts.append(self.tokenizer.encode(counts, self.matches[f], self.keys[f][rows]))
-        lengths = np.concatenate([p.lengths for p in parts])
-        gene_ids = np.concatenate([p.gene_ids for p in parts])
-        values = np.concatenate([p.values for p in parts])
-        width = int(-(-int(lengths.max(initial=1)) // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE)
-        row = np.repeat(np.arange(len(lengths)), lengths)
-        column = np.arange(len(gene_ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        input_ids = np.full((len(lengths), width), self.tokenizer.vocab.pad_id, dtype=np.int64)
-        padded_values = np.zeros((len(lengths), width), dtype=np.float32)
-        input_ids[row, column] = gene_ids
-        padded_values[row, column] = values
-        attention_mask = np.arange(width)[None, :] < lengths[:, None]
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "values": torch.from_numpy(padded_values),
-            "attention_mask": torch.from_numpy(attention_mask),
-        }
+            groups.append((self.matrices[f][rows], self.matches[f], self.keys[f][rows]))
+        return tokenize(self.tokenizer, groups, PAD_TO_MULTIPLE)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict]:
         epoch = 0
@@ -275,11 +273,56 @@ def run_anndata(files: list[Path], store_dir: Path, args, *, backed: bool) -> di
     }
 
 
+# ------------------------------------------------------------------------------------------------------ peers
+def run_peer(name: str, files: list[Path], store_dir: Path, args) -> dict:
+    """One peer loader (see ``_peers.py``), timed raw and tokenized; ``cells_per_s`` is the tokenized rate."""
+    import _peers
+
+    from sc_foundation.tokenization import GeneTokenizer
+
+    if name == "annbatch":
+        reason = _peers.annbatch_skip_reason()
+        return {"skipped": reason}
+    tokenizer = GeneTokenizer.from_pretrained(store_dir)
+    cache = args.cache_dir / f"peers-{args.cells}"
+    try:
+        if name == "bionemo_scdl":
+            peer = _peers.bionemo_scdl(files, cache, tokenizer, args.batch_size, args.seed)
+        else:
+            copy = _peers.soma_copy(files, cache / "soma-experiment")
+            peer = _peers.tiledbsoma_ml(copy, tokenizer, args.batch_size, args.seed)
+    except ImportError as error:
+        return {"skipped": f"{error}; install the peers with {_peers.BENCH_EXTRA}"}
+    try:
+        raw = measure(peer["raw"](), args.batches, args.warmup, args.time_budget, args.repeats)
+        tokenized = measure(peer["tokenized"](), args.batches, args.warmup, args.time_budget, args.repeats)
+    finally:
+        if "close" in peer:
+            peer["close"]()
+    setup = {k: v for k, v in peer.items() if k.endswith("_s")}
+    return {**tokenized, "raw_cells_per_s": raw["cells_per_s"], "raw": raw, **setup}
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def build_or_reuse_store(files: list[Path], args) -> tuple[Path, dict]:
     """The binned store of the corpus files (:func:`_corpus.cached_binned_store`) and facts about its build."""
     store_dir = args.cache_dir / f"store-binned-ctx{args.context}-{args.cells}"
     return store_dir, cached_binned_store(files, store_dir, args.context)
+
+
+def race(loaders: dict[str, dict]) -> dict:
+    """Our unmasked store loader against each peer that ran (tokenized rates: batches the model takes)."""
+    grouped, ungrouped = loaders["store"]["cells_per_s"], loaders["store_ungrouped"]["cells_per_s"]
+    return {
+        name: {
+            "store_over_peer": grouped / r["cells_per_s"],
+            # Random batches, as the peers give: the like-for-like comparison.
+            "store_ungrouped_over_peer": ungrouped / r["cells_per_s"],
+            "store_leads": min(grouped, ungrouped) > r["cells_per_s"],
+        }
+        for name, r in loaders.items()
+        if name in PEERS and "skipped" not in r
+    }
 
 
 def format_table(loaders: dict[str, dict]) -> str:
@@ -289,9 +332,13 @@ def format_table(loaders: dict[str, dict]) -> str:
     )
     lines = [head, "-" * len(head)]
     for name, r in loaders.items():
+        if "skipped" in r:
+            lines.append(f"{name:<18} skipped: {r['skipped']}")
+            continue
         note = " (time budget)" if r["stopped_by_time_budget"] else ""
+        note += f" (raw {r['raw_cells_per_s']:,.0f} cells/s)" if "raw_cells_per_s" in r else ""
         lines.append(
-            f"{name:<18} {r['cells_per_s']:>9,.0f} {r['tokens_per_s']:>11,.0f} {r['ms_per_batch']:>9.2f} "
+            f"{name:<22} {r['cells_per_s']:>9,.0f} {r['tokens_per_s']:>11,.0f} {r['ms_per_batch']:>9.2f} "
             f"{r['batches']:>8} {r['seconds']:>8.2f} {r['mean_tokens_per_cell']:>11.1f} "
             f"{100 * r['padded_fraction']:>6.1f}%{note}"
         )
@@ -319,13 +366,24 @@ def main(argv: list[str] | None = None) -> dict:
         "store_masked": lambda: run_store(store_dir, args, workers=0, mask_ratio=ratio, group_by_length=True),
         "store_ungrouped": lambda: run_store(store_dir, args, workers=0, mask_ratio=None, group_by_length=False),
         "store_workers": lambda: run_store(store_dir, args, workers=workers, mask_ratio=None, group_by_length=True),
+        **{
+            f"store_masked_workers{n}": lambda n=n: run_store(
+                store_dir, args, workers=n, mask_ratio=ratio, group_by_length=True
+            )
+            for n in args.masked_workers
+        },
         "backed_anndata": lambda: run_anndata(files, store_dir, args, backed=True),
         "in_memory_anndata": lambda: run_anndata(files, store_dir, args, backed=False),
+        **{name: lambda name=name: run_peer(name, files, store_dir, args) for name in args.peers},
     }
     loaders = {}
     for name, run in runs.items():
         loaders[name] = run()
-        print(f"  {name}: {loaders[name]['cells_per_s']:,.0f} cells/s", flush=True)
+        if "skipped" in loaders[name]:
+            print(f"  {name}: skipped ({loaders[name]['skipped']})", flush=True)
+            continue
+        raw = f" ({loaders[name]['raw_cells_per_s']:,.0f} raw)" if "raw_cells_per_s" in loaders[name] else ""
+        print(f"  {name}: {loaders[name]['cells_per_s']:,.0f} cells/s{raw}", flush=True)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     store, backed = loaders["store"]["cells_per_s"], loaders["backed_anndata"]["cells_per_s"]
     payload = {
@@ -359,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_store_vs_backed": store / backed,
         "speedup_store_vs_in_memory": store / loaders["in_memory_anndata"]["cells_per_s"],
         "speedup_store_ungrouped_vs_backed": loaders["store_ungrouped"]["cells_per_s"] / backed,
+        # The race: our training path (store_masked, with its workers) against each peer's tokenized batches.
+        "race": race(loaders),
         "targets": TARGETS,
         "meets_targets": {
             "store_cells_per_s": store >= TARGETS["store_cells_per_s"],

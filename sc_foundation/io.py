@@ -109,14 +109,15 @@ class CountSource:
         return self.adata.obs
 
     def iter_chunks(
-        self, chunk_size: int = 8192, require_integer: bool = True
+        self, chunk_size: int = 8192, require_integer: bool = True, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, scipy.sparse.csr_matrix]]:
-        """Yield the counts in consecutive row chunks.
+        """Yield the counts of rows ``start .. stop - 1`` (default: all) in consecutive row chunks.
 
         Args:
             chunk_size: rows per chunk (the last chunk may be shorter). A densely stored matrix holds
                 ``chunk_size x n_genes`` values in memory at a time, so lower it for dense files with many genes.
             require_integer: refuse non-integer values (see :func:`validate_counts`).
+            start, stop: the row range to read (a part of a file that several processes share out).
 
         Yields:
             ``(start_row, counts)``: ``counts`` is a ``(k, n_genes)`` float32 ``scipy.sparse.csr_matrix`` holding
@@ -136,22 +137,23 @@ class CountSource:
         matrix = self._row_sliceable()
         desc = _matrix_desc(self.layer, self.use_raw)
         hint = self._fix_hint()
-        for start in range(0, self.n_cells, chunk_size):
-            stop = min(start + chunk_size, self.n_cells)
-            block = scipy.sparse.csr_matrix(matrix[start:stop])
+        end = self.n_cells if stop is None else min(stop, self.n_cells)
+        for lo in range(start, end, chunk_size):
+            hi = min(lo + chunk_size, end)
+            block = scipy.sparse.csr_matrix(matrix[lo:hi])
             validate_counts(
                 block,
                 source=self.path,
-                matrix_desc=f"{desc} (rows {start}-{stop - 1})",
+                matrix_desc=f"{desc} (rows {lo}-{hi - 1})",
                 require_integer=require_integer,
                 hint=hint,
             )
             # astype copies, so dropping zeros below never touches the caller's in-memory matrix.
             counts = block.astype(np.float32)
             counts.eliminate_zeros()
-            if start == 0 and require_integer:
+            if lo == 0 and require_integer:
                 _warn_if_rounded_log(counts, f"{self.path}: {desc}", hint)
-            yield start, counts
+            yield lo, counts
 
     def close(self) -> None:
         """Close the backing file if :func:`open_counts` opened one; in-memory data needs no closing."""

@@ -45,6 +45,7 @@ import pyarrow as pa
 from .gene_statistics import GeneStatistics
 from .genes import GeneVocab, _atomic_write_text, resolve_genes
 from .io import InvalidInputError, open_counts
+from .soma import is_soma_uri
 from .tokenization import (
     GeneMatchError,
     GeneTokenizer,
@@ -60,6 +61,11 @@ PLAN = "plan.json"
 PLAN_PLACEHOLDER = "{plan}"
 """In a store directory name, replaced by :func:`plan_digest` of the store's plan (e.g. ``stores/binned-{plan}``)."""
 TOKEN_COLUMNS = ("gene_ids", "values")
+CENSUS_PREFIX = "census:"
+FORMAT = 2
+"""Store format: 1 kept int32 ids and float32 values; 2 keeps the narrowest types (see :func:`token_types`)."""
+PART_SIZE = 262_144
+"""Default cells per part: an input larger than this is split into row ranges that workers and ranks share out."""
 RESERVED_COLUMNS = ("cell_id", "source", "batch", "length", "n_counts", "n_expressed", *TOKEN_COLUMNS)
 
 logger = logging.getLogger(__name__)
@@ -67,17 +73,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CorpusInput:
-    """One input file of a corpus and how to read it.
+    """One input of a corpus (a count file or a TileDB-SOMA experiment) and how to read it.
 
     Attributes:
-        path: an ``.h5ad``, 10x ``.h5``, 10x ``matrix.mtx`` folder, or ``.h5mu`` (with ``modality``).
-        layer: layer holding raw counts (default ``X``).
+        path: an ``.h5ad``, 10x ``.h5``, 10x ``matrix.mtx`` folder, ``.h5mu`` (with ``modality``), or a TileDB-SOMA
+            experiment (a local folder or URI); ``census:<version>/<organism>`` is a CELLxGENE Census release
+            (``{"census": {"version", "organism", "value_filter"}}`` in settings).
+        layer: layer holding raw counts (default ``X``; for SOMA the X layer, default ``raw``).
         use_raw: read counts from ``.raw``.
         modality: the modality of an ``.h5mu`` file.
-        gene_key: ``var`` column with gene names or ids (default ``var_names``).
+        gene_key: ``var`` column with gene names or ids (default ``var_names``; for SOMA ``feature_id``).
         species: ``"human"``, ``"mouse"`` or ``"auto"``.
-        batch_key: ``obs`` column holding the batch; by default the file's name is the batch.
+        batch_key: ``obs`` column holding the batch; by default the input's name is the batch.
         genome: genome of a multi-genome 10x ``.h5``.
+        measurement: SOMA only: the measurement (default ``RNA``).
+        value_filter: SOMA only: the ``obs`` filter selecting cells, e.g. ``"is_primary_data == True"``.
     """
 
     path: str
@@ -88,6 +98,8 @@ class CorpusInput:
     species: str = "auto"
     batch_key: str | None = None
     genome: str | None = None
+    measurement: str | None = None
+    value_filter: str | None = None
 
     @classmethod
     def coerce(cls, item: str | os.PathLike | Mapping | CorpusInput) -> CorpusInput:
@@ -95,31 +107,52 @@ class CorpusInput:
             return item
         if isinstance(item, str | os.PathLike):
             return cls(path=str(item))
+        item = dict(item)
+        if "census" in item:
+            item.update(_census_settings(item.pop("census"), has_path="path" in item))
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(item) - fields
         if unknown:
-            raise ValueError(f"Unknown corpus input settings {sorted(unknown)}; allowed: {sorted(fields)}.")
+            raise ValueError(
+                f"Unknown corpus input settings {sorted(unknown)}; allowed: {sorted(fields)}, or census=... alone."
+            )
         return cls(**{k: (str(v) if k == "path" else v) for k, v in item.items()})
 
     @property
+    def is_soma(self) -> bool:
+        return self.path.startswith(CENSUS_PREFIX) or is_soma_uri(self.path)
+
+    @property
     def name(self) -> str:
-        base = Path(self.path).name
+        base = self.path if self.path.startswith(CENSUS_PREFIX) else Path(self.path).name
         return f"{base}:{self.modality}" if self.modality else base
 
     def fingerprint(self) -> dict:
-        """What identifies this input: its settings plus the file's size and modification time."""
+        """What identifies this input: its settings plus the file's size and modification time (for a local SOMA
+        folder, the total size and latest modification of its files; a Census release is pinned by its version)."""
+        settings = dataclasses.asdict(self)
+        if self.path.startswith(CENSUS_PREFIX) or "://" in self.path:
+            return settings
         path = Path(self.path)
         if not path.exists():
             raise InvalidInputError(f"{self.path}: no such file or folder. Check the path in the corpus inputs.")
-        stat = path.stat()
+        files = [f.stat() for f in path.rglob("*") if f.is_file()] if self.is_soma else [path.stat()]
         return {
-            **dataclasses.asdict(self),
+            **settings,
             "path": str(path.resolve()),
-            "size": stat.st_size,
-            "mtime": stat.st_mtime_ns,
+            "size": sum(f.st_size for f in files),
+            "mtime": max((f.st_mtime_ns for f in files), default=0),
         }
 
-    def open(self):
+    def open(self, obs_columns: Sequence[str] = ()):
+        """The input as a count source (``CountSource`` or ``SomaCountSource``); SOMA reads ``obs_columns`` only."""
+        if self.is_soma:
+            return self._open_soma(obs_columns)
+        if self.measurement is not None or self.value_filter is not None:
+            raise InvalidInputError(
+                f"{self.path}: measurement= and value_filter= apply to TileDB-SOMA experiments only. Drop them, or "
+                "point path at a SOMA experiment."
+            )
         return open_counts(
             self.path,
             layer=self.layer,
@@ -129,6 +162,46 @@ class CorpusInput:
             genome=self.genome,
             backed=True,
         )
+
+    def _open_soma(self, obs_columns: Sequence[str]):
+        from .soma import census_source, open_soma
+
+        unsupported = {k: v for k, v in (("use_raw", self.use_raw), ("modality", self.modality)) if v}
+        unsupported.update({"genome": self.genome} if self.genome else {})
+        if unsupported:
+            raise InvalidInputError(f"{self.path}: {sorted(unsupported)} do not apply to a SOMA experiment; drop them.")
+        columns = [*obs_columns, *([self.batch_key] if self.batch_key else [])]
+        if self.path.startswith(CENSUS_PREFIX):
+            version, _, organism = self.path[len(CENSUS_PREFIX) :].partition("/")
+            return census_source(version, organism, value_filter=self.value_filter, obs_columns=columns)
+        return open_soma(
+            self.path,
+            measurement=self.measurement or "RNA",
+            layer=self.layer or "raw",
+            value_filter=self.value_filter,
+            gene_key=self.gene_key or "feature_id",
+            obs_columns=columns,
+        )
+
+    def n_rows(self) -> int | None:
+        """Cells of an input that can be read in row ranges (``.h5ad``, SOMA), else None (read whole)."""
+        if not (self.is_soma or self.path.lower().endswith(".h5ad")):
+            return None
+        with self.open() as source:
+            return source.n_cells
+
+
+def _census_settings(census: Mapping, has_path: bool) -> dict:
+    """``{"census": {version, organism, value_filter}}`` as :class:`CorpusInput` settings."""
+    if has_path:
+        raise ValueError("A corpus input is either a path or census=..., not both.")
+    allowed = {"version", "organism", "value_filter"}
+    if not isinstance(census, Mapping) or set(census) - allowed or "version" not in census:
+        raise ValueError(
+            f"census= takes {{version, organism, value_filter}} (version required, e.g. '2025-01-30'), got {census!r}."
+        )
+    organism = census.get("organism", "homo_sapiens")
+    return {"path": f"{CENSUS_PREFIX}{census['version']}/{organism}", "value_filter": census.get("value_filter")}
 
 
 @dataclass
@@ -209,8 +282,35 @@ class StoreReport:
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def _file_statistics(spec: CorpusInput, target_sum: float, chunk_size: int, out: str) -> str:
-    """Pass 1 over one file: per-gene detection counts and value histograms, saved to ``out``."""
+@dataclass(frozen=True)
+class _Part:
+    """Rows ``start .. stop - 1`` of input ``input``; ``stop`` None reads to the end (inputs read whole)."""
+
+    input: int
+    index: int
+    start: int
+    stop: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.input:05d}-{self.index:05d}"
+
+
+def _plan_parts(specs: Sequence[CorpusInput], part_size: int) -> list[_Part]:
+    """Every input cut into row ranges of ``part_size`` cells: fixed by the inputs and ``part_size`` alone, so the
+    store is the same whatever the number of workers or ranks."""
+    parts = []
+    for k, spec in enumerate(specs):
+        n = spec.n_rows()
+        if n is None or n <= part_size:
+            parts.append(_Part(k, 0, 0, None))
+            continue
+        parts += [_Part(k, j, lo, min(lo + part_size, n)) for j, lo in enumerate(range(0, n, part_size))]
+    return parts
+
+
+def _part_statistics(spec: CorpusInput, part: _Part, target_sum: float, chunk_size: int, out: str) -> str:
+    """Pass 1 over one part: per-gene detection counts and value histograms, saved to ``out``."""
     with spec.open() as source:
         resolution = resolve_genes(source.gene_names, species=spec.species)
         canonical = resolution.canonical
@@ -223,25 +323,27 @@ def _file_statistics(spec: CorpusInput, target_sum: float, chunk_size: int, out:
         codes, genes = pd.factorize(pd.Series(canonical, dtype=object), use_na_sentinel=True)
         _, aggregate = aggregate_columns(codes.astype(np.int64))
         stats = GeneStatistics.empty(list(genes))
-        for _, counts in source.iter_chunks(chunk_size):
+        for _, counts in source.iter_chunks(chunk_size, start=part.start, stop=part.stop):
             normalised, _ = normalise_counts(counts, aggregate, target_sum, sort_indices=False)
             stats.update(normalised)
     stats.save(out)
     return out
 
 
-def _write_shard(
-    spec: CorpusInput, store_dir: str, index: int, chunk_size: int, obs_keys: Sequence[str], vocab_hint: str
+def _write_part(
+    spec: CorpusInput, part: _Part, store_dir: str, chunk_size: int, obs_keys: Sequence[str], vocab_hint: str
 ) -> dict:
-    """Pass 2 over one file: tokenize it chunk by chunk into ``shards/{index}.arrow`` and write its report."""
+    """Pass 2 over one part: tokenize it chunk by chunk into ``shards/{part}.arrow`` and write its report."""
     started = time.perf_counter()
     tokenizer = GeneTokenizer.from_pretrained(store_dir)
-    shard = Path(store_dir) / "shards" / f"{index:05d}.arrow"
+    shard = Path(store_dir) / "shards" / f"{part.name}.arrow"
     tmp = shard.with_name(f".{shard.name}.tmp")
     counts_in = empty = tokens = truncated = 0
-    with spec.open() as source:
+    with spec.open(obs_columns=obs_keys) as source:
         try:
-            match, chunks = tokenizer.match_source(source, chunk_size=chunk_size, species=spec.species)
+            match, chunks = tokenizer.match_source(
+                source, chunk_size=chunk_size, species=spec.species, start=part.start, stop=part.stop
+            )
         except GeneMatchError as error:
             raise GeneMatchError(f"{error} {vocab_hint}".strip()) from error
         obs = source.obs
@@ -250,12 +352,12 @@ def _write_shard(
                 f"{spec.path}: batch_key={spec.batch_key!r} is not an obs column; obs columns: {list(obs.columns)}."
             )
         missing = [k for k in obs_keys if k not in obs.columns]
-        keys = cell_keys(obs.index)
-        schema = _shard_schema(obs_keys)
+        keys = cell_keys(obs.index[part.start : part.stop])
+        schema = _shard_schema(obs_keys, tokenizer, chunk_size)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for start, counts in chunks:
                 n = counts.shape[0]
-                cells = tokenizer.encode(counts, match, keys[start : start + n])
+                cells = tokenizer.encode(counts, match, keys[start - part.start : start - part.start + n])
                 counts_in += n
                 empty += n - len(cells)
                 tokens += len(cells.gene_ids)
@@ -284,40 +386,77 @@ def _write_shard(
     return dataclasses.asdict(report)
 
 
-def _shard_schema(obs_keys: Sequence[str]) -> pa.Schema:
-    metadata = [pa.field(name, pa.string()) for name in ("cell_id", "source", "batch", *obs_keys)]
+def token_types(tokenizer: GeneTokenizer) -> tuple[pa.DataType, pa.DataType | None]:
+    """The narrowest Arrow types that hold a store's gene ids and values exactly.
+
+    Ids: uint16 below 65,536 vocabulary entries, else uint32. Values: ``binned`` bins (and the CLS value, when it
+    is a whole number) in uint8, or int8 when the CLS value is negative (scGPT's -2); ``continuous`` float32;
+    ``rank`` none at all, since its values are the order of the genes, which the ids already hold (the model
+    ignores them).
+    """
+    ids = pa.uint16() if len(tokenizer.vocab) <= 2**16 else pa.uint32()
+    config = tokenizer.config
+    if config.encoding == "rank":
+        return ids, None
+    if config.encoding == "binned" and float(config.cls_value).is_integer():
+        low, high = min(0, config.cls_value), max(config.n_bins - 1, config.cls_value)
+        for candidate, (lo, hi) in ((pa.uint8(), (0, 255)), (pa.int8(), (-128, 127))):
+            if lo <= low and high <= hi:
+                return ids, candidate
+    return ids, pa.float32()
+
+
+def _shard_schema(obs_keys: Sequence[str], tokenizer: GeneTokenizer, chunk_size: int) -> pa.Schema:
+    ids, values = token_types(tokenizer)
+    # 32-bit list offsets when a chunk's tokens surely fit them (4 bytes a cell less per list).
+    fits = chunk_size * tokenizer.config.context_length < 2**31
+    as_list = pa.list_ if fits else pa.large_list
+    # Labels repeat across cells: dictionary-encoded, each cell stores a 4-byte code.
+    labels = pa.dictionary(pa.int32(), pa.string())
     return pa.schema(
         [
-            *metadata,
+            pa.field("cell_id", pa.string()),
+            *[pa.field(name, labels) for name in ("source", "batch", *obs_keys)],
             pa.field("length", pa.int32()),
             pa.field("n_counts", pa.float32()),
             pa.field("n_expressed", pa.int32()),
-            pa.field("gene_ids", pa.large_list(pa.int32())),
-            pa.field("values", pa.large_list(pa.float32())),
+            pa.field("gene_ids", as_list(ids)),
+            *([pa.field("values", as_list(values))] if values is not None else []),
         ]
     )
 
 
 def _record_batch(cells, obs: pd.DataFrame, spec: CorpusInput, obs_keys: Sequence[str], schema) -> pa.RecordBatch:
     n = len(cells)
-    offsets = pa.array(cells.offsets, type=pa.int64())
 
-    def strings(column) -> pa.Array:
-        values = pd.Series(column, dtype=object).astype(str).where(pd.notna(pd.Series(column, dtype=object)), None)
-        return pa.array(values.tolist(), type=pa.string())
+    def strings(column, type_) -> pa.Array:
+        values = pd.Series(column, dtype=object)
+        array = pa.array(values.astype(str).where(pd.notna(values), None).tolist(), type=pa.string())
+        return array.dictionary_encode() if pa.types.is_dictionary(type_) else array
+
+    def tokens(array: np.ndarray, field: pa.Field) -> pa.Array:
+        offsets = pa.array(cells.offsets, type=pa.int32() if pa.types.is_list(field.type) else pa.int64())
+        list_type = pa.ListArray if pa.types.is_list(field.type) else pa.LargeListArray
+        narrow = field.type.value_type.to_pandas_dtype()
+        # The types were chosen so that every value fits (token_types); check rather than wrap around silently.
+        cast = array.astype(narrow)
+        if not np.array_equal(cast, array):
+            raise ValueError(f"{field.name} do not fit {field.type}: the store's types do not match its tokenizer")
+        return list_type.from_arrays(offsets, pa.array(cast))
 
     batch = obs[spec.batch_key] if spec.batch_key else [spec.name] * n
     columns = {
-        "cell_id": strings(obs.index),
-        "source": strings([spec.name] * n),
-        "batch": strings(list(batch)),
-        **{k: strings(list(obs[k])) if k in obs.columns else pa.nulls(n, pa.string()) for k in obs_keys},
+        "cell_id": strings(obs.index, pa.string()),
+        "source": strings([spec.name] * n, schema.field("source").type),
+        "batch": strings(list(batch), schema.field("batch").type),
+        **{k: strings(list(obs[k]) if k in obs.columns else [None] * n, schema.field(k).type) for k in obs_keys},
         "length": pa.array(cells.lengths, type=pa.int32()),
         "n_counts": pa.array(cells.n_counts, type=pa.float32()),
         "n_expressed": pa.array(cells.n_expressed, type=pa.int32()),
-        "gene_ids": pa.LargeListArray.from_arrays(offsets, pa.array(cells.gene_ids, type=pa.int32())),
-        "values": pa.LargeListArray.from_arrays(offsets, pa.array(cells.values, type=pa.float32())),
+        "gene_ids": tokens(cells.gene_ids, schema.field("gene_ids")),
     }
+    if "values" in schema.names:
+        columns["values"] = tokens(cells.values, schema.field("values"))
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -337,6 +476,18 @@ def _worker_pool(num_workers: int, n_jobs: int):
         yield lambda function, jobs: list(pool.map(function, *zip(*jobs, strict=True))) if jobs else []
 
 
+def launcher_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from the launcher running this process: torchrun's ``RANK``/``WORLD_SIZE``, or a SLURM
+    array's ``SLURM_ARRAY_TASK_ID`` (from ``SLURM_ARRAY_TASK_MIN``) and ``SLURM_ARRAY_TASK_COUNT``; else ``(0, 1)``."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
 def build_store(
     inputs: Iterable[str | os.PathLike | Mapping | CorpusInput],
     out_dir: str | os.PathLike,
@@ -348,15 +499,18 @@ def build_store(
     obs_keys: Sequence[str] = (),
     chunk_size: int = 8192,
     num_workers: int = 1,
+    part_size: int = PART_SIZE,
+    rank: int | None = None,
+    world_size: int | None = None,
     overwrite: bool = False,
-) -> StoreReport:
+) -> StoreReport | None:
     """Tokenize count files into a corpus store at ``out_dir``; resume an interrupted build of the same plan.
 
     Safe to call from many processes at once: one builds, under a lock beside ``out_dir``, and the others wait for
     it and reuse the store.
 
     Args:
-        inputs: files (paths, or :class:`CorpusInput` settings as objects or dicts).
+        inputs: files or SOMA experiments (paths, or :class:`CorpusInput` settings as objects or dicts).
         out_dir: the store directory; ``{plan}`` in it is replaced by :func:`plan_digest` of this build's plan, so a
             cache keeps one folder per corpus (``overwrite`` is then never needed).
         tokenizer_config: encoding, context length and the rest (default :class:`TokenizerConfig`).
@@ -366,7 +520,14 @@ def build_store(
             the genes detected in at least ``min_cells_per_gene`` cells of the corpus.
         obs_keys: obs columns to keep with each cell (labels, donors...); files lacking one store nulls.
         chunk_size: cells read and tokenized at a time; memory grows with it, not with the file.
-        num_workers: files processed in parallel (one process each).
+        num_workers: parts processed in parallel (one process each).
+        part_size: an ``.h5ad`` or SOMA input of more cells is cut into row ranges of this many cells (parts), so
+            one large input is shared out among workers and ranks. The parts depend on this alone: the same cells
+            give the same store whatever ``num_workers``, ``rank`` and ``world_size``.
+        rank, world_size: build only the parts ``rank, rank + world_size, ...`` (launcher ranks, see
+            :func:`launcher_rank`); the ranks run at once, without the build lock, and wait for each other only for
+            the gene statistics that make the vocabulary. Such a call returns None; afterwards one call without
+            ``rank`` (the merge step, or :func:`merge_store`) finds every part done and writes the manifest.
         overwrite: replace a store built with another plan (otherwise that is an error); a store that another
             process has open is never replaced.
     """
@@ -383,10 +544,15 @@ def build_store(
         raise ValueError("build_store needs at least one input file.")
     if tokenizer is not None and (tokenizer_config is not None or vocab is not None):
         raise ValueError("Pass either tokenizer= or tokenizer_config=/vocab=, not both.")
+    if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+        raise ValueError(f"rank and world_size go together with 0 <= rank < world_size, got {rank}, {world_size}.")
+    if part_size < 1:
+        raise ValueError(f"part_size must be a positive number of cells, got {part_size}.")
     config = tokenizer.config if tokenizer is not None else tokenizer_config or TokenizerConfig()
     if tokenizer is not None:
         vocab = tokenizer.vocab
     fixed_vocab = None if vocab is None else vocab if isinstance(vocab, GeneVocab) else GeneVocab.from_file(vocab)
+    parts = _plan_parts(specs, part_size)
     plan = {
         "inputs": [s.fingerprint() for s in specs],
         "tokenizer": dataclasses.asdict(config),
@@ -396,25 +562,35 @@ def build_store(
         else hashlib.sha256(tokenizer.gene_medians.tobytes()).hexdigest(),
         "min_cells_per_gene": min_cells_per_gene,
         "obs_keys": list(obs_keys),
+        "format": FORMAT,
+        "parts": [dataclasses.astuple(p) for p in parts],
     }
     out = Path(str(out_dir).replace(PLAN_PLACEHOLDER, plan_digest(plan)))
-    with _build_lock(out):
-        _prepare_directory(out, plan, overwrite)
-        if (out / MANIFEST).exists():
-            return load_report(out, reused=True)
-        with _worker_pool(num_workers, len(specs)) as run:
+    mine = parts if rank is None else parts[rank::world_size]
+    with _build_lock(out) if rank is None else contextlib.nullcontext():
+        if rank is None:
+            _prepare_directory(out, plan, overwrite)
+            if (out / MANIFEST).exists():
+                return load_report(out, reused=True)
+        else:
+            with _build_lock(out):  # only to write the plan: the ranks then work side by side
+                _prepare_directory(out, plan, overwrite=False, clean=False)
+        with _worker_pool(num_workers, len(mine)) as run:
             # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
             if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
                 (out / "stats").mkdir(exist_ok=True)
                 todo = [
-                    (s, config.target_sum, chunk_size, str(out / "stats" / f"{k:05d}.npz"))
-                    for k, s in enumerate(specs)
-                    if not (out / "stats" / f"{k:05d}.npz").exists()
+                    (specs[p.input], p, config.target_sum, chunk_size, str(out / "stats" / f"{p.name}.npz"))
+                    for p in mine
+                    if not (out / "stats" / f"{p.name}.npz").exists()
                 ]
-                run(_file_statistics, todo)
+                run(_part_statistics, todo)
+                files = [out / "stats" / f"{p.name}.npz" for p in parts]
+                if rank is not None:
+                    _wait_for(files, f"rank {rank}/{world_size}: the gene statistics of the other ranks")
                 stats = GeneStatistics.empty([])
-                for k in range(len(specs)):
-                    stats = stats.merge(GeneStatistics.load(out / "stats" / f"{k:05d}.npz"))
+                for file in files:
+                    stats = stats.merge(GeneStatistics.load(file))
             if tokenizer is None:
                 if fixed_vocab is None:
                     vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
@@ -424,11 +600,11 @@ def build_store(
                 tokenizer = GeneTokenizer(vocabulary, config, medians)
             saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
             if not saved:
-                tokenizer.save(out)
+                tokenizer.save(out)  # every rank computes the same tokenizer; the files are written atomically
 
-            # Pass 2: one shard per file; a shard with its report is finished and is not redone.
+            # Pass 2: one shard per part; a shard with its report is finished and is not redone.
             (out / "shards").mkdir(exist_ok=True)
-            done = [k for k in range(len(specs)) if (out / "shards" / f"{k:05d}.json").exists()]
+            done = [p for p in parts if (out / "shards" / f"{p.name}.json").exists()]
             vocab_hint = (
                 ""
                 if fixed_vocab is not None
@@ -437,26 +613,77 @@ def build_store(
                 "corpus lower min_cells_per_gene."
             )
             todo = [
-                (s, str(out), k, chunk_size, tuple(obs_keys), vocab_hint) for k, s in enumerate(specs) if k not in done
+                (specs[p.input], p, str(out), chunk_size, tuple(obs_keys), vocab_hint) for p in mine if p not in done
             ]
-            run(_write_shard, todo)
-        reports = [ShardReport(**json.loads((out / "shards" / f"{k:05d}.json").read_text())) for k in range(len(specs))]
-        report = StoreReport(
-            path=str(out),
-            n_vocab=len(tokenizer.vocab),
-            shards=reports,
-            seconds=time.perf_counter() - started,
-            resumed=[specs[k].name for k in done],
-        )
-        manifest = {
-            "format": 1,
-            "n_cells": report.n_cells,
-            "shards": [f"shards/{k:05d}.arrow" for k in range(len(specs))],
-            "obs_keys": list(obs_keys),
-            "report": dataclasses.asdict(report),
-        }
-        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+            run(_write_part, todo)
+        if rank is not None:
+            return None
+        report = _write_manifest(out, plan, started, resumed=list(dict.fromkeys(specs[p.input].name for p in done)))
         return report
+
+
+def merge_store(out_dir: str | os.PathLike) -> StoreReport:
+    """The merge step after launcher ranks built their parts: write the manifest of the store at ``out_dir``.
+
+    Raises:
+        FileNotFoundError: no plan there, or parts not built yet (named, with the rank that owns them).
+    """
+    out = Path(out_dir)
+    if not (out / PLAN).exists():
+        raise FileNotFoundError(f"{out} holds no store plan ({PLAN}): build_store with rank= was not run there.")
+    with _build_lock(out):
+        if (out / MANIFEST).exists():
+            return load_report(out, reused=True)
+        return _write_manifest(out, json.loads((out / PLAN).read_text()), time.perf_counter(), resumed=[])
+
+
+def _write_manifest(out: Path, plan: dict, started: float, resumed: list[str]) -> StoreReport:
+    """Check that every part of ``plan`` is built, then write ``manifest.json`` (the store is then complete)."""
+    parts = [_Part(*p) for p in plan["parts"]]
+    missing = [p.name for p in parts if not (out / "shards" / f"{p.name}.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{out}: {len(missing)} of {len(parts)} parts are not built yet (e.g. {missing[:5]}). Run the missing "
+            "ranks (part k belongs to rank k % world_size) or build_store without rank= to finish them here."
+        )
+    reports = []
+    for k in range(len(plan["inputs"])):
+        pieces = [json.loads((out / "shards" / f"{p.name}.json").read_text()) for p in parts if p.input == k]
+        # The gene match is the input's (read from its first rows by every part); the counts add up.
+        summed = {f: sum(r[f] for r in pieces) for f in _ADDITIVE_REPORT_FIELDS}
+        reports.append(ShardReport(**{**pieces[0], **summed}))
+    tokenizer = GeneTokenizer.from_pretrained(out)
+    report = StoreReport(
+        path=str(out),
+        n_vocab=len(tokenizer.vocab),
+        shards=reports,
+        seconds=time.perf_counter() - started,
+        resumed=resumed,
+    )
+    manifest = {
+        "format": plan.get("format", 1),
+        "n_cells": report.n_cells,
+        "shards": [f"shards/{p.name}.arrow" for p in parts],
+        "obs_keys": list(plan["obs_keys"]),
+        "report": dataclasses.asdict(report),
+    }
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return report
+
+
+_ADDITIVE_REPORT_FIELDS = ("n_cells_in", "n_empty", "n_cells", "n_tokens", "n_truncated", "seconds")
+_WAIT_POLL_S = 1.0
+
+
+def _wait_for(files: Sequence[Path], what: str) -> None:
+    """Block until every file exists (written by other ranks), saying what it waits for once."""
+    announced = False
+    while not all(f.exists() for f in files):
+        if not announced:
+            missing = sum(not f.exists() for f in files)
+            logger.info(f"{what}: waiting for {missing} of {len(files)} parts (every rank must run)")
+            announced = True
+        time.sleep(_WAIT_POLL_S)
 
 
 def plan_digest(plan: dict) -> str:
@@ -493,15 +720,16 @@ def _build_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _prepare_directory(out: Path, plan: dict, overwrite: bool) -> None:
+def _prepare_directory(out: Path, plan: dict, overwrite: bool, clean: bool = True) -> None:
     """Start a store at ``out``, or check that the store already there follows the same plan. Needs the build lock.
 
-    Replacing a store (``overwrite``) is refused while a :class:`CorpusStore` anywhere has it open.
+    Replacing a store (``overwrite``) is refused while a :class:`CorpusStore` anywhere has it open. ``clean``
+    deletes a killed builder's temporary files; launcher ranks pass False, since other ranks may be writing theirs.
     """
     plan_file = out / PLAN
     if plan_file.exists():
         if json.loads(plan_file.read_text()) == json.loads(json.dumps(plan)):
-            for leftover in out.rglob(".*.tmp*"):  # a killed builder's; no other builder runs under the lock
+            for leftover in out.rglob(".*.tmp*") if clean else ():  # no other builder runs under the lock
                 leftover.unlink()
             return
         if not overwrite:
@@ -568,19 +796,27 @@ class CorpusStore:
         self._in_use = open(manifest_path, "rb")  # noqa: SIM115 (held open with the store)
         fcntl.flock(self._in_use, fcntl.LOCK_SH)
         manifest = json.loads(self._in_use.read())
+        self.format = manifest.get("format", 1)
+        if self.format > FORMAT:
+            raise ValueError(
+                f"{self.path} is a corpus store of format {self.format}, newer than this sc_foundation reads "
+                f"(format {FORMAT}): upgrade sc_foundation, or rebuild the store with this version."
+            )
         self.tokenizer = GeneTokenizer.from_pretrained(self.path)
         self.shard_paths = [self.path / s for s in manifest["shards"]]
         ids, values, starts, buffer_of_cell, obs = [], [], [], [], []
         for shard in self.shard_paths:
             table = pa.ipc.open_stream(pa.memory_map(str(shard))).read_all()
             for batch in table.to_batches():
-                gene_ids, vals = batch.column("gene_ids"), batch.column("values")
                 buffer_of_cell.append(np.full(len(batch), len(ids), dtype=np.int32))
-                # Zero-copy views of the memory-mapped buffers.
-                starts.append(gene_ids.offsets.to_numpy()[:-1])
+                # Zero-copy views of the memory-mapped buffers (format 1: int32 ids, float32 values; format 2: the
+                # narrow types of token_types, and no values for rank).
+                gene_ids = batch.column("gene_ids")
+                starts.append(gene_ids.offsets.to_numpy()[:-1].astype(np.int64, copy=False))
                 ids.append(gene_ids.values.to_numpy())
-                values.append(vals.values.to_numpy())
-            obs.append(table.drop_columns(list(TOKEN_COLUMNS)).to_pandas())
+                has_values = "values" in batch.schema.names
+                values.append(batch.column("values").values.to_numpy() if has_values else None)
+            obs.append(table.drop_columns([c for c in TOKEN_COLUMNS if c in table.column_names]).to_pandas())
         self._ids, self._values = ids, values
         self._buffer = np.concatenate(buffer_of_cell) if buffer_of_cell else np.zeros(0, np.int32)
         self._start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
@@ -601,9 +837,17 @@ class CorpusStore:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(gene ids, values) of one cell: (length,) int32 and (length,) float32 views."""
+        """(gene ids, values) of one cell: a (length,) integer view (uint16 or uint32; int32 in format-1 stores)
+        and (length,) float32 values (a copy; zeros for a rank store, which stores none)."""
+        ids, values = self._stored(index)
+        n = len(ids)
+        return ids, np.zeros(n, np.float32) if values is None else values.astype(np.float32)
+
+    def _stored(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(gene ids, values) of one cell as stored: views in the store's types; values None when not stored."""
         b, s, n = self._buffer[index], self._start[index], self.lengths[index]
-        return self._ids[b][s : s + n], self._values[b][s : s + n]
+        values = self._values[b]
+        return self._ids[b][s : s + n], None if values is None else values[s : s + n]
 
     def get_batch(self, indices: Sequence[int], pad_to_multiple: int = 8) -> dict[str, np.ndarray]:
         """Cells ``indices`` as one padded batch.
@@ -614,7 +858,7 @@ class CorpusStore:
             ``pad_to_multiple``.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        batch = pad_cells([self[i] for i in indices], self.vocab.pad_id, pad_to_multiple)
+        batch = pad_cells([self._stored(i) for i in indices], self.vocab.pad_id, pad_to_multiple)
         return {**batch, "cell_index": indices}
 
     def get_packed(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
@@ -629,10 +873,11 @@ class CorpusStore:
         cu_seqlens = np.zeros(len(indices) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu_seqlens[1:])
         input_ids = np.empty(int(cu_seqlens[-1]), dtype=np.int64)
-        values = np.empty(int(cu_seqlens[-1]), dtype=np.float32)
+        values = np.zeros(int(cu_seqlens[-1]), dtype=np.float32)
         for lo, b, s, n in zip(cu_seqlens[:-1], self._buffer[indices], self._start[indices], lengths, strict=True):
             input_ids[lo : lo + n] = self._ids[b][s : s + n]
-            values[lo : lo + n] = self._values[b][s : s + n]
+            if self._values[b] is not None:
+                values[lo : lo + n] = self._values[b][s : s + n]
         return {
             "input_ids": input_ids[None],
             "values": values[None],

@@ -218,7 +218,8 @@ def pad_cells(
     """Tokenized cells as one padded batch: the layout every model input of this package has.
 
     Args:
-        cells: B pairs of (gene ids, values) arrays of each cell's length (a store row, or ``TokenizedCells.cell``).
+        cells: B pairs of (gene ids, values) arrays of each cell's length (a store row, or ``TokenizedCells.cell``),
+            of any integer and numeric dtypes; values None for a cell whose values are all 0.
         pad_to_multiple: L is the longest cell rounded up to this, so the attention kernels see fewer shapes.
     Returns:
         ``input_ids`` (B, L) int64 (``pad_id`` after each cell), ``values`` (B, L) float32 (0 at padding) and
@@ -231,7 +232,8 @@ def pad_cells(
     # One slice copy per cell: with cells spread over many memory-mapped buffers this beats any vectorised gather.
     for row, ((ids, vals), n) in enumerate(zip(cells, lengths, strict=True)):
         input_ids[row, :n] = ids
-        values[row, :n] = vals
+        if vals is not None:  # None: a store without values (rank), whose values are all 0
+            values[row, :n] = vals
     attention_mask = np.arange(width)[None, :] < lengths[:, None]
     return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask}
 
@@ -465,16 +467,18 @@ class GeneTokenizer:
         return mapping
 
     def match_source(
-        self, source: CountSource, *, chunk_size: int, species: str = "auto"
+        self, source: CountSource, *, chunk_size: int, species: str = "auto", start: int = 0, stop: int | None = None
     ) -> tuple[GeneMatch, Iterator[tuple[int, sp.csr_matrix]]]:
-        """Match the genes of a whole :class:`~sc_foundation.io.CountSource` once, then hand back all its chunks.
+        """Match the genes of a whole :class:`~sc_foundation.io.CountSource` once, then hand back its chunks.
 
         Detection in the first chunk that holds any counts tells which listed genes carry signal (see
         :class:`GeneMatch`); the chunks read to find it are not lost but come first in the returned iterator. A
-        source of empty cells matches on all its genes.
+        source of empty cells matches on all its genes. Detection is always read from the source's first rows, so
+        every row range of one source (``start``, ``stop``: a part that one process tokenizes) gets the same match.
 
         Returns:
-            The match, and ``source.iter_chunks(chunk_size)``'s ``(start_row, (k, n_genes) counts)`` from the start.
+            The match, and ``source.iter_chunks(chunk_size, start=start, stop=stop)``'s
+            ``(start_row, (k, n_genes) counts)``.
         """
         chunks = source.iter_chunks(chunk_size)
         head: list[tuple[int, sp.csr_matrix]] = []
@@ -490,7 +494,10 @@ class GeneTokenizer:
             species=species,
             cells_per_gene=detected if detected.any() else None,
         )
-        return match, itertools.chain(head, chunks)
+        if start == 0 and stop is None:
+            return match, itertools.chain(head, chunks)
+        chunks.close()
+        return match, source.iter_chunks(chunk_size, start=start, stop=stop)
 
     # --------------------------------------------------------------------------------------------- encode
     def encode(self, counts: sp.spmatrix, match: GeneMatch, keys: np.ndarray) -> TokenizedCells:

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark scripts: both run end to end at a tiny size and report sane figures."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,11 @@ def test_data_loading_benchmark(scripts, cache, tmp_path, shared_data):
     _, data_loading = scripts
     out = tmp_path / "data_loading.json"
     argv = ["--out", str(out), "--batches", "5", "--repeats", "2", "--warmup", "1", "--workers", "1"]
+    argv += ["--masked-workers", "1", "--peers"]  # no peers here: test_data_loading_peers races them
     payload = data_loading.main([*argv, *common_args(tmp_path, cache, shared_data)])
     assert_written(out, payload)
-    loaders = ["store", "store_masked", "store_ungrouped", "store_workers", "backed_anndata", "in_memory_anndata"]
+    loaders = ["store", "store_masked", "store_ungrouped", "store_workers", "store_masked_workers1"]
+    loaders += ["backed_anndata", "in_memory_anndata"]
     assert {"machine", "config", "targets", "speedup_store_vs_backed", *loaders} <= set(payload)
     assert payload["targets"] == {"store_cells_per_s": 20000, "speedup_vs_backed": 10}
     assert payload["config"]["store"]["cells"] == CELLS
@@ -79,3 +82,21 @@ def test_data_loading_benchmark(scripts, cache, tmp_path, shared_data):
     files = sorted(cache.glob(f"corpus-{CELLS}/*.h5ad"))
     store_dir, info = data_loading.build_or_reuse_store(files, args)
     assert info["reused"] and str(store_dir) == payload["config"]["store"]["path"]
+
+
+@pytest.mark.slow
+def test_data_loading_peers(scripts, cache, tmp_path, shared_data):
+    """The peers (bench extra) run on the same cells, raw and tokenized; annbatch is listed as skipped on 3.11."""
+    pytest.importorskip("bionemo.scdl")
+    pytest.importorskip("tiledbsoma_ml")
+    _, data_loading = scripts
+    out = tmp_path / "peers.json"
+    argv = ["--out", str(out), "--batches", "5", "--repeats", "1", "--warmup", "1", "--masked-workers", "1"]
+    payload = data_loading.main([*argv, *common_args(tmp_path, cache, shared_data)])
+    for peer in ("bionemo_scdl", "tiledbsoma_ml"):
+        r = payload[peer]
+        assert_positive(r, ["cells_per_s", "raw_cells_per_s", "mean_tokens_per_cell"])
+        assert r["cells"] == 5 * 64 and 0 <= r["padded_fraction"] < 1
+        assert set(payload["race"][peer]) == {"store_over_peer", "store_ungrouped_over_peer", "store_leads"}
+    if sys.version_info < (3, 12):
+        assert "Python >= 3.12" in payload["annbatch"]["skipped"]

@@ -11,6 +11,7 @@ from sc_foundation.data import (
     CellBatchSampler,
     CorpusDataModule,
     MaskingCollator,
+    SharedBatch,
     StoreBatchDataset,
     split_cells,
     split_train_val_test,
@@ -162,6 +163,27 @@ def test_datamodule_batches_are_identical_with_and_without_workers(store_dirs):
     assert first["input_ids"].dtype == torch.int64 and first["attention_mask"].dtype == torch.bool
     assert first["input_ids"].shape[1] % 8 == 0
     assert {"mask", "labels", "values", "cell_index"} <= first.keys()
+
+
+def test_shared_batch_packs_every_array_into_one_buffer_and_unpacks_views():
+    rng = np.random.default_rng(0)
+    arrays = {
+        "attention_mask": rng.random((3, 5)) < 0.5,  # 15 bytes: the next array must be realigned
+        "input_ids": rng.integers(0, 60000, (3, 5)),
+        "values": rng.random((3, 5)).astype(np.float32),
+        "max_seqlen": np.asarray(7),
+        "cell_index": np.arange(3, dtype=np.int64),
+    }
+    shared = SharedBatch(arrays)
+    assert shared.buffer.is_shared() and shared.buffer.dtype == torch.uint8
+    tensors = shared.tensors()
+    assert list(tensors) == list(arrays)
+    for (key, _, _, offset), array in zip(shared.layout, arrays.values(), strict=True):
+        assert tensors[key].numpy().dtype == array.dtype and tuple(tensors[key].shape) == array.shape
+        assert np.array_equal(tensors[key].numpy(), array)
+        # A view of the one buffer at its aligned offset, not a copy.
+        assert offset % 8 == 0
+        assert tensors[key].data_ptr() == shared.buffer.data_ptr() + offset
 
 
 def test_datamodule_without_masking_for_finetuning(store_dirs):

@@ -87,6 +87,11 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert cells_a == cells_b
 
 
+def as_stored(tokenizer: GeneTokenizer, values: np.ndarray) -> np.ndarray:
+    """What a store gives back for a cell's tokenizer values: a rank store keeps none (the order is the value)."""
+    return np.zeros_like(values) if tokenizer.config.encoding == "rank" else values
+
+
 def write_h5ad(path: Path, X, var_names, obs=None, layers=None) -> Path:
     obs = obs if obs is not None else pd.DataFrame(index=[f"cell{i}" for i in range(X.shape[0])])
     adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(var_names)), layers=layers)
@@ -184,7 +189,8 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
             ids, values = store[index]
             expected_ids, expected_values = cells.cell(i)
             assert np.array_equal(ids, expected_ids)
-            assert np.array_equal(values, expected_values)
+            assert values.dtype == np.float32
+            assert np.array_equal(values, as_stored(tokenizer, expected_values))
         np.testing.assert_array_equal(store.lengths[indices], cells.lengths)
         # A padded batch, in shuffled order.
         picked = np.random.default_rng(0).permutation(len(cells))[:40]
@@ -197,7 +203,7 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
             ids, values = cells.cell(i)
             n = len(ids)
             assert np.array_equal(batch["input_ids"][row, :n], ids)
-            assert np.array_equal(batch["values"][row, :n], values)
+            assert np.array_equal(batch["values"][row, :n], as_stored(tokenizer, values))
             assert np.all(batch["input_ids"][row, n:] == tokenizer.vocab.pad_id)
             assert np.all(batch["values"][row, n:] == 0)
             assert batch["attention_mask"][row].tolist() == [True] * n + [False] * (width - n)
@@ -208,7 +214,8 @@ def test_store_reproduces_the_tokenizer(store_dir, slices):
         assert int(packed["max_seqlen"]) == lengths.max()
         assert packed["input_ids"].shape == (1, lengths.sum())
         assert np.array_equal(packed["input_ids"][0], np.concatenate([cells.cell(i)[0] for i in picked]))
-        assert np.array_equal(packed["values"][0], np.concatenate([cells.cell(i)[1] for i in picked]))
+        expected = np.concatenate([cells.cell(i)[1] for i in picked])
+        assert np.array_equal(packed["values"][0], as_stored(tokenizer, expected))
         start += len(cells)
     assert start == len(store)
 
@@ -255,8 +262,20 @@ def test_fixed_geneformer_vocab(slices, shared_data, tmp_path):
 
 
 def test_num_workers_two_gives_the_same_store(slices, binned_store, tmp_path):
-    build(slices, tmp_path / "parallel", num_workers=2)
+    """Inputs cut into row ranges of 128 cells (7 parts) on two workers: the store of one process, uncut."""
+    build(slices, tmp_path / "parallel", num_workers=2, part_size=128)
+    shards = sorted(p.stem for p in (tmp_path / "parallel" / "shards").glob("*.arrow"))
+    assert shards == [
+        "00000-00000",
+        "00000-00001",
+        "00000-00002",
+        "00001-00000",
+        "00001-00001",
+        "00002-00000",
+        "00002-00001",
+    ]
     assert_same_store(tmp_path / "parallel", binned_store)
+    assert [s.n_cells_in for s in load_report(tmp_path / "parallel").shards] == [300, 200, 200]
 
 
 # --- reports ------------------------------------------------------------------------------------------------------
@@ -418,13 +437,13 @@ def test_small_single_file_and_min_cells_per_gene(slices, tmp_path):
 def test_killed_build_is_refused_then_resumed(slices, binned_store, tmp_path):
     out = tmp_path / "store"
     build(slices, out)
-    shards = out / "shards"
-    kept_times = {k: (shards / f"{k:05d}.arrow").stat().st_mtime_ns for k in (0, 2)}
+    shards = out / "shards"  # one shard per input part; each input here is one part
+    kept_times = {k: (shards / f"{k:05d}-00000.arrow").stat().st_mtime_ns for k in (0, 2)}
     # Simulate a build killed while writing shard 1: no manifest, no shard 1, a half-written temporary file.
     (out / "manifest.json").unlink()
-    (shards / "00001.json").unlink()
-    (shards / "00001.arrow").unlink()
-    (shards / ".00001.arrow.tmp").write_bytes(b"half a shard")
+    (shards / "00001-00000.json").unlink()
+    (shards / "00001-00000.arrow").unlink()
+    (shards / ".00001-00000.arrow.tmp").write_bytes(b"half a shard")
     with pytest.raises(FileNotFoundError, match="build_store") as error:
         CorpusStore(out)
     assert "again" in str(error.value)
@@ -432,8 +451,10 @@ def test_killed_build_is_refused_then_resumed(slices, binned_store, tmp_path):
     assert report.resumed == ["kang.h5ad", "eccite.h5ad"]
     assert report.n_cells == 700
     assert not list(out.rglob("*.tmp*"))
-    assert sorted(p.name for p in shards.iterdir()) == [f"{k:05d}.{ext}" for k in range(3) for ext in ("arrow", "json")]
-    assert {k: (shards / f"{k:05d}.arrow").stat().st_mtime_ns for k in (0, 2)} == kept_times
+    assert sorted(p.name for p in shards.iterdir()) == [
+        f"{k:05d}-00000.{ext}" for k in range(3) for ext in ("arrow", "json")
+    ]
+    assert {k: (shards / f"{k:05d}-00000.arrow").stat().st_mtime_ns for k in (0, 2)} == kept_times
     assert_same_store(out, binned_store)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_cells"] == 700
@@ -490,3 +511,53 @@ def test_a_given_tokenizer_is_used_as_it_is(tmp_path, real_slice):
     assert not (tmp_path / "fine" / "stats").exists(), "no statistics pass: the medians are the pretrained ones"
     with pytest.raises(ValueError, match="either tokenizer="):
         build_store([tmp_path / "fine.h5ad"], tmp_path / "x", tokenizer=pretrained, tokenizer_config=config)
+
+
+# --- store format -------------------------------------------------------------------------------------------------
+
+
+def test_narrow_types_and_format_1_stores_still_read(binned_store, tmp_path):
+    """Format 2 keeps uint16 ids and uint8 bins; a format-1 store (int32 ids, float32 values in large lists, plain
+    strings) reads back the same cells; a store of a newer format is refused with a message."""
+    import shutil
+
+    import pyarrow as pa
+
+    store = CorpusStore(binned_store)
+    schema = pa.ipc.open_stream(pa.memory_map(str(store.shard_paths[0]))).schema
+    assert schema.field("gene_ids").type == pa.list_(pa.uint16())
+    assert schema.field("values").type == pa.list_(pa.uint8())
+    assert pa.types.is_dictionary(schema.field("source").type)
+    old = tmp_path / "format1"
+    shutil.copytree(binned_store, old)
+    for shard in sorted((old / "shards").glob("*.arrow")):
+        table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
+        columns = {
+            name: table[name].cast(pa.string()) if pa.types.is_dictionary(table[name].type) else table[name]
+            for name in table.column_names
+        }
+        columns["gene_ids"] = table["gene_ids"].cast(pa.large_list(pa.int32()))
+        columns["values"] = table["values"].cast(pa.large_list(pa.float32()))
+        rewritten = pa.table(columns)
+        with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, rewritten.schema) as writer:
+            writer.write_table(rewritten, max_chunksize=64)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    assert CorpusStore(old).format == 1
+    assert_same_store(old, binned_store)
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(ValueError, match="format 99, newer than this sc_foundation reads"):
+        CorpusStore(old)
+
+
+def test_rank_store_keeps_no_values_and_a_negative_cls_value_fits_int8(slices, tmp_path):
+    from sc_foundation.store import token_types
+
+    rank = build(slices, tmp_path / "rank", encoding="rank")
+    assert rank.n_cells == 700
+    store = CorpusStore(tmp_path / "rank")
+    batch = store.get_batch([0, 5])
+    assert batch["values"].dtype == np.float32 and not batch["values"].any()
+    scgpt = GeneTokenizer(store.vocab, TokenizerConfig(cls_value=-2.0))
+    assert [str(t) for t in token_types(scgpt)] == ["uint16", "int8"]
+    assert [str(t) for t in token_types(store.tokenizer)] == ["uint16", "None"]

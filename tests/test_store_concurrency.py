@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sc_foundation.store import PLAN_PLACEHOLDER, CorpusStore, build_store
+from sc_foundation.store import PLAN_PLACEHOLDER, CorpusStore, build_store, launcher_rank, merge_store
 from sc_foundation.tokenization import TokenizerConfig
 
 ROOT = Path(__file__).parents[1]
@@ -104,3 +104,68 @@ def test_a_killed_builder_leaves_no_stale_lock(kang, tmp_path):
     report = build_store([kang], out, tokenizer_config=CONFIG, min_cells_per_gene=1)
     assert report.n_cells == 800 and not report.reused
     assert time.perf_counter() - started < 120
+
+
+RANK_BUILD = """
+import sys
+from sc_foundation.store import build_store, launcher_rank
+rank, world_size = launcher_rank()
+result = build_store(
+    [sys.argv[1]], sys.argv[2], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
+    chunk_size=64, part_size=150, rank=rank, world_size=world_size,
+)
+assert result is None
+""".replace("import sys\n", "import sys\nfrom sc_foundation.tokenization import TokenizerConfig\n", 1)
+
+
+def test_launcher_ranks_build_parts_and_one_merge_writes_the_manifest(kang, tmp_path):
+    """torchrun-style ranks (RANK, WORLD_SIZE) each build their row ranges of one input; merge_store completes the
+    store, which holds exactly what one process builds alone."""
+    out = tmp_path / "ranked"
+    runs = [
+        subprocess.Popen(python(RANK_BUILD, kang, out), env={**ENV, "RANK": str(rank), "WORLD_SIZE": "2"})
+        for rank in range(2)
+    ]
+    for run in runs:
+        assert run.wait(timeout=300) == 0
+    shards = sorted(p.name for p in (out / "shards").glob("*.arrow"))
+    assert shards == [f"00000-{k:05d}.arrow" for k in range(6)], "800 cells in parts of 150"
+    assert not (out / "manifest.json").exists()
+    report = merge_store(out)
+    assert report.n_cells == 800 and [s.n_cells_in for s in report.shards] == [800]
+    alone = build_store([kang], tmp_path / "alone", tokenizer_config=CONFIG, min_cells_per_gene=1, chunk_size=64)
+    ranked, single = CorpusStore(out), CorpusStore(alone.path)
+    assert ranked.tokenizer == single.tokenizer
+    assert ranked.obs["cell_id"].tolist() == single.obs["cell_id"].tolist()
+    for index in range(0, 800, 7):
+        assert np.array_equal(ranked[index][0], single[index][0])
+        assert np.array_equal(ranked[index][1], single[index][1])
+
+
+def test_merge_names_the_parts_still_missing(kang, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no store plan"):
+        merge_store(tmp_path / "nothing")
+    # With a fixed vocabulary no rank waits for the others' statistics: rank 0 of 3 builds its parts and returns.
+    vocab = build_store([kang], tmp_path / "vocab", tokenizer_config=CONFIG, min_cells_per_gene=1).path
+    out = tmp_path / "partial"
+    kw = {"tokenizer_config": CONFIG, "vocab": Path(vocab) / "gene_vocab.json", "part_size": 300}
+    assert build_store([kang], out, rank=0, world_size=3, **kw) is None
+    assert sorted(p.name for p in (out / "shards").glob("*.arrow")) == ["00000-00000.arrow"]
+    with pytest.raises(
+        FileNotFoundError, match=r"2 of 3 parts are not built yet \(e.g. \['00000-00001', '00000-00002'\]\)"
+    ):
+        merge_store(out)
+    assert build_store([kang], out, **kw).n_cells == 800  # the merge by a plain call builds what is missing
+
+
+def test_launcher_rank_reads_torchrun_and_slurm_arrays(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_rank() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert launcher_rank() == (1, 3)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launcher_rank() == (2, 4)
