@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from ..console import announce, console_callbacks
-from ..data import CorpusDataModule, split_train_val_test
+from ..data import CorpusDataModule, split_cells, split_train_val_test
 from ..datasets import corpus_inputs
 from ..evaluation import read_counts
 from ..genes import _atomic_write_text
 from ..hardware import resolve_precision
-from ..imputation import choose_panel, vocabulary_counts
+from ..imputation import choose_panel, panel_shares, vocabulary_counts
 from ..io import InvalidInputError
 from ..runs import ExportBest, export
 from ..scvi_baselines import scvi_available
@@ -201,6 +201,16 @@ def three_way_split(cfg: DictConfig, out: Path, store: CorpusStore, labels: np.n
     return splits
 
 
+def two_way_split(cfg: DictConfig, out: Path, store: CorpusStore) -> dict:
+    """Seeded train/val store rows by ``cfg.split`` (whole groups of ``split_by`` when set), written to
+    ``splits.json``: the tasks scored on all cells, where validation serves early stopping only."""
+    split = cfg.split
+    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
+    splits = {"train": train, "val": val}
+    write_splits(cfg, out, store, splits)
+    return splits
+
+
 def write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[str, np.ndarray]) -> None:
     record = {
         name: {"store_index": rows.tolist(), "cell_id": store.obs["cell_id"].iloc[rows].tolist()}
@@ -220,6 +230,12 @@ def init_decoder_bias(decoder: torch.nn.Module, bias: np.ndarray) -> None:
     """Start a fresh feature decoder at the training cells' average (its bias (F,)): a short fine-tuning run then
     spends its steps on what differs between cells, not on learning the mean."""
     decoder.bias.copy_(torch.as_tensor(bias, dtype=decoder.bias.dtype))
+
+
+def init_panel_decoder(decoder: torch.nn.Module, train_counts: np.ndarray) -> None:
+    """:func:`init_decoder_bias` of a gene-panel decoder: the log of the training cells' (n_train, G) mean panel
+    shares."""
+    init_decoder_bias(decoder, np.log(panel_shares(train_counts).mean(0) + 1e-8))
 
 
 def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Sequence[pl.Callback]):

@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from ..console import announce
-from ..data import split_cells
 from ..evaluation import (
     read_counts,
 )
@@ -24,7 +23,6 @@ from ..imputation import (
     hide_entries,
     imputation_metrics,
     knn_smoothing_shares,
-    panel_shares,
     vocabulary_counts,
 )
 from ..inference import impute
@@ -39,14 +37,14 @@ from ..tokenization import GeneTokenizer
 from .common import (
     architecture_overrides,
     fit,
-    init_decoder_bias,
+    init_panel_decoder,
     read_inputs,
     run_scvi,
     skipped_baselines,
     task_datamodule,
     tokenize_inputs,
     training_record,
-    write_splits,
+    two_way_split,
 )
 
 
@@ -72,9 +70,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     rows = corrupted.obs_names.get_indexer(store.obs["cell_id"])  # store cell -> corrupted row
     panel = choose_panel(corrupted, cfg.decoder_genes)
     targets = corrupted.X[rows][:, panel].toarray()  # (n_store_cells, G) in store order
-    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
-    splits = {"train": train, "val": val}
-    write_splits(cfg, out, store, splits)
+    splits = two_way_split(cfg, out, store)
     datamodule = task_datamodule(cfg, store_path, {"counts": targets}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -84,7 +80,7 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         decoder_gene_ids=corrupted.var["token_id"].iloc[panel].tolist(),
         **architecture_overrides(cfg),
     )
-    init_decoder_bias(model.decoder, np.log(panel_shares(targets[train]).mean(0) + 1e-8))
+    init_panel_decoder(model.decoder, targets[splits["train"]])
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
 
     # Impute through the public API, with the export: what users run is what the numbers describe.

@@ -10,7 +10,6 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from ..console import announce
-from ..data import split_cells
 from ..evaluation import (
     integration_baselines,
     integration_metrics,
@@ -20,7 +19,6 @@ from ..export import load_pretrained
 from ..genes import _atomic_write_text
 from ..imputation import (
     expression_targets,
-    panel_shares,
 )
 from ..modeling import (
     ScFoundationForBatchIntegration,
@@ -33,7 +31,7 @@ from .common import (
     category_ids,
     check_categories,
     fit,
-    init_decoder_bias,
+    init_panel_decoder,
     predict,
     read_inputs,
     run_scvi,
@@ -41,8 +39,8 @@ from .common import (
     task_datamodule,
     tokenize_inputs,
     training_record,
+    two_way_split,
     with_batch_key,
-    write_splits,
 )
 
 
@@ -66,9 +64,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     counts = store_counts(store, inputs)  # (n_cells, n_genes), store order: the decoder's targets and the baselines'
     counts.obs["batch"] = np.asarray(batch_names)[batch_ids]
     targets, gene_ids = expression_targets(counts, tokenizer, cfg.decoder_genes, inputs[0].species, "batch")
-    train, val = split_cells(store, split.val_fraction, split.seed, split.split_by)
-    splits = {"train": train, "val": val}
-    write_splits(cfg, out, store, splits)
+    splits = two_way_split(cfg, out, store)
     datamodule = task_datamodule(cfg, store_path, {"batch_ids": batch_ids, "counts": targets}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -88,7 +84,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         decoder_gene_ids=gene_ids,
         **architecture_overrides(cfg),
     )
-    init_decoder_bias(model.decoder, np.log(panel_shares(targets[train]).mean(0) + 1e-8))
+    init_panel_decoder(model.decoder, targets[splits["train"]])
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
 
     # Embed with the export itself: what users load is what the numbers describe.
