@@ -70,6 +70,9 @@ class ScFoundationConfig(PreTrainedConfig):
         class_weights: Per-class weights of a classification head's cross-entropy, one per label in ``id2label``
             order (e.g. inverse training-label frequencies for imbalanced classes); None weighs every class alike.
             Kept in the config so that an exported classifier computes the loss it was trained with.
+        label_smoothing: The classification head's cross-entropy target smoothing (``torch.nn.functional.
+            cross_entropy``'s ``label_smoothing``): the share of each target spread evenly over all classes. It keeps
+            a classifier trained on a few hundred cells from driving its training loss to zero. 0 disables it.
         batch_names: The batches of a batch-integration head
             (:class:`~sc_foundation.modeling.ScFoundationForBatchIntegration`), in batch-id order; None elsewhere.
             Kept in the config so that an export says which batch each id of its batch embedding stands for.
@@ -150,6 +153,7 @@ class ScFoundationConfig(PreTrainedConfig):
     mvc_weight: float | int = 0.0
     classifier_dropout: float | int | None = None
     class_weights: list[float] | None = None
+    label_smoothing: float | int = 0.0
     batch_names: list[str] | None = None
     batch_embedding_size: int = 16
     dab_weight: float | int = 0.0
@@ -225,6 +229,8 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError("mvc_weight > 0 predicts expression values; the rank encoding has none")
         if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.class_weights is not None:
             if len(self.class_weights) != self.num_labels:
                 raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels")

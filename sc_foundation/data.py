@@ -327,6 +327,59 @@ class MaskingCollator:
         return keep
 
 
+@dataclass
+class TokenDropout:
+    """Training augmentation for fine-tuning: each cell shows a random subset of its gene tokens, anew each epoch.
+
+    Each gene token (not a special token such as ``<cls>``) is dropped with probability ``rate``, decided by a hash
+    of (seed, epoch, cell index, position) as :class:`MaskingCollator` does; every cell keeps at least one gene token.
+    The kept tokens move to the front of their row and the batch is cut to its new longest cell, so a dropped gene is
+    absent, as if the cell had been sequenced less deeply, not masked. A model fine-tuned on a few hundred cells
+    otherwise learns those cells' exact gene sets by heart (training loss near zero within 20 epochs on pbmc68k).
+
+    Works on padded batches (``input_ids``, ``values``, ``attention_mask`` (B, L)); per-cell keys pass unchanged.
+    """
+
+    rate: float
+    special_ids: Sequence[int]
+    pad_id: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"token_dropout must lie in (0, 1), got {self.rate}.")
+        self._special = np.asarray(sorted(self.special_ids), dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """The batch with each row's kept tokens first, (B, L') with L' <= L."""
+        if "cu_seqlens" in batch:
+            raise ValueError("token dropout needs padded batches: set data.loader.pack=false")
+        ids, real = batch["input_ids"], batch["attention_mask"]
+        width = ids.shape[1]
+        droppable = real & ~np.isin(ids, self._special)
+        cells = np.repeat(batch["cell_index"].astype(np.uint64), width).reshape(ids.shape)
+        positions = np.broadcast_to(np.arange(width, dtype=np.uint64), ids.shape)
+        u = np.where(droppable, hash_uniform(np.uint64(self.seed + 5), np.uint64(epoch), cells, positions), 2.0)
+        keep = real & (u >= self.rate)
+        # At least one gene token per cell: the one with the largest draw (a cell of special tokens only keeps those).
+        u_kept = np.where(droppable, u, -1.0)
+        best = u_kept.argmax(axis=1)
+        has_gene = droppable.any(axis=1)
+        keep[np.flatnonzero(has_gene), best[has_gene]] = True
+        order = np.argsort(~keep, axis=1, kind="stable")  # kept tokens first, in their original order
+        lengths = keep.sum(axis=1)
+        new_width = int(lengths.max())
+        out = dict(batch)
+        for key in ("input_ids", "values"):
+            if key in batch:
+                out[key] = np.take_along_axis(batch[key], order, axis=1)[:, :new_width]
+        out["attention_mask"] = real_now = np.arange(new_width)[None, :] < lengths[:, None]
+        out["input_ids"] = np.where(real_now, out["input_ids"], self.pad_id)
+        if "values" in out:
+            out["values"] = np.where(real_now, out["values"], 0).astype(batch["values"].dtype)
+        return out
+
+
 def _token_layout(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per flattened token: its cell's row in the batch, its position in the cell, whether it is real (not
     padding); and the first flattened token of each cell. Padded (B, L) and packed (1, T) batches alike."""
@@ -391,7 +444,8 @@ class StoreBatchDataset(Dataset):
     and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added. ``per_cell`` maps batch
     keys to (n_store_cells,) arrays of per-cell targets (``labels``: class ids for annotation; ``batch_ids`` for
     integration); each key then holds the batch's cells' entries, (B,), looked up by ``cell_index``. Per-cell
-    ``labels`` and the collator's token labels exclude each other.
+    ``labels`` and the collator's token labels exclude each other. ``augment`` (a :class:`TokenDropout`, training
+    loaders only) changes each batch before masking.
     """
 
     def __init__(
@@ -401,6 +455,7 @@ class StoreBatchDataset(Dataset):
         collator: MaskingCollator | None = None,
         pack: bool = False,
         per_cell: Mapping[str, np.ndarray] | None = None,
+        augment: TokenDropout | None = None,
     ):
         per_cell = dict(per_cell or {})
         if collator is not None and "labels" in per_cell:
@@ -412,6 +467,7 @@ class StoreBatchDataset(Dataset):
         self.collator = collator
         self.pack = pack
         self.per_cell = per_cell
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.store)
@@ -419,6 +475,8 @@ class StoreBatchDataset(Dataset):
     def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
         epoch, indices = item
         batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
+        if self.augment is not None:
+            batch = self.augment(batch, epoch)
         if self.collator is not None:
             batch = self.collator(batch, epoch)
         for key, array in self.per_cell.items():
@@ -471,6 +529,8 @@ class CorpusDataModule(pl.LightningDataModule):
             :class:`StoreBatchDataset`); ``labels`` among them needs ``mask_ratio=None``.
         splits: precomputed ``{"train", "val"[, "test"]}`` store indices (e.g. :func:`split_train_val_test`), used
             instead of ``val_fraction`` and ``split_by``; a ``test`` split gets a ``test_dataloader``.
+        token_dropout: share of gene tokens the training batches drop (:class:`TokenDropout`, a fine-tuning
+            augmentation); 0 for none. Validation, test and prediction batches keep every token.
 
     ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which).
     """
@@ -491,6 +551,7 @@ class CorpusDataModule(pl.LightningDataModule):
         seed: int = 0,
         per_cell: Mapping[str, np.ndarray] | None = None,
         splits: Mapping[str, np.ndarray] | None = None,
+        token_dropout: float = 0.0,
     ):
         super().__init__()
         self.store_path = str(store_path)
@@ -506,6 +567,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.seed = seed
         self.per_cell = per_cell
         self.splits = splits
+        self.token_dropout = token_dropout
         self.store: CorpusStore | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -533,6 +595,14 @@ class CorpusDataModule(pl.LightningDataModule):
         elif self.view_keep is not None:
             raise ValueError("view_keep makes views of pretraining batches: it needs mask_ratio")
         self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, per_cell=self.per_cell)
+        self.train_dataset = self.dataset
+        if self.token_dropout:
+            augment = TokenDropout(
+                self.token_dropout, self.store.vocab.special_ids.tolist(), self.store.vocab.pad_id, self.seed
+            )
+            self.train_dataset = StoreBatchDataset(
+                self.store, collator=collator, pack=self.pack, per_cell=self.per_cell, augment=augment
+            )
 
     def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
         return CellBatchSampler(
@@ -555,7 +625,7 @@ class CorpusDataModule(pl.LightningDataModule):
             # as completed, though its optimiser step is done.
             sampler.skip_batches = fit_loop.epoch_loop.batch_progress.current.processed
         return _CheckedLoader(
-            self.dataset,
+            self.train_dataset if train else self.dataset,
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,

@@ -1114,7 +1114,9 @@ class ScFoundationForCellClassification(ScFoundationPreTrainedModel):
             weight = None
             if self.config.class_weights is not None:
                 weight = torch.tensor(self.config.class_weights, dtype=torch.float32, device=logits.device)
-            output.loss = F.cross_entropy(logits.float(), labels.long(), weight=weight)
+            output.loss = F.cross_entropy(
+                logits.float(), labels.long(), weight=weight, label_smoothing=float(self.config.label_smoothing)
+            )
         return output
 
 

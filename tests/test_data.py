@@ -13,6 +13,7 @@ from sc_foundation.data import (
     MaskingCollator,
     SharedBatch,
     StoreBatchDataset,
+    TokenDropout,
     split_cells,
     split_train_val_test,
 )
@@ -193,6 +194,52 @@ def test_datamodule_without_masking_for_finetuning(store_dirs):
     assert "mask" not in batch and "labels" not in batch
     report = datamodule.padding_report()
     assert report["length_grouped"] < report["random"]
+
+
+def test_token_dropout_drops_genes_in_training_batches_only(store):
+    """Training batches show a seeded, per-epoch subset of each cell's genes (their original order and values kept);
+    validation batches show every gene."""
+    labels = np.arange(len(store)) % 3
+    splits = {"train": np.arange(0, len(store), 2), "val": np.arange(1, len(store), 2)}
+    module = CorpusDataModule(
+        store.path, batch_size=16, mask_ratio=None, splits=splits, per_cell={"labels": labels}, token_dropout=0.4
+    )
+    module.setup()
+    epoch, cells = next(iter(module.train_dataloader().sampler))
+    full = store.get_batch(cells)
+    kept = {e: module.train_dataset[(e, cells)] for e in (epoch, epoch + 1)}
+    again = module.train_dataset[(epoch, cells)]
+    assert torch.equal(kept[epoch]["input_ids"], again["input_ids"])  # a function of seed, epoch and cell
+    assert not torch.equal(kept[epoch]["input_ids"], kept[epoch + 1]["input_ids"])  # anew each epoch
+    shares = []
+    for row in range(len(cells)):
+        n_full = int(full["attention_mask"][row].sum())
+        n_kept = int(kept[epoch]["attention_mask"][row].sum())
+        ids = kept[epoch]["input_ids"][row, :n_kept].numpy()
+        values = kept[epoch]["values"][row, :n_kept].numpy()
+        # The kept tokens are a subsequence of the cell's tokens, with their own values, and padding after them.
+        where = np.searchsorted(full["input_ids"][row, :n_full], ids)
+        assert np.all(np.diff(where) > 0) and np.array_equal(full["values"][row, where], values)
+        assert np.all(kept[epoch]["input_ids"][row, n_kept:].numpy() == store.vocab.pad_id)
+        assert n_kept >= 1
+        shares.append(n_kept / n_full)
+    assert 0.5 < np.mean(shares) < 0.7  # about 1 - 0.4 of each cell's genes
+    assert torch.equal(kept[epoch]["labels"], torch.as_tensor(labels[cells]))
+    _, val_cells = next(iter(module.val_dataloader().sampler))
+    val_batch = next(iter(module.val_dataloader()))
+    assert torch.equal(val_batch["input_ids"], torch.as_tensor(store.get_batch(val_cells)["input_ids"]))
+
+
+def test_token_dropout_keeps_a_gene_per_cell():
+    ids = np.array([[1, 10, 0, 0], [1, 20, 21, 22]])
+    batch = {"input_ids": ids, "values": (ids > 2).astype(np.float32), "attention_mask": ids != 0}
+    batch["cell_index"] = np.array([4, 9])
+    dropout = TokenDropout(0.99, special_ids=[0, 1, 2, 3], pad_id=0)
+    out = dropout(batch, epoch=0)
+    assert out["input_ids"][:, 0].tolist() == [1, 1]  # <cls> stays
+    assert out["attention_mask"].sum(axis=1).tolist() == [2, 2]  # and one gene token per cell
+    with pytest.raises(ValueError, match="token_dropout must lie"):
+        TokenDropout(1.0, special_ids=[0], pad_id=0)
 
 
 def test_packed_and_padded_batches_get_the_same_masks(store_dirs):

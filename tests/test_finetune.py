@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForSequenceClassification
 
 from sc_foundation import tasks
@@ -98,6 +99,26 @@ def test_gradual_mode_freezes_the_backbone_for_its_first_epochs():
     assert all(p.requires_grad for p in model.base_model.parameters())
     with pytest.raises(ValueError, match="unfreeze_epoch"):
         GradualUnfreezing(0)
+
+
+def test_label_smoothing_and_backbone_dropout_reach_the_model():
+    """``label_smoothing`` smooths the classifier's cross-entropy; ``finetune.dropout`` overrides the backbone's."""
+    torch.manual_seed(0)
+    config = ScFoundationConfig(
+        vocab_size=20, num_labels=3, label_smoothing=0.2, **{**TINY_ARCHITECTURE, "pooling": "mean"}
+    )
+    model = ScFoundationForCellClassification(config).eval()
+    ids, labels = torch.randint(4, 20, (5, 7)), torch.tensor([0, 1, 2, 0, 1])
+    output = model(ids, torch.rand(5, 7), labels=labels)
+    smoothed = torch.nn.functional.cross_entropy(output.logits, labels, label_smoothing=0.2)
+    plain = torch.nn.functional.cross_entropy(output.logits, labels)
+    torch.testing.assert_close(output.loss, smoothed)
+    assert not torch.isclose(output.loss, plain)
+    with pytest.raises(StrictDataclassError, match="label_smoothing must be in"):
+        ScFoundationConfig(vocab_size=20, num_labels=3, label_smoothing=1.0, **TINY_ARCHITECTURE)
+    cfg = compose_finetune(["pretrained=x", "data.files=[x]", "finetune.dropout=0.3"])
+    assert tasks.common.architecture_overrides(cfg) == {"pooling": "mean", "hidden_dropout_prob": 0.3}
+    assert "hidden_dropout_prob" not in tasks.common.architecture_overrides(compose_finetune(["pretrained=x"]))
 
 
 def test_export_loads_and_reproduces_predictions(annotation):

@@ -72,6 +72,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         label2id={name: i for i, name in enumerate(names)},
         class_weights=weights,
         classifier_dropout=cfg.classifier_dropout,
+        label_smoothing=cfg.label_smoothing,
         **architecture_overrides(cfg),
     )
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])

@@ -182,6 +182,7 @@ def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray]
         seed=cfg.seed,
         per_cell=per_cell,
         splits=splits,
+        token_dropout=cfg.data.token_dropout,
     )
 
 
@@ -221,8 +222,12 @@ def write_splits(cfg: DictConfig, out: Path, store: CorpusStore, splits: dict[st
 
 
 def architecture_overrides(cfg: DictConfig) -> dict:
-    """Backbone settings a task may change without new weights: ``pooling`` (null keeps the pretrained one)."""
-    return {"pooling": cfg.pooling} if cfg.get("pooling") else {}
+    """Backbone settings a task may change without new weights (null keeps the pretrained one): ``pooling`` and
+    ``finetune.dropout`` (the backbone's ``hidden_dropout_prob``)."""
+    overrides = {"pooling": cfg.pooling} if cfg.get("pooling") else {}
+    if cfg.finetune.dropout is not None:
+        overrides["hidden_dropout_prob"] = cfg.finetune.dropout
+    return overrides
 
 
 @torch.no_grad()
