@@ -1015,7 +1015,9 @@ def decode_rows(batch: dict[str, list]) -> dict[str, list]:
     lengths = np.fromiter(map(len, deltas), dtype=np.int64, count=len(deltas))
     ids = np.fromiter(itertools.chain.from_iterable(deltas), dtype=np.int64, count=int(lengths.sum()))
     delta_decode(ids, np.fromiter(itertools.chain.from_iterable(exceptions), dtype=np.int64), lengths)
-    gene_ids = [cell.tolist() for cell in np.split(ids, np.cumsum(lengths)[:-1])]
+    gene_ids = [
+        ids[end - n : end].tolist() for end, n in zip(np.cumsum(lengths).tolist(), lengths.tolist(), strict=True)
+    ]
     out = {}
     for name, column in batch.items():
         if name == "gene_id_deltas":
