@@ -7,7 +7,8 @@ writes copies of it beside, each made once: ``<store>-format2`` with the ids dec
 and times ``get_batch`` on the same seeded random batches of ``--batch-size`` cells, the formats alternating round by
 round in a rotating order (``--rounds`` rounds of ``--batches`` batches each), so that a load change on a shared
 machine hits them alike. Reported per format: bytes on disk, bytes per token (directory size / tokens; the shards
-alone too, since the fixed files weigh more in a smaller store), and the median round's cells/s; then each older
+alone too, since the fixed files weigh more in a smaller store), and the median round's cells/s, per
+second of wall time and per second of this process's CPU time (which a busy machine disturbs less); then each older
 format against the newest.
 
     python benchmarks/store_format.py --store .bench/store-binned-ctx2048-50000 --out store_format.json
@@ -110,16 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = int(stores[f"format{newest}"].lengths.sum())
     rng = np.random.default_rng(args.seed)
     rates: dict[str, list[float]] = {name: [] for name in stores}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in stores}
     names = list(stores)
     for round_ in range(args.rounds):
         batches = [rng.choice(n_cells, args.batch_size, replace=False) for _ in range(args.batches)]
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each format leads in turn
             store = stores[name]
             store.get_batch(batches[0])  # warm
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for batch in batches:
                 store.get_batch(batch)
             rates[name].append(args.batches * args.batch_size / (time.perf_counter() - started))
+            cpu_rates[name].append(args.batches * args.batch_size / (time.process_time() - cpu_started))
     results = {
         name: {
             "store": str(paths[name]),
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             "shard_bytes_per_token": directory_bytes(paths[name] / "shards") / tokens,
             "cells_per_s": float(np.median(rates[name])),
             "cells_per_s_rounds": rates[name],
+            "cells_per_cpu_s": float(np.median(cpu_rates[name])),
+            "cells_per_cpu_s_rounds": cpu_rates[name],
         }
         for name in stores
     }
@@ -141,11 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"size_{first}_over_{name}": results[first]["bytes"] / results[name]["bytes"] for name in names[1:]},
         **{f"speed_{first}_over_{name}": results[first]["cells_per_s"] / results[name]["cells_per_s"]
            for name in names[1:]},
+        **{f"cpu_speed_{first}_over_{name}": results[first]["cells_per_cpu_s"] / results[name]["cells_per_cpu_s"]
+           for name in names[1:]},
     }  # fmt: skip
     for name, r in results.items():
         print(
             f"{name}: {r['bytes_per_token']:.3f} bytes/token ({r['shard_bytes_per_token']:.3f} in the shards), "
-            f"{r['cells_per_s']:,.0f} cells/s (get_batch)"
+            f"{r['cells_per_s']:,.0f} cells/s, {r['cells_per_cpu_s']:,.0f} cells per CPU s (get_batch)"
         )
     write_json_atomic(args.out, payload)
     print(f"wrote {args.out}")
