@@ -464,10 +464,12 @@ def delta_decode(ids: np.ndarray, exceptions: np.ndarray, lengths: np.ndarray) -
     if not ids.size:
         return
     ids[ids == 0] = exceptions  # numpy refuses a count that differs: a store whose lists do not match
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+    # One running sum over the whole batch: each cell's first step is lowered by the last id of the cell before it
+    # (the sum of that cell's steps), so the sum restarts at every cell without a second pass over the tokens.
+    last_ids = np.add.reduceat(ids, starts)
+    ids[starts[1:]] -= last_ids[:-1]
     np.cumsum(ids, out=ids)
-    starts = np.cumsum(lengths) - lengths
-    before = np.where(starts > 0, ids[starts - 1], 0)  # the running sum of the cells before each cell
-    ids -= np.repeat(before, lengths)
 
 
 def _shard_schema(obs_keys: Sequence[str], tokenizer: GeneTokenizer, chunk_size: int) -> pa.Schema:
@@ -939,13 +941,14 @@ class CorpusStore:
         values = np.zeros(total, dtype=np.float32)
         buffers = self._buffer[indices].tolist()
         slots = zip((ends - lengths).tolist(), ends.tolist(), buffers, self._start[indices].tolist(), strict=True)
+        if self._delta:
+            first, stop = self._exception_start[indices].tolist(), self._exception_stop[indices].tolist()
+            parts = [self._exceptions[b][lo:hi] for b, lo, hi in zip(buffers, first, stop, strict=True)]
         for lo, hi, b, s in slots:
             ids[lo:hi] = self._ids[b][s : s + hi - lo]
             if self._values[b] is not None:
                 values[lo:hi] = self._values[b][s : s + hi - lo]
         if self._delta:
-            first, stop = self._exception_start[indices].tolist(), self._exception_stop[indices].tolist()
-            parts = [self._exceptions[b][lo:hi] for b, lo, hi in zip(buffers, first, stop, strict=True)]
             delta_decode(ids, np.concatenate(parts) if parts else np.zeros(0, np.int32), lengths)
         return ids, values, lengths
 
