@@ -9,6 +9,21 @@ Layout of a store directory::
     shards/00000.json ...                  the shard's report; written after the shard, so it marks it complete
     manifest.json                          written last: the store is complete only when this exists
 
+A shard row is one cell: ``cell_id``, the dictionary-encoded labels (``source``, ``batch``, the obs columns),
+``length``, ``n_counts``, ``n_expressed``, then its tokens as list columns (types in :func:`token_types`):
+
+    gene_ids            list<uint16|uint32>   rank stores: the ids in token order (the order is the value)
+    gene_id_deltas      list<uint8>           binned, continuous: each id minus the one before (the first: minus 0);
+                                              0 means "the next entry of gene_id_exceptions"
+    gene_id_exceptions  list<int32>           the steps outside 1..255 in full, in token order (a first id over 255,
+                                              a step to or from a CLS or EOS id at the end of the vocabulary, the
+                                              rare gap over 255)
+    values              list<uint8|int8|float32>   binned bins or continuous values; none in a rank store
+
+Binned and continuous encodings keep a cell's genes in vocabulary order, so the steps are small and positive: one
+byte per id instead of two (format 3, :func:`delta_encode`). Readers undo it for a whole batch at once
+(:func:`delta_decode`).
+
 Beside the directory, ``.<name>.lock`` serialises builders: N processes (DDP ranks, two runs, two checkouts sharing
 a cache) asking for the same store build it once, the others wait and reuse it. A directory name holding ``{plan}``
 gets the hash of the plan there, so different inputs or settings never share a folder and a stale cached store is
@@ -26,6 +41,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -53,17 +69,21 @@ from .tokenization import (
     aggregate_columns,
     cell_keys,
     normalise_counts,
-    pad_cells,
 )
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PLAN_PLACEHOLDER = "{plan}"
 """In a store directory name, replaced by :func:`plan_digest` of the store's plan (e.g. ``stores/binned-{plan}``)."""
-TOKEN_COLUMNS = ("gene_ids", "values")
+DELTA_COLUMNS = ("gene_id_deltas", "gene_id_exceptions")
+TOKEN_COLUMNS = ("gene_ids", *DELTA_COLUMNS, "values")
 CENSUS_PREFIX = "census:"
-FORMAT = 2
-"""Store format: 1 kept int32 ids and float32 values; 2 keeps the narrowest types (see :func:`token_types`)."""
+FORMAT = 3
+"""Store format: 1 kept int32 ids and float32 values; 2 keeps the narrowest types (see :func:`token_types`); 3 keeps
+the ids of binned and continuous stores as one-byte steps with full exceptions (:func:`delta_encode`), rank stores
+as in format 2. Every older format stays readable."""
+MAX_DELTA = 255
+"""The largest step from one gene id to the next that ``gene_id_deltas`` holds itself (0 marks an exception)."""
 PART_SIZE = 262_144
 """Default cells per part: an input larger than this is split into row ranges that workers and ranks share out."""
 RESERVED_COLUMNS = ("cell_id", "source", "batch", "length", "n_counts", "n_expressed", *TOKEN_COLUMNS)
@@ -389,10 +409,10 @@ def _write_part(
 def token_types(tokenizer: GeneTokenizer) -> tuple[pa.DataType, pa.DataType | None]:
     """The narrowest Arrow types that hold a store's gene ids and values exactly.
 
-    Ids: uint16 below 65,536 vocabulary entries, else uint32. Values: ``binned`` bins (and the CLS value, when it
-    is a whole number) in uint8, or int8 when the CLS value is negative (scGPT's -2); ``continuous`` float32;
-    ``rank`` none at all, since its values are the order of the genes, which the ids already hold (the model
-    ignores them).
+    Ids: uint16 below 65,536 vocabulary entries, else uint32 (``gene_ids`` of a rank store; other encodings store
+    steps between ids instead, see :func:`delta_coded`). Values: ``binned`` bins (and the CLS value, when it is a
+    whole number) in uint8, or int8 when the CLS value is negative (scGPT's -2); ``continuous`` float32; ``rank``
+    none at all, since its values are the order of the genes, which the ids already hold (the model ignores them).
     """
     ids = pa.uint16() if len(tokenizer.vocab) <= 2**16 else pa.uint32()
     config = tokenizer.config
@@ -404,6 +424,52 @@ def token_types(tokenizer: GeneTokenizer) -> tuple[pa.DataType, pa.DataType | No
             if lo <= low and high <= hi:
                 return ids, candidate
     return ids, pa.float32()
+
+
+def delta_coded(tokenizer: GeneTokenizer) -> bool:
+    """Whether a store keeps its gene ids as steps (:func:`delta_encode`): every encoding but ``rank`` keeps a cell's
+    genes in vocabulary order, so its steps are small; rank orders them by value, so its steps are not."""
+    return tokenizer.config.encoding != "rank"
+
+
+def delta_encode(gene_ids: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells' gene ids as one-byte steps plus the steps that do not fit, in full (format 3).
+
+    Args:
+        gene_ids: (T,) integer ids of the cells concatenated.
+        offsets: (n_cells + 1,) where each cell starts in ``gene_ids``, then the end.
+    Returns:
+        (T,) uint8 ``deltas``: each id minus the one before in its cell (the first minus 0), 0 where that step is
+        outside ``1..MAX_DELTA``; (E,) int32 ``exceptions``: those steps, in order; (n_cells + 1,) int64 where each
+        cell's exceptions start, then the end. Any ids round-trip, in any order; sorted ids rarely need exceptions.
+    """
+    ids = gene_ids.astype(np.int64)
+    steps = np.diff(ids, prepend=0)
+    starts = offsets[:-1][np.diff(offsets) > 0]
+    steps[starts] = ids[starts]
+    exception = (steps < 1) | (steps > MAX_DELTA)
+    deltas = np.where(exception, 0, steps).astype(np.uint8)
+    before = np.concatenate([[0], np.cumsum(exception)])
+    return deltas, steps[exception].astype(np.int32), before[offsets]
+
+
+def delta_decode(ids: np.ndarray, exceptions: np.ndarray, lengths: np.ndarray) -> None:
+    """Undo :func:`delta_encode` for a batch of cells, in place, without a loop over cells or tokens.
+
+    Args:
+        ids: (T,) int64 stored ``gene_id_deltas`` of the cells concatenated; overwritten with their gene ids.
+        exceptions: (E,) the cells' ``gene_id_exceptions`` concatenated in the same order (one per 0 in ``ids``).
+        lengths: (B,) tokens per cell; each cell's running sum restarts at 0.
+    """
+    if not ids.size:
+        return
+    ids[ids == 0] = exceptions  # numpy refuses a count that differs: a store whose lists do not match
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+    # One running sum over the whole batch: each cell's first step is lowered by the last id of the cell before it
+    # (the sum of that cell's steps), so the sum restarts at every cell without a second pass over the tokens.
+    last_ids = np.add.reduceat(ids, starts)
+    ids[starts[1:]] -= last_ids[:-1]
+    np.cumsum(ids, out=ids)
 
 
 def _shard_schema(obs_keys: Sequence[str], tokenizer: GeneTokenizer, chunk_size: int) -> pa.Schema:
@@ -420,7 +486,11 @@ def _shard_schema(obs_keys: Sequence[str], tokenizer: GeneTokenizer, chunk_size:
             pa.field("length", pa.int32()),
             pa.field("n_counts", pa.float32()),
             pa.field("n_expressed", pa.int32()),
-            pa.field("gene_ids", as_list(ids)),
+            *(
+                [pa.field("gene_id_deltas", as_list(pa.uint8())), pa.field("gene_id_exceptions", as_list(pa.int32()))]
+                if delta_coded(tokenizer)
+                else [pa.field("gene_ids", as_list(ids))]
+            ),
             *([pa.field("values", as_list(values))] if values is not None else []),
         ]
     )
@@ -434,8 +504,8 @@ def _record_batch(cells, obs: pd.DataFrame, spec: CorpusInput, obs_keys: Sequenc
         array = pa.array(values.astype(str).where(pd.notna(values), None).tolist(), type=pa.string())
         return array.dictionary_encode() if pa.types.is_dictionary(type_) else array
 
-    def tokens(array: np.ndarray, field: pa.Field) -> pa.Array:
-        offsets = pa.array(cells.offsets, type=pa.int32() if pa.types.is_list(field.type) else pa.int64())
+    def tokens(array: np.ndarray, field: pa.Field, offsets: np.ndarray = cells.offsets) -> pa.Array:
+        offsets = pa.array(offsets, type=pa.int32() if pa.types.is_list(field.type) else pa.int64())
         list_type = pa.ListArray if pa.types.is_list(field.type) else pa.LargeListArray
         narrow = field.type.value_type.to_pandas_dtype()
         # The types were chosen so that every value fits (token_types); check rather than wrap around silently.
@@ -453,8 +523,14 @@ def _record_batch(cells, obs: pd.DataFrame, spec: CorpusInput, obs_keys: Sequenc
         "length": pa.array(cells.lengths, type=pa.int32()),
         "n_counts": pa.array(cells.n_counts, type=pa.float32()),
         "n_expressed": pa.array(cells.n_expressed, type=pa.int32()),
-        "gene_ids": tokens(cells.gene_ids, schema.field("gene_ids")),
     }
+    if "gene_ids" in schema.names:
+        columns["gene_ids"] = tokens(cells.gene_ids, schema.field("gene_ids"))
+    else:
+        deltas, exceptions, exception_offsets = delta_encode(cells.gene_ids, cells.offsets)
+        columns["gene_id_deltas"] = tokens(deltas, schema.field("gene_id_deltas"))
+        field = schema.field("gene_id_exceptions")
+        columns["gene_id_exceptions"] = tokens(exceptions, field, exception_offsets)
     if "values" in schema.names:
         columns["values"] = tokens(cells.values, schema.field("values"))
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
@@ -804,22 +880,31 @@ class CorpusStore:
             )
         self.tokenizer = GeneTokenizer.from_pretrained(self.path)
         self.shard_paths = [self.path / s for s in manifest["shards"]]
-        ids, values, starts, buffer_of_cell, obs = [], [], [], [], []
+        ids, values, exceptions, starts, spans, buffer_of_cell, obs = [], [], [], [], [], [], []
         for shard in self.shard_paths:
             table = pa.ipc.open_stream(pa.memory_map(str(shard))).read_all()
+            names = table.column_names
             for batch in table.to_batches():
                 buffer_of_cell.append(np.full(len(batch), len(ids), dtype=np.int32))
-                # Zero-copy views of the memory-mapped buffers (format 1: int32 ids, float32 values; format 2: the
-                # narrow types of token_types, and no values for rank).
-                gene_ids = batch.column("gene_ids")
-                starts.append(gene_ids.offsets.to_numpy()[:-1].astype(np.int64, copy=False))
-                ids.append(gene_ids.values.to_numpy())
-                has_values = "values" in batch.schema.names
-                values.append(batch.column("values").values.to_numpy() if has_values else None)
-            obs.append(table.drop_columns([c for c in TOKEN_COLUMNS if c in table.column_names]).to_pandas())
-        self._ids, self._values = ids, values
+                # Zero-copy views of the memory-mapped buffers: format 1 int32 ids and float32 values; formats 2 and
+                # 3 the narrow types of token_types, no values for rank, and format 3 ids as steps (delta_encode).
+                delta = "gene_id_deltas" in names
+                tokens = batch.column("gene_id_deltas" if delta else "gene_ids")
+                starts.append(tokens.offsets.to_numpy()[:-1].astype(np.int64, copy=False))
+                ids.append(tokens.values.to_numpy())
+                values.append(batch.column("values").values.to_numpy() if "values" in names else None)
+                if delta:
+                    jumps = batch.column("gene_id_exceptions")
+                    spans.append(jumps.offsets.to_numpy().astype(np.int64))
+                    exceptions.append(jumps.values.to_numpy())
+            obs.append(table.drop_columns([c for c in TOKEN_COLUMNS if c in names]).to_pandas())
+        self._ids, self._values, self._exceptions = ids, values, exceptions
+        self._delta = bool(exceptions)
         self._buffer = np.concatenate(buffer_of_cell) if buffer_of_cell else np.zeros(0, np.int32)
         self._start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        # (n_cells,) where each cell's exceptions start and end in its buffer (delta-coded stores only).
+        self._exception_start = np.concatenate([s[:-1] for s in spans]) if spans else None
+        self._exception_stop = np.concatenate([s[1:] for s in spans]) if spans else None
         self.obs = pd.concat(obs, ignore_index=True) if obs else pd.DataFrame()
         for column in ("source", "batch", *manifest["obs_keys"]):
             self.obs[column] = self.obs[column].astype("category")
@@ -837,17 +922,35 @@ class CorpusStore:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(gene ids, values) of one cell: a (length,) integer view (uint16 or uint32; int32 in format-1 stores)
-        and (length,) float32 values (a copy; zeros for a rank store, which stores none)."""
-        ids, values = self._stored(index)
-        n = len(ids)
-        return ids, np.zeros(n, np.float32) if values is None else values.astype(np.float32)
+        """(gene ids, values) of one cell: (length,) int64 ids and (length,) float32 values (zeros for a rank store,
+        which stores none); both copies."""
+        ids, values, _ = self._gather(np.asarray([index], dtype=np.int64))
+        return ids, values
 
-    def _stored(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(gene ids, values) of one cell as stored: views in the store's types; values None when not stored."""
-        b, s, n = self._buffer[index], self._start[index], self.lengths[index]
-        values = self._values[b]
-        return self._ids[b][s : s + n], None if values is None else values[s : s + n]
+    def _gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells ``indices`` concatenated: (T,) int64 gene ids, (T,) float32 values (0 where none are stored) and
+        (B,) int64 lengths.
+
+        One slice copy per cell out of its memory-mapped buffer (the cells of a batch lie in many buffers, so this
+        beats any vectorised gather); a delta-coded store then decodes the whole batch at once (:func:`delta_decode`).
+        """
+        lengths = self.lengths[indices].astype(np.int64)
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        ids = np.empty(total, dtype=np.int64)
+        values = np.zeros(total, dtype=np.float32)
+        buffers = self._buffer[indices].tolist()
+        slots = zip((ends - lengths).tolist(), ends.tolist(), buffers, self._start[indices].tolist(), strict=True)
+        if self._delta:
+            first, stop = self._exception_start[indices].tolist(), self._exception_stop[indices].tolist()
+            parts = [self._exceptions[b][lo:hi] for b, lo, hi in zip(buffers, first, stop, strict=True)]
+        for lo, hi, b, s in slots:
+            ids[lo:hi] = self._ids[b][s : s + hi - lo]
+            if self._values[b] is not None:
+                values[lo:hi] = self._values[b][s : s + hi - lo]
+        if self._delta:
+            delta_decode(ids, np.concatenate(parts) if parts else np.zeros(0, np.int32), lengths)
+        return ids, values, lengths
 
     def get_batch(self, indices: Sequence[int], pad_to_multiple: int = 8) -> dict[str, np.ndarray]:
         """Cells ``indices`` as one padded batch.
@@ -858,8 +961,20 @@ class CorpusStore:
             ``pad_to_multiple``.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        batch = pad_cells([self._stored(i) for i in indices], self.vocab.pad_id, pad_to_multiple)
-        return {**batch, "cell_index": indices}
+        ids, values, lengths = self._gather(indices)
+        width = int(-(-int(lengths.max(initial=1)) // pad_to_multiple) * pad_to_multiple)
+        attention_mask = np.arange(width)[None, :] < lengths[:, None]
+        # The tokens fill each row's first positions, row after row: the order of the concatenated cells.
+        input_ids = np.full((len(indices), width), self.vocab.pad_id, dtype=np.int64)
+        input_ids[attention_mask] = ids
+        padded_values = np.zeros((len(indices), width), dtype=np.float32)
+        padded_values[attention_mask] = values
+        return {
+            "input_ids": input_ids,
+            "values": padded_values,
+            "attention_mask": attention_mask,
+            "cell_index": indices,
+        }
 
     def get_packed(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Cells ``indices`` concatenated without padding (for varlen attention).
@@ -869,17 +984,11 @@ class CorpusStore:
             starting at 0, ``max_seqlen`` (), ``cell_index`` (B,) int64.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
+        ids, values, lengths = self._gather(indices)
         cu_seqlens = np.zeros(len(indices) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu_seqlens[1:])
-        input_ids = np.empty(int(cu_seqlens[-1]), dtype=np.int64)
-        values = np.zeros(int(cu_seqlens[-1]), dtype=np.float32)
-        for lo, b, s, n in zip(cu_seqlens[:-1], self._buffer[indices], self._start[indices], lengths, strict=True):
-            input_ids[lo : lo + n] = self._ids[b][s : s + n]
-            if self._values[b] is not None:
-                values[lo : lo + n] = self._values[b][s : s + n]
         return {
-            "input_ids": input_ids[None],
+            "input_ids": ids[None],
             "values": values[None],
             "cu_seqlens": cu_seqlens,
             "max_seqlen": np.asarray(lengths.max(initial=0)),
@@ -887,7 +996,35 @@ class CorpusStore:
         }
 
     def to_hf_dataset(self):
-        """The store as one HF ``datasets.Dataset`` over the same memory-mapped shard files (no copy)."""
+        """The store as one HF ``datasets.Dataset`` over the same memory-mapped shard files (no copy).
+
+        A delta-coded store's rows come with their real ``gene_ids`` in place of ``gene_id_deltas`` and
+        ``gene_id_exceptions``: a ``with_transform`` decodes the rows each access reads (:func:`decode_rows`), which
+        costs a pass over their tokens on top of the Python lists ``datasets`` builds anyway; nothing is written.
+        ``column_names`` lists the stored columns, and a whole column is read as ``dataset[:]["gene_ids"]``.
+        """
         import datasets
 
-        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in self.shard_paths])
+        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in self.shard_paths])
+        return dataset.with_transform(decode_rows) if self._delta else dataset
+
+
+def decode_rows(batch: dict[str, list]) -> dict[str, list]:
+    """A batch of store rows as ``datasets`` gives them (columns of Python lists) with ``gene_id_deltas`` and
+    ``gene_id_exceptions`` replaced by the decoded ``gene_ids`` (lists of ints), the other columns as they are."""
+    if "gene_id_deltas" not in batch:
+        return batch
+    deltas, exceptions = batch["gene_id_deltas"], batch["gene_id_exceptions"]
+    lengths = np.fromiter(map(len, deltas), dtype=np.int64, count=len(deltas))
+    ids = np.fromiter(itertools.chain.from_iterable(deltas), dtype=np.int64, count=int(lengths.sum()))
+    delta_decode(ids, np.fromiter(itertools.chain.from_iterable(exceptions), dtype=np.int64), lengths)
+    gene_ids = [
+        ids[end - n : end].tolist() for end, n in zip(np.cumsum(lengths).tolist(), lengths.tolist(), strict=True)
+    ]
+    out = {}
+    for name, column in batch.items():
+        if name == "gene_id_deltas":
+            out["gene_ids"] = gene_ids
+        elif name != "gene_id_exceptions":
+            out[name] = column
+    return out

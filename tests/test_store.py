@@ -516,38 +516,145 @@ def test_a_given_tokenizer_is_used_as_it_is(tmp_path, real_slice):
 # --- store format -------------------------------------------------------------------------------------------------
 
 
-def test_narrow_types_and_format_1_stores_still_read(binned_store, tmp_path):
-    """Format 2 keeps uint16 ids and uint8 bins; a format-1 store (int32 ids, float32 values in large lists, plain
-    strings) reads back the same cells; a store of a newer format is refused with a message."""
+def reference_decode(table) -> list[list[int]]:
+    """A format-3 table's gene ids, decoded one cell at a time: the plain reference for the store's batch decoder."""
+    cells = []
+    for deltas, exceptions in zip(
+        table["gene_id_deltas"].to_pylist(), table["gene_id_exceptions"].to_pylist(), strict=True
+    ):
+        steps = np.asarray(deltas, dtype=np.int64)
+        steps[steps == 0] = exceptions
+        cells.append(np.cumsum(steps).tolist())
+    return cells
+
+
+def rewrite_store(source: Path, out: Path, format: int, columns) -> Path:
+    """A copy of the store ``source`` at ``out`` whose shards hold ``columns(table)`` and whose manifest says
+    ``format``: an older store, as an older sc_foundation wrote it."""
     import shutil
 
     import pyarrow as pa
 
+    shutil.copytree(source, out)
+    for shard in sorted((out / "shards").glob("*.arrow")):
+        table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
+        rewritten = pa.table(columns(table))
+        with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, rewritten.schema) as writer:
+            writer.write_table(rewritten, max_chunksize=64)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": format}))
+    return out
+
+
+def test_id_steps_and_formats_1_and_2_still_read(binned_store, tmp_path):
+    """Format 3 keeps a binned store's ids as uint8 steps with int32 exceptions and its bins in uint8; the same cells
+    written as format 2 (uint16 ids) and format 1 (int32 ids, float32 values in large lists, plain strings) read back
+    the same; a store of a newer format is refused with a message."""
+    import pyarrow as pa
+
     store = CorpusStore(binned_store)
-    schema = pa.ipc.open_stream(pa.memory_map(str(store.shard_paths[0]))).schema
-    assert schema.field("gene_ids").type == pa.list_(pa.uint16())
+    assert store.format == 3
+    tables = [pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in store.shard_paths]
+    schema = tables[0].schema
+    assert "gene_ids" not in schema.names
+    assert schema.field("gene_id_deltas").type == pa.list_(pa.uint8())
+    assert schema.field("gene_id_exceptions").type == pa.list_(pa.int32())
     assert schema.field("values").type == pa.list_(pa.uint8())
     assert pa.types.is_dictionary(schema.field("source").type)
-    old = tmp_path / "format1"
-    shutil.copytree(binned_store, old)
-    for shard in sorted((old / "shards").glob("*.arrow")):
-        table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
+    # The real cells need exceptions (a first gene past id 255, gaps over 255) but few: one byte an id holds most.
+    cells = [cell for table in tables for cell in reference_decode(table)]
+    first_steps = np.array([cell[1] - cell[0] for cell in cells])  # after CLS
+    gaps = np.concatenate([np.diff(cell[1:]) for cell in cells])
+    n_exceptions = sum(len(e) for table in tables for e in table["gene_id_exceptions"].to_pylist())
+    assert (first_steps > 255).any() and (gaps > 255).any()
+    steps = np.concatenate([np.diff(cell, prepend=0) for cell in cells])
+    assert n_exceptions == np.count_nonzero((steps < 1) | (steps > 255))
+    assert n_exceptions < 0.05 * store.lengths.sum()
+    assert [store[i][0].tolist() for i in range(len(store))] == cells
+
+    def format2(table):
+        names = [n for n in table.column_names if n not in ("gene_id_deltas", "gene_id_exceptions")]
+        ids = pa.array(reference_decode(table), type=pa.list_(pa.uint16()))
+        return {**{n: table[n] for n in names if n != "values"}, "gene_ids": ids, "values": table["values"]}
+
+    def format1(table):
         columns = {
-            name: table[name].cast(pa.string()) if pa.types.is_dictionary(table[name].type) else table[name]
-            for name in table.column_names
+            n: c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c
+            for n, c in zip(table.column_names, table.columns, strict=True)
         }
         columns["gene_ids"] = table["gene_ids"].cast(pa.large_list(pa.int32()))
         columns["values"] = table["values"].cast(pa.large_list(pa.float32()))
-        rewritten = pa.table(columns)
-        with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, rewritten.schema) as writer:
-            writer.write_table(rewritten, max_chunksize=64)
-    manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    assert CorpusStore(old).format == 1
-    assert_same_store(old, binned_store)
-    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+        return columns
+
+    two = rewrite_store(binned_store, tmp_path / "format2", 2, format2)
+    one = rewrite_store(two, tmp_path / "format1", 1, format1)
+    for old, format in ((two, 2), (one, 1)):
+        assert CorpusStore(old).format == format
+        assert_same_store(old, binned_store)
+        picked = np.random.default_rng(format).permutation(len(store))[:50]
+        for method in ("get_batch", "get_packed"):
+            for key, value in getattr(store, method)(picked).items():
+                assert np.array_equal(getattr(CorpusStore(old), method)(picked)[key], value), (method, key)
+        hf = CorpusStore(old).to_hf_dataset()[:]
+        assert hf["gene_ids"] == store.to_hf_dataset()[:]["gene_ids"] == cells
+    (one / "manifest.json").write_text(json.dumps({**json.loads((one / "manifest.json").read_text()), "format": 99}))
     with pytest.raises(ValueError, match="format 99, newer than this sc_foundation reads"):
-        CorpusStore(old)
+        CorpusStore(one)
+
+
+def test_steps_round_trip_any_ids():
+    """delta_encode then delta_decode, over any subset of cells gathered in any order, gives the ids back: sorted
+    ids with small and large gaps, unsorted and repeated ids (steps below 1), ids past uint16, empty cells."""
+    from sc_foundation.store import delta_decode, delta_encode
+
+    rng = np.random.default_rng(0)
+    cells = [np.sort(rng.choice(300_000, rng.integers(1, 400), replace=False)) for _ in range(40)]
+    cells += [rng.integers(0, 70_000, 50), np.array([7, 7, 7, 3]), np.array([], dtype=np.int64), np.array([300])]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
+    deltas, exceptions, exception_offsets = delta_encode(np.concatenate(cells), offsets)
+    assert deltas.dtype == np.uint8 and exceptions.dtype == np.int32 and len(deltas) == offsets[-1]
+    assert np.count_nonzero(deltas == 0) == len(exceptions) == exception_offsets[-1]
+    for picked in (rng.permutation(len(cells)), np.array([42, 0, 42, 43]), np.array([], dtype=np.int64)):
+        ids = np.concatenate([deltas[offsets[i] : offsets[i + 1]] for i in picked] + [[]]).astype(np.int64)
+        jumps = [exceptions[exception_offsets[i] : exception_offsets[i + 1]] for i in picked]
+        lengths = np.diff(offsets)[picked]
+        delta_decode(ids, np.concatenate([*jumps, np.zeros(0, np.int32)]), lengths)
+        expected = np.concatenate([cells[i] for i in picked] + [[]]).astype(np.int64)
+        assert np.array_equal(ids, expected)
+    with pytest.raises(ValueError):  # a store whose exceptions do not match its steps
+        delta_decode(deltas[:10].astype(np.int64), np.zeros(0, np.int32), np.array([10]))
+
+
+def test_vocabulary_past_uint16(real_slice, tmp_path):
+    """A vocabulary of over 65,536 tokens: ids past uint16, steps of tens of thousands, and CLS at the end of the
+    vocabulary (a step down to the first gene) round-trip exactly through a binned store."""
+    import pyarrow as pa
+
+    kang = real_slice(KANG, 60)
+    counts = sp.csr_matrix(kang.X, dtype=np.float32)
+    path = write_h5ad(tmp_path / "kang.h5ad", counts, kang.var_names, obs=pd.DataFrame(index=kang.obs_names))
+    genes = sorted({g for g in resolve_genes(list(kang.var_names)).canonical if g is not None})
+    half = len(genes) // 2
+    vocab = GeneVocab([*genes[:half], *(f"filler{i}" for i in range(70_000)), *genes[half:]])
+    build_store([path], tmp_path / "store", vocab=vocab, tokenizer_config=TokenizerConfig(context_length=CONTEXT))
+    store = CorpusStore(tmp_path / "store")
+    tokenizer = store.tokenizer
+    assert len(store.vocab) > 2**16 and store.vocab.cls_id > 2**16  # the specials come after the genes
+    match = tokenizer.match_genes(list(kang.var_names))
+    cells = tokenizer.encode(counts, match, cell_keys(kang.obs_names))  # the same cell ids: the same truncation
+    assert len(store) == len(cells) == 60
+    for i in range(len(store)):
+        assert np.array_equal(store[i][0], cells.cell(i)[0])
+        assert np.array_equal(store[i][1], cells.cell(i)[1])
+    picked = np.arange(60)[::-1]
+    expected = np.concatenate([cells.cell(i)[0] for i in picked])
+    assert expected.max() > 2**16
+    batch = store.get_batch(picked)
+    assert np.array_equal(batch["input_ids"][batch["attention_mask"]], expected)
+    assert np.array_equal(store.get_packed(picked)["input_ids"][0], expected)
+    tables = [pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in store.shard_paths]
+    exceptions = np.concatenate([t["gene_id_exceptions"].combine_chunks().flatten().to_numpy() for t in tables])
+    assert exceptions.max() > 2**16 and exceptions.min() < -(2**16)
 
 
 def test_rank_store_keeps_no_values_and_a_negative_cls_value_fits_int8(slices, tmp_path):
