@@ -104,7 +104,8 @@ def test_export_loads_and_reproduces_the_embedding(integration):
     model = load_pretrained(integration["export"], device="cpu")
     assert isinstance(model, ScFoundationForBatchIntegration)
     assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"]
-    assert model.discriminator is None and model.latent is not None  # the defaults: the variational latent, no DAB
+    # the defaults: the variational latent, and the batch discriminator reading it
+    assert model.latent is not None and model.discriminator.fc_in.in_features == model.config.latent_size
     embedding, cells = tasks.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
     np.testing.assert_allclose(embedding[np.argsort(cells)], integration["embedding"], rtol=1e-5, atol=1e-6)
 
