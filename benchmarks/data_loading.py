@@ -19,7 +19,8 @@ does). Loaders:
 * ``in_memory_anndata``: the same from AnnData read fully into memory; the load is timed and its memory reported
   separately, only the batches are timed;
 * ``store_masked_workers{n}``: ``store_masked`` with ``n`` DataLoader workers (``--masked-workers``, default 1 and 2),
-  which hand each batch over as one shared buffer (``sc_foundation.data.SharedBatch``);
+  which hand over groups of 4 batches as one shared buffer each (``sc_foundation.data.SharedBatch``,
+  ``GroupedBatches``);
 * the peers (``--peers``, the ``bench`` extra; see ``_peers.py``): ``bionemo_scdl``, ``tiledbsoma_ml`` and
   ``annbatch`` (skipped below Python 3.12), each timed raw and tokenized; ``race`` compares them with ``store``.
 

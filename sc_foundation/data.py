@@ -397,42 +397,83 @@ def _token_layout(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
 
 
 class SharedBatch:
-    """A batch's arrays packed into one shared-memory buffer, so a worker process hands it over in one transfer.
+    """Batches packed into one shared-memory buffer, so a worker process hands them over in one transfer.
 
     DataLoader workers send each tensor of a batch through its own shared-memory segment: a new segment, a file
-    descriptor passed over a socket and a mapping in the main process, per tensor and per batch. That handover cost
-    more than assembling a batch, so workers slowed loading down. Here the worker copies the batch once into one
-    shared buffer; the main process receives that one segment and takes zero-copy views of it (:meth:`tensors`).
+    descriptor passed over a socket and a mapping in the main process, per tensor and per batch. Here the worker
+    copies its batches once into one shared buffer; the main process receives that one segment and takes zero-copy
+    views of it (:meth:`batches`). Receiving still costs the main process about 1.5 ms per transfer (unpickling, the
+    descriptor handshake, the mapping), whatever its size, so a worker hands over several batches at once
+    (:class:`GroupedBatches`).
 
     Attributes:
         buffer: (n_bytes,) uint8 tensor in shared memory holding every array, each at an 8-byte aligned offset.
-        layout: (key, numpy dtype string, shape, byte offset) of each array.
+        layout: per batch, the (key, numpy dtype string, shape, byte offset) of each of its arrays.
     """
 
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
+    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]):
         layout, offset = [], 0
-        for key, array in arrays.items():
-            offset = -(-offset // 8) * 8  # aligned, so that int64 and float32 views of the bytes are valid
-            layout.append((key, array.dtype.str, array.shape, offset))
-            offset += array.nbytes
+        for arrays in batches:
+            entries = []
+            for key, array in arrays.items():
+                offset = -(-offset // 8) * 8  # aligned, so that int64 and float32 views of the bytes are valid
+                entries.append((key, array.dtype.str, array.shape, offset))
+                offset += array.nbytes
+            layout.append(entries)
         self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
-        for (_, dtype, shape, start), array in zip(layout, arrays.values(), strict=True):
-            self._view(start, dtype, shape)[...] = array
+        for entries, arrays in zip(layout, batches, strict=True):
+            for (_, dtype, shape, start), array in zip(entries, arrays.values(), strict=True):
+                self._view(start, dtype, shape)[...] = array
         self.layout = layout
 
     def _view(self, start: int, dtype: str, shape: tuple) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
         return self.buffer.numpy()[start:].view(np.uint8)[: count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The batch as tensors: views of the one buffer (no copy)."""
-        return {key: torch.from_numpy(self._view(start, dtype, shape)) for key, dtype, shape, start in self.layout}
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """The batches as dicts of tensors: views of the one buffer (no copy)."""
+        return [
+            {key: torch.from_numpy(self._view(start, dtype, shape)) for key, dtype, shape, start in entries}
+            for entries in self.layout
+        ]
 
     def pin_memory(self) -> SharedBatch:
         """Called by the DataLoader's pinning thread (``pin_memory=True``): the same layout in pinned memory."""
         pinned = object.__new__(SharedBatch)
         pinned.buffer, pinned.layout = self.buffer.pin_memory(), self.layout
         return pinned
+
+
+class GroupedBatches(Sampler):
+    """A :class:`CellBatchSampler`'s batches in groups of ``size`` consecutive ones: the items of a DataLoader with
+    workers, each of which assembles a whole group and hands it over at once (:class:`SharedBatch`).
+
+    The batches and their order are the inner sampler's; ``len`` counts groups. Sampling settings (``seed``,
+    ``indices``, ``batch_size``, ``skip_batches``, ``set_epoch``) are the inner sampler's.
+    """
+
+    def __init__(self, inner: CellBatchSampler, size: int):
+        if size < 1:
+            raise ValueError(f"worker_batches must be positive, got {size}.")
+        self.inner, self.size = inner, size
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (a copy being built): no recursion into the missing attribute
+            raise AttributeError(name)
+        return getattr(self.inner, name)  # seed, indices, batch_size, set_epoch, ...
+
+    def __iter__(self) -> Iterator[list[tuple[int, np.ndarray]]]:
+        group = []
+        for item in self.inner:
+            group.append(item)
+            if len(group) == self.size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inner) / self.size)
 
 
 class StoreBatchDataset(Dataset):
@@ -472,8 +513,16 @@ class StoreBatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
-        epoch, indices = item
+    def __getitem__(self, item: tuple[int, np.ndarray] | list[tuple[int, np.ndarray]]):
+        if isinstance(item, list):  # a group of batches (GroupedBatches), assembled in a worker process
+            return SharedBatch([self._arrays(epoch, indices) for epoch, indices in item])
+        batch = self._arrays(*item)
+        if torch.utils.data.get_worker_info() is not None:
+            return SharedBatch([batch])  # in a worker process: one buffer to hand over (see SharedBatch)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+    def _arrays(self, epoch: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of cells ``indices`` at ``epoch`` as numpy arrays."""
         batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
         if self.augment is not None:
             batch = self.augment(batch, epoch)
@@ -481,9 +530,7 @@ class StoreBatchDataset(Dataset):
             batch = self.collator(batch, epoch)
         for key, array in self.per_cell.items():
             batch[key] = array[batch["cell_index"]]
-        if torch.utils.data.get_worker_info() is not None:
-            return SharedBatch(batch)  # in a worker process: one buffer to hand over (see SharedBatch)
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        return batch
 
 
 class _CheckedLoader(DataLoader):
@@ -494,9 +541,18 @@ class _CheckedLoader(DataLoader):
     """
 
     def __iter__(self):
-        # Batches from worker processes arrive as SharedBatch: unpacked here, in the main process, into views.
-        for batch in super().__iter__():
-            yield batch.tensors() if isinstance(batch, SharedBatch) else batch
+        # Batches from worker processes arrive as SharedBatch (one or a group): unpacked here, in the main process,
+        # into views.
+        for item in super().__iter__():
+            if isinstance(item, SharedBatch):
+                yield from item.batches()
+            else:
+                yield item
+
+    def __len__(self) -> int:
+        """Batches, not worker items: what Lightning counts steps and schedules by."""
+        sampler = self.sampler
+        return len(sampler.inner if isinstance(sampler, GroupedBatches) else sampler)
 
     def state_dict(self) -> dict:
         sampler = self.sampler
@@ -524,6 +580,8 @@ class CorpusDataModule(pl.LightningDataModule):
         group_by_length: length-grouped batches (much less padding).
         pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
+        worker_batches: batches a worker assembles and hands over at once (:class:`GroupedBatches`): the
+            main process pays its receiving cost once per group. Only with workers.
         seed: seed of the split, the shuffles and the masks.
         per_cell: batch key -> (n_store_cells,) per-cell array, added to each batch as (B,) (see
             :class:`StoreBatchDataset`); ``labels`` among them needs ``mask_ratio=None``.
@@ -547,6 +605,7 @@ class CorpusDataModule(pl.LightningDataModule):
         group_by_length: bool = True,
         pack: bool = False,
         num_workers: int = 0,
+        worker_batches: int = 4,
         pin_memory: bool = False,
         seed: int = 0,
         per_cell: Mapping[str, np.ndarray] | None = None,
@@ -563,6 +622,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.group_by_length = group_by_length
         self.pack = pack
         self.num_workers = num_workers
+        self.worker_batches = worker_batches
         self.pin_memory = pin_memory
         self.seed = seed
         self.per_cell = per_cell
@@ -626,7 +686,7 @@ class CorpusDataModule(pl.LightningDataModule):
             sampler.skip_batches = fit_loop.epoch_loop.batch_progress.current.processed
         return _CheckedLoader(
             self.train_dataset if train else self.dataset,
-            sampler=sampler,
+            sampler=GroupedBatches(sampler, self.worker_batches) if self.num_workers > 0 else sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

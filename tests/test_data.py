@@ -151,12 +151,17 @@ def test_packed_batches_hold_the_same_tokens_as_padded(store):
 
 
 def test_datamodule_batches_are_identical_with_and_without_workers(store_dirs):
+    """Workers hand over groups of 4 batches (the last group shorter): the same batches, in the same order, and the
+    loader's length still counts batches."""
     batches = []
     for workers in (0, 2):
-        datamodule = CorpusDataModule(store_dirs["binned"], batch_size=16, num_workers=workers, seed=5)
+        datamodule = CorpusDataModule(
+            store_dirs["binned"], batch_size=16, num_workers=workers, worker_batches=4, seed=5
+        )
         datamodule.setup()
         loader = datamodule.train_dataloader()
-        batches.append([b for _, b in zip(range(4), loader, strict=False)])
+        batches.append(list(loader))
+        assert len(loader) == len(batches[-1]) and len(loader) % 4 != 0
     for a, b in zip(*batches, strict=True):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -175,11 +180,13 @@ def test_shared_batch_packs_every_array_into_one_buffer_and_unpacks_views():
         "max_seqlen": np.asarray(7),
         "cell_index": np.arange(3, dtype=np.int64),
     }
-    shared = SharedBatch(arrays)
+    second = {key: array[::-1].copy() for key, array in arrays.items() if key != "max_seqlen"}
+    shared = SharedBatch([arrays, second])
     assert shared.buffer.is_shared() and shared.buffer.dtype == torch.uint8
-    tensors = shared.tensors()
-    assert list(tensors) == list(arrays)
-    for (key, _, _, offset), array in zip(shared.layout, arrays.values(), strict=True):
+    tensors, tensors_of_second = shared.batches()
+    assert list(tensors) == list(arrays) and list(tensors_of_second) == list(second)
+    assert all(np.array_equal(tensors_of_second[key].numpy(), second[key]) for key in second)
+    for (key, _, _, offset), array in zip(shared.layout[0], arrays.values(), strict=True):
         assert tensors[key].numpy().dtype == array.dtype and tuple(tensors[key].shape) == array.shape
         assert np.array_equal(tensors[key].numpy(), array)
         # A view of the one buffer at its aligned offset, not a copy.
