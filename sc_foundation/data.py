@@ -359,11 +359,10 @@ class TokenDropout:
         droppable = real & ~np.isin(ids, self._special)
         cells = np.repeat(batch["cell_index"].astype(np.uint64), width).reshape(ids.shape)
         positions = np.broadcast_to(np.arange(width, dtype=np.uint64), ids.shape)
-        u = np.where(droppable, hash_uniform(np.uint64(self.seed + 5), np.uint64(epoch), cells, positions), 2.0)
-        keep = real & (u >= self.rate)
+        u = np.where(droppable, hash_uniform(np.uint64(self.seed + 5), np.uint64(epoch), cells, positions), -1.0)
+        keep = (u >= self.rate) | (real & ~droppable)  # special tokens are always kept, padding never
         # At least one gene token per cell: the one with the largest draw (a cell of special tokens only keeps those).
-        u_kept = np.where(droppable, u, -1.0)
-        best = u_kept.argmax(axis=1)
+        best = u.argmax(axis=1)
         has_gene = droppable.any(axis=1)
         keep[np.flatnonzero(has_gene), best[has_gene]] = True
         order = np.argsort(~keep, axis=1, kind="stable")  # kept tokens first, in their original order

@@ -69,6 +69,7 @@ from .tokenization import (
     aggregate_columns,
     cell_keys,
     normalise_counts,
+    pad_flat,
 )
 
 MANIFEST = "manifest.json"
@@ -962,19 +963,7 @@ class CorpusStore:
         """
         indices = np.asarray(indices, dtype=np.int64)
         ids, values, lengths = self._gather(indices)
-        width = int(-(-int(lengths.max(initial=1)) // pad_to_multiple) * pad_to_multiple)
-        attention_mask = np.arange(width)[None, :] < lengths[:, None]
-        # The tokens fill each row's first positions, row after row: the order of the concatenated cells.
-        input_ids = np.full((len(indices), width), self.vocab.pad_id, dtype=np.int64)
-        input_ids[attention_mask] = ids
-        padded_values = np.zeros((len(indices), width), dtype=np.float32)
-        padded_values[attention_mask] = values
-        return {
-            "input_ids": input_ids,
-            "values": padded_values,
-            "attention_mask": attention_mask,
-            "cell_index": indices,
-        }
+        return {**pad_flat(ids, values, lengths, self.vocab.pad_id, pad_to_multiple), "cell_index": indices}
 
     def get_packed(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Cells ``indices`` concatenated without padding (for varlen attention).
