@@ -78,7 +78,7 @@ def cached_slice(source: Path, path: Path, cells: int, *, evenly_spaced: bool) -
     """
     import anndata
 
-    from sc_foundation.io import write_h5ad_atomic
+    from sc_foundation.data.io import write_h5ad_atomic
 
     if not source.exists():
         raise FileNotFoundError(f"{source} is missing: the benchmarks run on the shared real data.")
@@ -102,8 +102,8 @@ def cached_binned_store(files: list, store_dir: Path, context: int, **build) -> 
     Returns:
         ``path``, ``reused`` (nothing was built), ``seconds`` and ``cells``.
     """
-    from sc_foundation.store import MANIFEST, build_store
-    from sc_foundation.tokenization import TokenizerConfig
+    from sc_foundation.data.store import MANIFEST, build_store
+    from sc_foundation.data.tokenization import TokenizerConfig
 
     seed = build.pop("seed", 0)
     manifest = store_dir / MANIFEST

@@ -44,7 +44,7 @@ def tokenize(tokenizer, groups: list[tuple[sp.csr_matrix, object, np.ndarray]], 
     """
     import torch
 
-    from sc_foundation.tokenization import pad_cells
+    from sc_foundation.data.tokenization import pad_cells
 
     cells = []
     for counts, match, keys in groups:
@@ -83,7 +83,7 @@ def _file_matches(tokenizer, files: list[Path]) -> tuple[list, list[np.ndarray]]
     """Per corpus file: the gene match (detection from its first rows, as build_store) and the (n,) cell keys."""
     import anndata
 
-    from sc_foundation.tokenization import cell_keys
+    from sc_foundation.data.tokenization import cell_keys
 
     matches, keys = [], []
     for f in files:
@@ -186,7 +186,7 @@ def tiledbsoma_ml(copy: tuple[Path, str, str], tokenizer, batch_size: int, seed:
     import tiledbsoma
     from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
-    from sc_foundation.tokenization import cell_keys
+    from sc_foundation.data.tokenization import cell_keys
 
     started = time.perf_counter()
     experiment_uri, obs_id, var_id = copy

@@ -1,9 +1,10 @@
 """Benchmark: building a corpus store from real count files, for each value encoding.
 
 For each encoding (binned, rank, continuous) a store is built from the replicated real-data corpus (see
-``_corpus.py``) into a fresh temporary folder by ``sc_foundation.store.build_store``, each build in a fresh process of
+``_corpus.py``) into a fresh temporary folder by ``sc_foundation.data.store.build_store``, each build in a fresh
+process of
 its own so that the peak memory measured is that build's alone. The processes are forked from a multiprocessing fork
-server that has imported ``sc_foundation.store`` once (importing the package pulls in torch, Lightning and
+server that has imported ``sc_foundation.data.store`` once (importing the package pulls in torch, Lightning and
 transformers: seconds and hundreds of MB per process), so a build process starts at once, holding the imports but
 nothing of this script's own memory. Reported per encoding:
 
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------- in the build process
 def _build(job: dict) -> None:
     """Run one build as ``job`` describes and write what it measured to ``job["result"]``."""
-    from sc_foundation.store import build_store
-    from sc_foundation.tokenization import TokenizerConfig
+    from sc_foundation.data.store import build_store
+    from sc_foundation.data.tokenization import TokenizerConfig
 
     baseline = _high_water_bytes(os.getpid())
     config = TokenizerConfig(encoding=job["encoding"], context_length=job["context"])
@@ -113,9 +114,9 @@ def _high_water_bytes(pid: int) -> int | None:
 
 # ----------------------------------------------------------------------------------------------- in the parent
 def _build_context():
-    """Processes forked from a server that imported ``sc_foundation.store`` once (see the module docstring)."""
+    """Processes forked from a server that imported ``sc_foundation.data.store`` once (see the module docstring)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["sc_foundation.store"])
+    context.set_forkserver_preload(["sc_foundation.data.store"])
     return context
 
 
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             "corpus_compression": compression,
             "corpus": "real kang_ifnb + pbmc3k cells replicated with unique cell ids (see benchmarks/_corpus.py)",
             "timing": "wall seconds of build_store (statistics pass + shard pass) in a fresh process per encoding "
-            "(forked from a server that imported sc_foundation.store); inputs read once beforehand so they are in "
+            "(forked from a server that imported sc_foundation.data.store); inputs read once beforehand so they are in "
             "the page cache",
             "part_size": args.part_size,
             "per_core": "cells_per_s / max(1, min(workers, n_parts))",

@@ -19,7 +19,7 @@ does). Loaders:
 * ``in_memory_anndata``: the same from AnnData read fully into memory; the load is timed and its memory reported
   separately, only the batches are timed;
 * ``store_masked_workers{n}``: ``store_masked`` with ``n`` DataLoader workers (``--masked-workers``, default 1 and 2),
-  which hand over groups of 4 batches as one shared buffer each (``sc_foundation.data.SharedBatch``,
+  which hand over groups of 4 batches as one shared buffer each (``sc_foundation.data.datamodule.SharedBatch``,
   ``GroupedBatches``);
 * the peers (``--peers``, the ``bench`` extra; see ``_peers.py``): ``bionemo_scdl``, ``tiledbsoma_ml`` and
   ``annbatch`` (skipped below Python 3.12), each timed raw and tokenized; ``race`` compares them with ``store``.
@@ -166,7 +166,7 @@ def _store_batches(loader) -> Iterator[dict]:
 
 
 def run_store(store_dir: Path, args, *, workers: int, mask_ratio: float | None, group_by_length: bool) -> dict:
-    from sc_foundation.data import CorpusDataModule
+    from sc_foundation.data.datamodule import CorpusDataModule
 
     started = time.perf_counter()
     module = CorpusDataModule(
@@ -204,7 +204,7 @@ class AnnDataBatches:
     def __init__(self, files: list[Path], tokenizer, *, backed: bool):
         import anndata
 
-        from sc_foundation.tokenization import cell_keys
+        from sc_foundation.data.tokenization import cell_keys
 
         self.tokenizer = tokenizer
         started = time.perf_counter()
@@ -252,7 +252,7 @@ class AnnDataBatches:
 
 
 def run_anndata(files: list[Path], store_dir: Path, args, *, backed: bool) -> dict:
-    from sc_foundation.tokenization import GeneTokenizer
+    from sc_foundation.data.tokenization import GeneTokenizer
 
     before = rss_mb()
     started = time.perf_counter()
@@ -279,7 +279,7 @@ def run_peer(name: str, files: list[Path], store_dir: Path, args) -> dict:
     """One peer loader (see ``_peers.py``), timed raw and tokenized; ``cells_per_s`` is the tokenized rate."""
     import _peers
 
-    from sc_foundation.tokenization import GeneTokenizer
+    from sc_foundation.data.tokenization import GeneTokenizer
 
     if name == "annbatch":
         reason = _peers.annbatch_skip_reason()

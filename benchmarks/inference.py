@@ -10,7 +10,7 @@ on CUDA in bf16 autocast, as ``embed`` does by itself.
 Achieved FLOP/s are the useful forward FLOPs (real tokens only, padding not counted) of the median call over its
 seconds: per cell of L tokens ``2·N·L + 4·n·L²·d`` (N non-embedding backbone parameters, n layers, d width), with each
 cell's L from the store. The same run measures the machine's dense matmul rate in fp32 and bf16
-(``sc_foundation.hardware.matmul_flops_per_s``, the best of 128 and 256 square products, same threads, measured
+(``sc_foundation.training.hardware.matmul_flops_per_s``, the best of 128 and 256 square products, same threads, measured
 before and after the models and the higher kept, since a shared machine's load moves), and
 every result reports its share of the peak of its own dtype. On a CPU without native bf16 (``fast_bf16`` false in
 ``machine``) that bf16 peak is an emulated rate, and autocast leaves part of the forward (attention, norms) in fp32:
@@ -63,6 +63,8 @@ from _corpus import (
     write_json_atomic,
 )
 
+from sc_foundation.conf import CONFIG_ROOT
+
 DATASETS = {"kang_ifnb": "kang_ifnb/kang_ifnb.h5ad", "pbmc3k": "pbmc3k/pbmc3k.h5ad"}
 SIZES = ("tiny", "small")
 CPU_BATCH_SIZE = 64  # embed()'s own default on the CPU
@@ -82,7 +84,7 @@ def model_config(name: str) -> dict:
     """The architecture of ``conf/model/<name>.yaml`` (``ScFoundationConfig`` arguments), as ``train.py`` reads it."""
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml"
+    path = CONFIG_ROOT / "model" / f"{name}.yaml"
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
@@ -131,7 +133,7 @@ def cells_slice(args) -> Path:
 
 def tokenizer_store(slice_path: Path, args) -> tuple[object, dict]:
     """The binned corpus store of the slice (built once, reused while its plan matches) and facts about it."""
-    from sc_foundation.store import CorpusStore
+    from sc_foundation.data.store import CorpusStore
 
     store_dir = args.cache_dir / f"inference-store-{slice_path.stem}-ctx{args.context}-min{args.min_cells_per_gene}"
     info = cached_binned_store(
@@ -149,9 +151,9 @@ def load_model(size: str, tokenizer, directory: Path, device: str, seed: int):
     and loaded back with ``load_pretrained`` on ``device``."""
     import torch
 
-    from sc_foundation.configuration import ScFoundationConfig
-    from sc_foundation.export import export_pretrained, load_pretrained
-    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+    from sc_foundation.models.configuration import ScFoundationConfig
+    from sc_foundation.models.export import export_pretrained, load_pretrained
+    from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
 
     if not (directory / "config.json").exists():
         torch.manual_seed(seed)
@@ -245,7 +247,7 @@ def padded_batches(tokenizer, adata, batch_size: int) -> list[dict]:
     import scipy.sparse as sp
     import torch
 
-    from sc_foundation.tokenization import cell_keys, pad_cells
+    from sc_foundation.data.tokenization import cell_keys, pad_cells
 
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
     cells = tokenizer.encode(counts, tokenizer.match_genes(list(adata.var_names)), cell_keys(adata.obs_names))
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     import anndata
     import torch
 
-    from sc_foundation.hardware import cpu_has_fast_bf16, matmul_flops_per_s
+    from sc_foundation.training.hardware import cpu_has_fast_bf16, matmul_flops_per_s
 
     args = parse_args(argv)
     threads = args.threads or usable_cpus()

@@ -4,7 +4,8 @@
 
 1. the recipe (``train.run`` on ``conf/pretrain.yaml`` with ``experiment=cpu_pretrain``), unless ``--pretrained``
    names an export to score instead;
-2. the probe table of its final export: :class:`sc_foundation.probes.RepresentationProbe` on every probe set of the
+2. the probe table of its final export: :class:`sc_foundation.training.probes.RepresentationProbe` on every probe set
+of the
    config (more cells per set than the in-run probes), ours against PCA-50 of log-normalised HVGs of the same cells;
 3. the probe curve of the run (``probe/<set>/knn_accuracy`` and ``avg_bio`` by step, PCA as dashed lines) as PNG;
 4. with ``--ablations``, short runs that change one thing of the recipe each (objectives, inputs, pooling, value
@@ -17,14 +18,10 @@ Writes ``DIR/pretrain_quality.json``, ``DIR/pretrain_quality.md`` and ``DIR/prob
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py is a root script, not a package module
-
 from _corpus import atomic_path, machine_info, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +48,9 @@ ABLATIONS: dict[str, list[str]] = {
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from sc_foundation.conf import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="pretrain", overrides=overrides)
+    return compose_config("pretrain", overrides)
 
 
 def recipe(overrides: list[str]):
@@ -65,11 +60,11 @@ def recipe(overrides: list[str]):
 
 def train_run(out: Path, overrides: list[str]) -> dict:
     """``train.run`` into ``out`` with the recipe plus ``overrides``; the run's facts and its probe history."""
-    import train
+    from sc_foundation.training import pretrain
 
     cfg = recipe([f"output_dir={out}", *overrides])
     started = time.perf_counter()
-    result = train.run(cfg)
+    result = pretrain.run(cfg)
     wall = time.perf_counter() - started
     metrics = _metrics_csv(out)
     cells_per_s = metrics["train/cells_per_s"].dropna() if "train/cells_per_s" in metrics else None
@@ -97,15 +92,15 @@ def probe_sets(max_cells: int, overrides: list[str]):
     """The recipe's probe sets with ``max_cells`` cells each (the in-run probes use fewer, for speed)."""
     from omegaconf import OmegaConf
 
-    from sc_foundation.probes import ProbeSet
+    from sc_foundation.training.probes import ProbeSet
 
     cfg = recipe(overrides)
     return [ProbeSet(**{**s, "max_cells": max_cells}) for s in OmegaConf.to_container(cfg.probes.sets, resolve=True)]
 
 
 def score_export(export: str, max_cells: int, overrides: list[str]) -> dict:
-    from sc_foundation.export import load_pretrained
-    from sc_foundation.probes import RepresentationProbe
+    from sc_foundation.models.export import load_pretrained
+    from sc_foundation.training.probes import RepresentationProbe
 
     return RepresentationProbe(probe_sets(max_cells, overrides)).evaluate(load_pretrained(export))
 
@@ -138,13 +133,13 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
     alternating step by step (so that load changes hit both alike); the ratio says whether bf16 pays here."""
     import torch
 
-    import train
-    from sc_foundation.data import CorpusDataModule
-    from sc_foundation.hardware import cpu_description, resolve_cpu_precision
-    from sc_foundation.training import TrainingModule
+    from sc_foundation.data.datamodule import CorpusDataModule
+    from sc_foundation.training import pretrain
+    from sc_foundation.training.hardware import cpu_description, resolve_cpu_precision
+    from sc_foundation.training.lightning_module import TrainingModule
 
     cfg = recipe([*overrides, "probes=null"])
-    report = train.build_corpus(cfg)
+    report = pretrain.build_corpus(cfg)
     from omegaconf import OmegaConf
 
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader))
@@ -155,7 +150,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
     modules = {}
     for name in timings:
         torch.manual_seed(cfg.seed)
-        module = TrainingModule(train.build_model(cfg, datamodule.store), max_steps=steps)
+        module = TrainingModule(pretrain.build_model(cfg, datamodule.store), max_steps=steps)
         optimizer = module.configure_optimizers()["optimizer"]
         modules[name] = (module, optimizer)
     for i, batch in enumerate(batches):
@@ -181,7 +176,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
 
 
 def table(results: dict) -> str:
-    from sc_foundation.model_card import probe_table
+    from sc_foundation.training.model_card import probe_table
 
     return probe_table(results)
 

@@ -9,7 +9,8 @@ them. The project's goal is to beat every baseline on every task: each table mar
 plainly, per metric and overall, whether we beat every baseline (a tie does not count as beating it).
 
 The pretrained model is ``--pretrained DIR`` (an export directory); without it, the README's main command is run first
-in-process (``train.run`` with ``conf/pretrain.yaml`` as is: the tiny model, 150 steps on the default corpus), its
+in-process (``sc_foundation.training.pretrain.run`` with ``conf/pretrain.yaml`` as is: the tiny model, 150 steps on the
+default corpus), its
 output under ``OUT/pretrain`` and its corpus store under ``OUT/pretrain/corpus_store`` (reused by a later run with the
 same plan), and its ``export/best`` is used.
 
@@ -45,7 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_DATA, REPO_ROOT, atomic_path, machine_info, write_json_atomic
+from _corpus import DEFAULT_DATA, atomic_path, machine_info, write_json_atomic
+
+from sc_foundation.conf import CONFIG_ROOT, compose
 
 SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_atac.h5ad"
 
@@ -162,22 +165,15 @@ def finite_or_none(value):
 
 
 # ----------------------------------------------------------------------------------------- pretrained model
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
-
-
 def pretrain(out: Path, seed: int) -> dict:
-    """Run the README's main command (``train.run`` on ``conf/pretrain.yaml``) into ``out``; its export/best."""
-    import train
+    """Run the README's main command (``sc_foundation.training.pretrain.run`` on ``conf/pretrain.yaml``) into ``out``;
+    its export/best."""
+    from sc_foundation.training import pretrain as pretraining
 
     overrides = [f"output_dir={out}", f"data.store_dir={out / 'corpus_store'}", f"seed={seed}", *QUIET]
     cfg = compose("pretrain", overrides)
     started = time.perf_counter()
-    result = train.run(cfg)
+    result = pretraining.run(cfg)
     return {
         "path": str(result["best_export"]),
         "trained_here": True,
@@ -437,7 +433,7 @@ def integration_figure(out: Path, run_dir: Path, seed: int) -> Path:
 
 
 def atac_figure(out: Path, run_dir: Path, label_key: str, seed: int) -> Path:
-    from sc_foundation.store import CorpusStore
+    from sc_foundation.data.store import CorpusStore
 
     with np.load(run_dir / "embeddings.npz") as saved:
         embeddings = {f"ours: {key}": saved[key] for key in ("joint", "rna_only") if key in saved.files}
@@ -642,8 +638,6 @@ def main(argv: list[str] | None = None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # train.py (the main command) lives at the repository root
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -736,7 +730,7 @@ def shape_group(model: dict) -> str:
     from omegaconf import OmegaConf
 
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    for path in sorted((REPO_ROOT / "conf" / "model").glob("*.yaml")):
+    for path in sorted((CONFIG_ROOT / "model").glob("*.yaml")):
         group = OmegaConf.load(path)
         if all(group.get(key) == model.get(key) for key in keys):
             return path.stem

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def decoded_ids(batch, id_type) -> pa.Array:
     """A format-3 record batch's ``gene_id_deltas`` and ``gene_id_exceptions`` decoded: the ids as a list array of
     ``id_type`` (a list or large list, as the steps were)."""
-    from sc_foundation.store import delta_decode
+    from sc_foundation.data.store import delta_decode
 
     deltas = batch.column("gene_id_deltas")
     lengths = deltas.value_lengths().to_numpy().astype(np.int64)
@@ -59,8 +59,8 @@ def older_copy(store: Path, format: int) -> Path:
     Format 2: the ids as ``gene_ids`` of the narrow id type (decoded from the steps of a format-3 store), everything
     else as stored. Format 1 on top: int32 ids and float32 values in large lists, labels as plain strings.
     """
-    from sc_foundation.store import token_types
-    from sc_foundation.tokenization import GeneTokenizer
+    from sc_foundation.data.store import token_types
+    from sc_foundation.data.tokenization import GeneTokenizer
 
     out = store.with_name(f"{store.name}-format{format}")
     if out.exists():
@@ -100,7 +100,7 @@ def directory_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from sc_foundation.store import FORMAT, CorpusStore
+    from sc_foundation.data.store import FORMAT, CorpusStore
 
     newest = CorpusStore(args.store).format
     paths = {f"format{k}": args.store if k == newest else older_copy(args.store, k) for k in range(newest, 0, -1)}

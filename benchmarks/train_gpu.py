@@ -11,7 +11,8 @@ with the same seed, trained with the ``TrainingModule``'s AdamW and schedule und
   installed, else torch's own (the JSON records which), else SDPA with a block-diagonal mask off CUDA.
 
 Reported per variant: cells/s, real tokens/s, seconds/step, and MFU = training FLOPs / seconds / ``--peak-flops``,
-with FLOPs from ``sc_foundation.training.training_flops`` (6·N·T + 12·n·d·Σ L², real tokens only, so padding shows
+with FLOPs from ``sc_foundation.training.lightning_module.training_flops`` (6·N·T + 12·n·d·Σ L², real tokens only, so
+padding shows
 as lost MFU). Steps are timed with ``torch.cuda.synchronize`` after ``--warmup-steps`` untimed ones.
 
     python benchmarks/train_gpu.py --out train_gpu.json [--model base] [--context 2048] [--batch-size 16]
@@ -29,7 +30,9 @@ from pathlib import Path
 from _corpus import DEFAULT_CACHE, DEFAULT_DATA, machine_info, write_json_atomic
 from train_throughput import build_or_reuse_store, draw_batches, kang_slice
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
+from sc_foundation.conf import CONFIG_ROOT
+
+MODEL_CONFIGS = CONFIG_ROOT / "model"
 VARIANTS = {"padded_sdpa": (False, "sdpa"), "packed_varlen": (True, "flash_varlen")}
 
 
@@ -55,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def varlen_kernel(device: str) -> str:
-    """Which kernel the model's packed path uses on ``device`` (see ``sc_foundation.modeling``)."""
-    from sc_foundation import modeling
+    """Which kernel the model's packed path uses on ``device`` (see ``sc_foundation.models.modeling``)."""
+    from sc_foundation.models import modeling
 
     if not device.startswith("cuda"):
         return "sdpa_block_diagonal"
@@ -69,8 +72,8 @@ def build_model(args, store, backend: str):
     import torch
     from omegaconf import OmegaConf
 
-    from sc_foundation.configuration import ScFoundationConfig
-    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+    from sc_foundation.models.configuration import ScFoundationConfig
+    from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
 
     size = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{args.model}.yaml"))
     config = ScFoundationConfig.from_tokenizer(store.tokenizer, **{**size, "attention_backend": backend})
@@ -88,7 +91,7 @@ def cell_lengths(batch: dict):
 def run_variant(name: str, batches: list[dict], store, args) -> dict:
     import torch
 
-    from sc_foundation.training import TrainingModule, count_non_embedding_parameters, training_flops
+    from sc_foundation.training.lightning_module import TrainingModule, count_non_embedding_parameters, training_flops
 
     _, backend = VARIANTS[name]
     model = build_model(args, store, backend)

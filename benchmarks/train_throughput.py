@@ -9,8 +9,10 @@ takes: ``CorpusDataModule(mask_ratio=0.15)`` train loader (``CellBatchSampler`` 
 For each model size (width, depth, heads and intermediate size of ``conf/model/<size>.yaml``) two models train on
 those very batches, in this process, fp32 on CPU:
 
-* ``ours``: :class:`~sc_foundation.modeling.ScFoundationForMaskedValueModeling` (binned values, vocabulary and bins
-  of the store), called through :class:`~sc_foundation.training.TrainingModule` (which drops the batch keys the model
+* ``ours``: :class:`~sc_foundation.models.modeling.ScFoundationForMaskedValueModeling` (binned values, vocabulary and
+bins
+  of the store), called through :class:`~sc_foundation.training.lightning_module.TrainingModule` (which drops the batch
+  keys the model
   does not take) with the module's own AdamW (decayed / not-decayed groups) and learning-rate schedule;
 * ``hf_bert``: ``transformers.BertForMaskedLM`` (the Geneformer architecture) of the same width, depth, heads,
   intermediate size, vocabulary size and dropout, ``attn_implementation="sdpa"``, fed the batch's ``input_ids`` (the
@@ -45,6 +47,8 @@ from pathlib import Path
 import numpy as np
 from _corpus import DEFAULT_CACHE, DEFAULT_DATA, cached_binned_store, cached_slice, machine_info, write_json_atomic
 
+from sc_foundation.conf import CONFIG_ROOT
+
 KANG = "kang_ifnb/kang_ifnb.h5ad"
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -53,7 +57,7 @@ def model_shape(name: str) -> dict:
     """Width, depth, heads and intermediate size of ``conf/model/<name>.yaml``: the sizes ``train.py`` trains."""
     from omegaconf import OmegaConf
 
-    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml")
+    config = OmegaConf.load(CONFIG_ROOT / "model" / f"{name}.yaml")
     return {key: config[key] for key in SHAPE_KEYS}
 
 
@@ -119,7 +123,7 @@ def draw_batches(store_dir: Path, args, pack: bool = False) -> tuple[list[dict],
 
     ``pack=True`` gives the same cells in the same batches, packed end to end (``cu_seqlens``) instead of padded.
     """
-    from sc_foundation.data import CorpusDataModule
+    from sc_foundation.data.datamodule import CorpusDataModule
 
     data = CorpusDataModule(
         store_dir,
@@ -163,8 +167,8 @@ def build_models(size: dict, store, context: int, seed: int):
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from sc_foundation.configuration import ScFoundationConfig
-    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+    from sc_foundation.models.configuration import ScFoundationConfig
+    from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
 
     vocab = store.vocab
     ours_config = ScFoundationConfig.from_tokenizer(
@@ -194,7 +198,7 @@ def build_models(size: dict, store, context: int, seed: int):
 
 
 def parameter_counts(model) -> dict:
-    from sc_foundation.training import count_non_embedding_parameters
+    from sc_foundation.training.lightning_module import count_non_embedding_parameters
 
     return {
         "params_total": sum(p.numel() for p in model.parameters()),
@@ -206,7 +210,7 @@ class Trainee:
     """One model with its optimiser and schedule, as TrainingModule configures them; ``step`` runs one step."""
 
     def __init__(self, model, inputs_of):
-        from sc_foundation.training import TrainingModule
+        from sc_foundation.training.lightning_module import TrainingModule
 
         self.module = TrainingModule(
             model,

@@ -1,13 +1,13 @@
 """sc_foundation: single-cell foundation models from raw counts to embeddings.
 
 Importing the package registers the model with the transformers Auto classes. Everything else is imported on first
-use: the data layer's worker processes import ``sc_foundation.store`` and must not pay for Lightning or scanpy.
+use: the data layer's worker processes import ``sc_foundation.data.store`` and must not pay for Lightning or scanpy.
 """
 
 import importlib
 
-from .configuration import ScFoundationConfig
-from .modeling import (
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
     ScFoundationForCellClassification,
     ScFoundationForImputation,
@@ -18,20 +18,20 @@ from .modeling import (
 )
 
 _LAZY = {
-    "CorpusDataModule": "data",
-    "CorpusStore": "store",
-    "build_store": "store",
-    "GeneMatchError": "tokenization",
-    "GeneTokenizer": "tokenization",
-    "TokenizerConfig": "tokenization",
-    "GeneVocab": "genes",
-    "resolve_genes": "genes",
-    "InvalidInputError": "io",
-    "counts_from_anndata": "io",
-    "open_counts": "io",
-    "TrainingModule": "training",
-    "load_pretrained": "export",
-    "export_pretrained": "export",
+    "CorpusDataModule": "data.datamodule",
+    "CorpusStore": "data.store",
+    "build_store": "data.store",
+    "GeneMatchError": "data.tokenization",
+    "GeneTokenizer": "data.tokenization",
+    "TokenizerConfig": "data.tokenization",
+    "GeneVocab": "data.genes",
+    "resolve_genes": "data.genes",
+    "InvalidInputError": "data.io",
+    "counts_from_anndata": "data.io",
+    "open_counts": "data.io",
+    "TrainingModule": "training.lightning_module",
+    "load_pretrained": "models.export",
+    "export_pretrained": "models.export",
     "embed": "inference",
     "annotate": "inference",
     "impute": "inference",

@@ -3,9 +3,9 @@ modality, and kNN label transfer.
 
 ``embed``, ``annotate``, ``impute`` and ``predict_modality`` tokenize the counts on the fly with the model's own
 tokenizer (no corpus store), one chunk of cells at a time, and run the model in eval mode under
-``torch.inference_mode()``, in bf16 autocast on CUDA and on CPUs that multiply bf16 natively (AMX, AVX512-BF16; see
-:mod:`sc_foundation.hardware`), in fp32 elsewhere or when ``precision="fp32"`` asks for it. bf16 keeps each cell's
-embedding within cosine 0.999 of fp32 (tests/test_inference.py measures it).
+``torch.inference_mode()``, in bf16 autocast on CUDA and in fp32 on CPUs (:func:`inference_precision` says why);
+``precision`` chooses either. bf16 keeps each cell's embedding within cosine 0.999 of fp32 (tests/test_inference.py
+measures it).
 
 Within a chunk the cells are sorted by length before they are cut into batches, which cuts padding; since the
 model's output for a cell does not depend on the padding or on the other cells of its batch, the result does not
@@ -30,16 +30,15 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .export import load_pretrained
-from .hardware import cpu_has_fast_bf16
-from .io import counts_from_anndata
-from .modeling import (
+from sc_foundation.data.io import counts_from_anndata
+from sc_foundation.data.tokenization import GeneMatch, GeneTokenizer, TokenizedCells, cell_keys, pad_cells
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
     ScFoundationForCellClassification,
     ScFoundationForImputation,
     ScFoundationForMultimodal,
     ScFoundationPreTrainedModel,
 )
-from .tokenization import GeneMatch, GeneTokenizer, TokenizedCells, cell_keys, pad_cells
 
 __all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "impute", "predict_modality", "transfer_labels"]
 
@@ -56,14 +55,17 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def inference_precision(device: torch.device, precision: str = "auto") -> str:
-    """``"bf16"`` or ``"fp32"``: what ``precision`` means on ``device``. ``auto`` is bf16 on CUDA and on CPUs with
-    native bf16 (:func:`~sc_foundation.hardware.cpu_has_fast_bf16`), where it is faster; elsewhere emulated bf16 is
-    slower than fp32, so fp32."""
+    """``"bf16"`` or ``"fp32"``: what ``precision`` means on ``device``. ``auto`` is bf16 on CUDA and fp32 on CPUs.
+
+    Why not bf16 on CPUs with native bf16 (AMX, AVX512-BF16): there a bf16 embedding of a cell moves with the other
+    cells of its batch (padding changes the blocking of the matmuls), so the same cell embedded twice in different
+    company differs by about 1e-4; fp32 is batch-independent, exactly. ``precision="bf16"`` asks for it anyway.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def call_classes(logits: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -94,16 +96,16 @@ def embed(
 
     Args:
         adata: (n_obs, n_vars) with raw counts in ``X``, ``layers[layer]`` or ``raw.X``.
-        model: an exported model directory (loaded with :func:`~sc_foundation.export.load_pretrained`) or a model
+        model: an exported model directory (loaded with :func:`~sc_foundation.models.export.load_pretrained`) or a model
             it returned (carrying ``gene_tokenizer``). Any head works: its backbone is run.
         key_added: the ``obsm`` key; ``sc.pp.neighbors(adata, use_rep=key_added)`` reads it.
         layer, use_raw, gene_key: where the counts and gene identifiers are, as in
-            :func:`~sc_foundation.io.counts_from_anndata`.
-        species: see :func:`sc_foundation.genes.resolve_genes`.
+            :func:`~sc_foundation.data.io.counts_from_anndata`.
+        species: see :func:`sc_foundation.data.genes.resolve_genes`.
         batch_size: cells per forward pass; default 256 on CUDA, 64 on CPU. Does not change the result.
         copy: work on and return a copy of ``adata``, leaving it untouched.
         progress: show a tqdm bar; None shows one from 5000 cells on.
-        precision: ``"auto"`` (bf16 on CUDA and on CPUs with native bf16, else fp32), ``"bf16"`` or ``"fp32"``;
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on CPUs), ``"bf16"`` or ``"fp32"``;
             ``uns["sc_foundation"]["precision"]`` records the one used.
 
     Returns:
@@ -154,7 +156,7 @@ def annotate(
     cell embedding into ``obsm[f"X_{key_added}"]`` from the same forward pass.
 
     Args:
-        model: an exported :class:`~sc_foundation.modeling.ScFoundationForCellClassification` directory or model.
+        model: an exported :class:`~sc_foundation.models.modeling.ScFoundationForCellClassification` directory or model.
         unknown_threshold: cells whose top probability is below it are labelled ``"unknown"``; None labels all.
         Others: as for :func:`embed`.
 
@@ -214,7 +216,7 @@ def impute(
     counts keep their observed values.
 
     Args:
-        model: an exported :class:`~sc_foundation.modeling.ScFoundationForImputation` (or integration) model.
+        model: an exported :class:`~sc_foundation.models.modeling.ScFoundationForImputation` (or integration) model.
         batch_key: for a batch-conditioned model (``config.batch_names``), the obs column with each cell's batch,
             which must be one of the model's batches.
         Others: as for :func:`embed`.
@@ -508,7 +510,7 @@ def _padded_batches(
 
     Yields:
         ``rows`` (B,) int64, the chunk rows of the batch's cells (``cells.rows``), and the batch laid out by
-        :func:`~sc_foundation.tokenization.pad_cells`, as tensors.
+        :func:`~sc_foundation.data.tokenization.pad_cells`, as tensors.
     """
     order = np.argsort(cells.lengths, kind="stable")  # similar lengths share a batch: less padding
     for lo in range(0, len(order), batch_size):

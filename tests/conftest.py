@@ -66,11 +66,11 @@ def pretrained(tmp_path_factory, cellbench) -> Path:
     """
     import torch
 
-    from sc_foundation.configuration import ScFoundationConfig
-    from sc_foundation.export import export_pretrained
-    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
-    from sc_foundation.store import CorpusStore, build_store
-    from sc_foundation.tokenization import TokenizerConfig
+    from sc_foundation.data.store import CorpusStore, build_store
+    from sc_foundation.data.tokenization import TokenizerConfig
+    from sc_foundation.models.configuration import ScFoundationConfig
+    from sc_foundation.models.export import export_pretrained
+    from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
 
     root = tmp_path_factory.mktemp("pretrained")
     store = CorpusStore(

@@ -7,9 +7,9 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.data import MaskingCollator
-from sc_foundation.modeling import (
+from sc_foundation.data.datamodule import MaskingCollator
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import (
     ScFoundationForMaskedValueModeling,
     elastic_cell_similarity,
     info_nce,

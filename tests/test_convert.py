@@ -14,9 +14,9 @@ import scipy.sparse as sp
 import torch
 
 import sc_foundation
-from sc_foundation.convert import ConversionError, convert, load_gene_dictionary, main
-from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationModel
-from sc_foundation.tokenization import cell_keys, pad_cells
+from sc_foundation.data.tokenization import cell_keys, pad_cells
+from sc_foundation.models.convert import ConversionError, convert, load_gene_dictionary, main
+from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationModel
 from tests import published as stand_ins
 from tests.conftest import CELLBENCH
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sc_foundation.data import (
+from sc_foundation.data.datamodule import (
     CellBatchSampler,
     CorpusDataModule,
     MaskingCollator,
@@ -17,8 +17,8 @@ from sc_foundation.data import (
     split_cells,
     split_train_val_test,
 )
-from sc_foundation.store import CorpusStore, build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.data.store import CorpusStore, build_store
+from sc_foundation.data.tokenization import TokenizerConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sc_foundation import datasets
-from sc_foundation.datasets import (
+from sc_foundation.data import datasets
+from sc_foundation.data.datasets import (
     DatasetUnavailableError,
     WheelMember,
     corpus_inputs,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.export import export_pretrained, load_pretrained
-from sc_foundation.genes import VOCAB_FILE
-from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
-from sc_foundation.store import CorpusStore, build_store
-from sc_foundation.tokenization import TOKENIZER_FILE, TokenizerConfig
+from sc_foundation.data.genes import VOCAB_FILE
+from sc_foundation.data.store import CorpusStore, build_store
+from sc_foundation.data.tokenization import TOKENIZER_FILE, TokenizerConfig
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.export import export_pretrained, load_pretrained
+from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_loading_and_saving_are_quiet_but_say_what_they_did(tokenizer, tmp_path,
     """Our strict-load line instead of transformers' LOAD REPORT and progress bars; the report under DEBUG."""
     from transformers import AutoModel
 
-    from sc_foundation.modeling import ScFoundationForCellClassification
+    from sc_foundation.models.modeling import ScFoundationForCellClassification
 
     target = export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "model")
     with caplog.at_level(logging.INFO, logger="sc_foundation"):
@@ -149,7 +149,7 @@ def test_tokenizer_and_vocabulary_say_what_they_are(tokenizer):
 
 
 def test_the_main_commands_export_is_found_past_newer_smoke_runs(tokenizer, tmp_path):
-    from sc_foundation.export import main_command_export
+    from sc_foundation.models.export import main_command_export
 
     def run(stamp: str, overrides: str, exports=("best", "final")) -> Path:
         folder = tmp_path / "outputs" / stamp

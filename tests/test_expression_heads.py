@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.modeling import (
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
     ScFoundationForImputation,
     ScFoundationForMultimodal,

@@ -24,12 +24,12 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sc_foundation.store as store_module
-from sc_foundation.export import EXPORT_FILES, export_pretrained, load_pretrained
-from sc_foundation.genes import GeneVocab
-from sc_foundation.io import InvalidInputError, counts_from_anndata
-from sc_foundation.store import CorpusStore, build_store
-from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig, cell_keys
+import sc_foundation.data.store as store_module
+from sc_foundation.data.genes import GeneVocab
+from sc_foundation.data.io import InvalidInputError, counts_from_anndata
+from sc_foundation.data.store import CorpusStore, build_store
+from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig, cell_keys
+from sc_foundation.models.export import EXPORT_FILES, export_pretrained, load_pretrained
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -37,14 +37,14 @@ KANG = "kang_ifnb/kang_ifnb.h5ad"
 STORE_SETTINGS = {"tokenizer_config": TokenizerConfig(context_length=64), "min_cells_per_gene": 1, "chunk_size": 64}
 BUILD = """
 import sys
-from sc_foundation.store import build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.data.store import build_store
+from sc_foundation.data.tokenization import TokenizerConfig
 build_store(sys.argv[1:-1], sys.argv[-1], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
             chunk_size=64)
 """
 EXPORT_FOREVER = """
 import sys, torch
-from sc_foundation.export import export_pretrained, load_pretrained
+from sc_foundation.models.export import export_pretrained, load_pretrained
 model = load_pretrained(sys.argv[1], device="cpu")
 print("exporting", flush=True)
 while True:
@@ -124,8 +124,8 @@ def test_a_killed_store_build_reruns_to_the_same_store(slices, reference_store, 
 def exported(reference_store, tmp_path_factory) -> Path:
     import torch
 
-    from sc_foundation.configuration import ScFoundationConfig
-    from sc_foundation.modeling import ScFoundationForMaskedValueModeling
+    from sc_foundation.models.configuration import ScFoundationConfig
+    from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
 
     from .conftest import TINY_ARCHITECTURE
 

@@ -12,12 +12,12 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForSequenceClassification
 
 from sc_foundation import tasks
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.export import load_pretrained
+from sc_foundation.data.io import InvalidInputError
+from sc_foundation.data.store import CorpusStore
 from sc_foundation.inference import call_classes
-from sc_foundation.io import InvalidInputError
-from sc_foundation.modeling import ScFoundationForCellClassification
-from sc_foundation.store import CorpusStore
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import ScFoundationForCellClassification
 from sc_foundation.tasks.convergence import GradualUnfreezing
 from tests.conftest import CELLBENCH, TINY_ARCHITECTURE
 

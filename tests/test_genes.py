@@ -1,4 +1,4 @@
-"""Tests for sc_foundation.genes: gene-id resolution, species detection and the gene vocabulary."""
+"""Tests for sc_foundation.data.genes: gene-id resolution, species detection and the gene vocabulary."""
 
 import gzip
 import json
@@ -7,7 +7,7 @@ import anndata
 import numpy as np
 import pytest
 
-from sc_foundation.genes import (
+from sc_foundation.data.genes import (
     CLS_TOKEN,
     MASK_TOKEN,
     PAD_TOKEN,

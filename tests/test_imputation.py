@@ -8,8 +8,13 @@ import pytest
 import scipy.sparse as sp
 
 from sc_foundation import impute, load_pretrained, tasks
-from sc_foundation.imputation import gene_mean_shares, hide_entries, imputation_metrics, knn_smoothing_shares
-from sc_foundation.modeling import ScFoundationForImputation
+from sc_foundation.models.modeling import ScFoundationForImputation
+from sc_foundation.tasks.imputation_protocol import (
+    gene_mean_shares,
+    hide_entries,
+    imputation_metrics,
+    knn_smoothing_shares,
+)
 from tests.conftest import CELLBENCH
 from tests.test_finetune import compose_finetune, overrides
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sc_foundation import tasks
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.export import load_pretrained
-from sc_foundation.modeling import ScFoundationForBatchIntegration, grad_reverse
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import ScFoundationForBatchIntegration, grad_reverse
 from tests.conftest import CELLBENCH
 from tests.test_finetune import compose_finetune, overrides
 

@@ -1,4 +1,4 @@
-"""Tests for sc_foundation.io: every reader on small real files, layers/raw on synthetic files, every bad input."""
+"""Tests for sc_foundation.data.io: every reader on small real files, layers/raw on synthetic files, every bad input."""
 
 import warnings
 from pathlib import Path
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from sc_foundation.io import (
+from sc_foundation.data.io import (
     InvalidInputError,
     RoundedLogWarning,
     counts_from_anndata,

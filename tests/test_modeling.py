@@ -6,9 +6,9 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from sc_foundation import modeling
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.modeling import (
+from sc_foundation.models import modeling
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import (
     ScFoundationForMaskedGeneModeling,
     ScFoundationForMaskedValueModeling,
     ScFoundationModel,

@@ -9,9 +9,9 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from sc_foundation import load_pretrained, predict_modality, tasks
-from sc_foundation.io import InvalidInputError
-from sc_foundation.modeling import ScFoundationForMultimodal
-from sc_foundation.multimodal import normalise_modality, prediction_metrics
+from sc_foundation.data.io import InvalidInputError
+from sc_foundation.models.modeling import ScFoundationForMultimodal
+from sc_foundation.tasks.modalities import normalise_modality, prediction_metrics
 from tests.test_finetune import compose_finetune, overrides
 
 ECCITE_RNA, ECCITE_ADT = "eccite_pbmc/eccite_rna.h5ad", "eccite_pbmc/eccite_adt.h5ad"

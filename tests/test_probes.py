@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sc_foundation.inference import embed
-from sc_foundation.probes import (
+from sc_foundation.training.probes import (
     ProbeSet,
     RepresentationProbe,
     flatten_results,
@@ -69,7 +69,7 @@ def test_pca_separates_the_cell_lines(shared_data):
 
 
 def test_the_probe_scores_exactly_what_embed_returns(pretrained, shared_data):
-    from sc_foundation.export import load_pretrained
+    from sc_foundation.models.export import load_pretrained
 
     model = load_pretrained(pretrained)
     probe = RepresentationProbe([ProbeSet(name="cellbench", dataset="cellbench_3cl", max_cells=150)])
@@ -87,7 +87,7 @@ def test_the_probe_scores_exactly_what_embed_returns(pretrained, shared_data):
 def test_a_short_pretraining_run_learns_cells_and_logs_its_probes(tmp_path, shared_data):
     """The recipe's objectives on pbmc68k_reduced for a few epochs: the probe's kNN accuracy of the cell types rises
     above the untrained model's, and the scores land in the CSV log and in the export's model card."""
-    import train
+    from sc_foundation.training import pretrain
     from tests.test_train import compose_pretrain
 
     cfg = compose_pretrain(
@@ -110,12 +110,12 @@ def test_a_short_pretraining_run_learns_cells_and_logs_its_probes(tmp_path, shar
             "probes.sets=[{name: pbmc68k, dataset: pbmc68k_reduced, max_cells: 700}]",
         ]
     )
-    result = train.run(cfg)
+    result = pretrain.run(cfg)
     history = result["probes"].history
     assert [h["step"] for h in history] == [40, 80]
     # The untrained model of the same seed, probed the same way, is the floor the run must rise from.
     torch.manual_seed(cfg.seed)
-    untrained = train.build_model(cfg, result["datamodule"].store)
+    untrained = pretrain.build_model(cfg, result["datamodule"].store)
     untrained.gene_tokenizer = result["datamodule"].store.tokenizer
     probe = RepresentationProbe(result["probes"].probe_sets, **result["probes"].settings)
     start = probe.evaluate(untrained)["pbmc68k"]["ours"]["knn_accuracy"]

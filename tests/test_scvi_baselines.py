@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from sc_foundation.scvi_baselines import scvi_available, scvi_latent, scvi_normalized_expression
+from sc_foundation.tasks.scvi_baselines import scvi_available, scvi_latent, scvi_normalized_expression
 
 from .conftest import CELLBENCH
 

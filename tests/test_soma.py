@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sc_foundation.io import InvalidInputError
-from sc_foundation.store import CorpusInput, CorpusStore, build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.data.io import InvalidInputError
+from sc_foundation.data.store import CorpusInput, CorpusStore, build_store
+from sc_foundation.data.tokenization import TokenizerConfig
 
 tiledbsoma_io = pytest.importorskip("tiledbsoma.io")
 

@@ -1,4 +1,5 @@
-"""Tests for sc_foundation.store: building corpus stores from small real slices, reading them back, resuming builds."""
+"""Tests for sc_foundation.data.store: building corpus stores from small real slices, reading them back, resuming
+builds."""
 
 import json
 from pathlib import Path
@@ -9,10 +10,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sc_foundation.genes import GeneVocab, resolve_genes
-from sc_foundation.io import InvalidInputError
-from sc_foundation.store import CorpusInput, CorpusStore, build_store, load_report
-from sc_foundation.tokenization import GeneMatchError, GeneTokenizer, TokenizerConfig, cell_keys
+from sc_foundation.data.genes import GeneVocab, resolve_genes
+from sc_foundation.data.io import InvalidInputError
+from sc_foundation.data.store import CorpusInput, CorpusStore, build_store, load_report
+from sc_foundation.data.tokenization import GeneMatchError, GeneTokenizer, TokenizerConfig, cell_keys
 
 KANG = "kang_ifnb/kang_ifnb.h5ad"
 CELLBENCH = "cellbench_3cl/cellbench_3cl.h5ad"
@@ -497,8 +498,8 @@ def test_directory_that_is_not_a_store_is_not_replaced(slices, tmp_path):
 
 def test_a_given_tokenizer_is_used_as_it_is(tmp_path, real_slice):
     """Fine-tuning data must be encoded exactly as the pretrained model's data: same vocabulary, rank medians."""
-    from sc_foundation.store import CorpusStore, build_store
-    from sc_foundation.tokenization import GeneTokenizer, TokenizerConfig
+    from sc_foundation.data.store import CorpusStore, build_store
+    from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig
 
     real_slice("kang_ifnb/kang_ifnb.h5ad", 200).write_h5ad(tmp_path / "pre.h5ad")
     real_slice("kang_ifnb/kang_ifnb.h5ad", range(5000, 5100)).write_h5ad(tmp_path / "fine.h5ad")
@@ -605,7 +606,7 @@ def test_id_steps_and_formats_1_and_2_still_read(binned_store, tmp_path):
 def test_steps_round_trip_any_ids():
     """delta_encode then delta_decode, over any subset of cells gathered in any order, gives the ids back: sorted
     ids with small and large gaps, unsorted and repeated ids (steps below 1), ids past uint16, empty cells."""
-    from sc_foundation.store import delta_decode, delta_encode
+    from sc_foundation.data.store import delta_decode, delta_encode
 
     rng = np.random.default_rng(0)
     cells = [np.sort(rng.choice(300_000, rng.integers(1, 400), replace=False)) for _ in range(40)]
@@ -658,7 +659,7 @@ def test_vocabulary_past_uint16(real_slice, tmp_path):
 
 
 def test_rank_store_keeps_no_values_and_a_negative_cls_value_fits_int8(slices, tmp_path):
-    from sc_foundation.store import token_types
+    from sc_foundation.data.store import token_types
 
     rank = build(slices, tmp_path / "rank", encoding="rank")
     assert rank.n_cells == 700

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sc_foundation.store import PLAN_PLACEHOLDER, CorpusStore, build_store, launcher_rank, merge_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.data.store import PLAN_PLACEHOLDER, CorpusStore, build_store, launcher_rank, merge_store
+from sc_foundation.data.tokenization import TokenizerConfig
 
 ROOT = Path(__file__).parents[1]
 KANG = "kang_ifnb/kang_ifnb.h5ad"
 CONFIG = TokenizerConfig(context_length=64)
 BUILD = """
 import json, sys
-from sc_foundation.store import build_store
-from sc_foundation.tokenization import TokenizerConfig
+from sc_foundation.data.store import build_store
+from sc_foundation.data.tokenization import TokenizerConfig
 report = build_store(
     [sys.argv[1]], sys.argv[2], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
     chunk_size=256,
@@ -31,7 +31,7 @@ print(json.dumps({"path": report.path, "reused": report.reused, "cells": report.
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from sc_foundation.store import _build_lock
+from sc_foundation.data.store import _build_lock
 with _build_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -108,14 +108,14 @@ def test_a_killed_builder_leaves_no_stale_lock(kang, tmp_path):
 
 RANK_BUILD = """
 import sys
-from sc_foundation.store import build_store, launcher_rank
+from sc_foundation.data.store import build_store, launcher_rank
 rank, world_size = launcher_rank()
 result = build_store(
     [sys.argv[1]], sys.argv[2], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
     chunk_size=64, part_size=150, rank=rank, world_size=world_size,
 )
 assert result is None
-""".replace("import sys\n", "import sys\nfrom sc_foundation.tokenization import TokenizerConfig\n", 1)
+""".replace("import sys\n", "import sys\nfrom sc_foundation.data.tokenization import TokenizerConfig\n", 1)
 
 
 def test_launcher_ranks_build_parts_and_one_merge_writes_the_manifest(kang, tmp_path):

@@ -1,4 +1,5 @@
-"""Tests for sc_foundation.tokenization and sc_foundation.gene_statistics, on small real slices and synthetic data.
+"""Tests for sc_foundation.data.tokenization and sc_foundation.data.gene_statistics, on small real slices and synthetic
+data.
 
 Expected values are computed independently here with numpy from the raw counts: gene ids through ``resolve_genes`` and
 the vocabulary, library sizes over all input columns, and the documented formula of each encoding.
@@ -12,9 +13,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sc_foundation.gene_statistics import N_HIST_BINS, GeneStatistics
-from sc_foundation.genes import GeneVocab, resolve_genes
-from sc_foundation.tokenization import (
+from sc_foundation.data.gene_statistics import N_HIST_BINS, GeneStatistics
+from sc_foundation.data.genes import GeneVocab, resolve_genes
+from sc_foundation.data.tokenization import (
     GeneMatchError,
     GeneTokenizer,
     TokenizedCells,
@@ -685,7 +686,7 @@ def test_medians_for_aligns_with_token_ids():
 
 
 def test_include_zeros_splits_large_inputs_into_bounded_blocks(kang, monkeypatch):
-    import sc_foundation.tokenization as tokenization
+    import sc_foundation.data.tokenization as tokenization
 
     panel = small_panel(kang)
     tokenizer = GeneTokenizer(panel, TokenizerConfig(include_zeros=True, context_length=64, min_match_rate=0.0))

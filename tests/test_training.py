@@ -9,12 +9,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from sc_foundation.configuration import ScFoundationConfig
-from sc_foundation.data import CorpusDataModule
-from sc_foundation.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
-from sc_foundation.store import CorpusStore, build_store
-from sc_foundation.tokenization import TokenizerConfig
-from sc_foundation.training import (
+from sc_foundation.data.datamodule import CorpusDataModule
+from sc_foundation.data.store import CorpusStore, build_store
+from sc_foundation.data.tokenization import TokenizerConfig
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
+from sc_foundation.training.lightning_module import (
     TrainingModule,
     count_non_embedding_parameters,
     split_decay_parameters,

@@ -7,16 +7,18 @@ seeded sets (``splits.json``), fine-tunes a head with early stopping on ``val/lo
 ``<output_dir>/metrics.json``.
 No resume checkpoints are written: a fine-tuning run is short, and the export is what later steps load.
 
-- ``task=annotation``: :class:`~sc_foundation.modeling.ScFoundationForCellClassification` on ``label_key``;
+- ``task=annotation``: :class:`~sc_foundation.models.modeling.ScFoundationForCellClassification` on ``label_key``;
   train/val/test split, scored on the test cells against logistic-regression baselines.
-- ``task=integration``: :class:`~sc_foundation.modeling.ScFoundationForBatchIntegration` with the batch from
+- ``task=integration``: :class:`~sc_foundation.models.modeling.ScFoundationForBatchIntegration` with the batch from
   ``batch_key`` (stored as the store's ``batch`` column); train/val split, and the scIB metrics of the embedding of
   all cells (the scIB convention) against the unintegrated PCA, Harmony and scVI; the embeddings go to
   ``embeddings.npz``.
-- ``task=imputation``: :class:`~sc_foundation.modeling.ScFoundationForImputation` on counts of which a seeded 10% of
+- ``task=imputation``: :class:`~sc_foundation.models.modeling.ScFoundationForImputation` on counts of which a seeded
+10% of
   the non-zero entries were hidden first (the scVI protocol); train/val split, scored on the hidden entries of all
   cells against kNN smoothing, the gene means and scVI.
-- ``task=multimodal``: :class:`~sc_foundation.modeling.ScFoundationForMultimodal` with a second modality (protein or
+- ``task=multimodal``: :class:`~sc_foundation.models.modeling.ScFoundationForMultimodal` with a second modality
+(protein or
   ATAC) from ``modality.files``; train/val/test split, the prediction from RNA scored on the test cells against ridge
   regression from the RNA PCA, and the joint embedding of all cells by scIB bio conservation.
 
@@ -32,8 +34,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ..convert import detect, export_converted
-from ..runs import output_dir
+from sc_foundation.conf import compose
+from sc_foundation.models.convert import detect, export_converted
+from sc_foundation.training.runs import output_dir
+
 from .annotation import balanced_class_weights, run_annotation
 from .common import MODES, check_categories, check_cells, predict
 from .imputation import run_imputation
@@ -41,7 +45,6 @@ from .integration import run_integration
 from .multimodal import run_multimodal
 
 __all__ = [
-    "CONFIG_DIR",
     "MODES",
     "TASKS",
     "balanced_class_weights",
@@ -56,9 +59,6 @@ __all__ = [
     "run_multimodal",
 ]
 
-# The Hydra configs (conf/ beside the package in a source checkout, which the README's editable install keeps).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-
 TASKS = {
     "annotation": run_annotation,
     "integration": run_integration,
@@ -67,24 +67,11 @@ TASKS = {
 }
 
 
-def compose_config(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR) -> DictConfig:
+def compose_config(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
     """``conf/finetune.yaml`` composed with Hydra ``overrides`` (``["task=annotation", "pretrained=DIR", ...]``), as
-    ``finetune.py`` would see it on the command line; for notebooks, benchmarks and tests.
-
-    Raises:
-        FileNotFoundError: ``config_dir`` has no ``finetune.yaml`` (an install without the source checkout: pass the
-            checkout's ``conf`` folder).
-    """
-    from hydra import compose, initialize_config_dir
-
-    config_dir = Path(config_dir).resolve()
-    if not (config_dir / "finetune.yaml").is_file():
-        raise FileNotFoundError(
-            f"{config_dir} has no finetune.yaml: pass config_dir=<the sc_foundation checkout>/conf "
-            "(the README installs the checkout in editable mode, which keeps conf/ beside the package)"
-        )
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name="finetune", overrides=list(overrides))
+    ``sc-foundation finetune`` would see it on the command line; for notebooks, benchmarks and tests. ``config_dir``:
+    a folder of one's own configs, searched before the package's (:func:`sc_foundation.conf.compose`)."""
+    return compose("finetune", overrides, config_dir)
 
 
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:

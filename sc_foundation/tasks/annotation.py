@@ -10,20 +10,21 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ..console import announce
-from ..evaluation import (
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.store import CorpusStore
+from sc_foundation.inference import call_classes
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForCellClassification,
+)
+from sc_foundation.tasks.evaluation import (
     classification_metrics,
     logistic_regression_baselines,
     store_counts,
 )
-from ..export import load_pretrained
-from ..genes import _atomic_write_text
-from ..inference import call_classes
-from ..modeling import (
-    ScFoundationForCellClassification,
-)
-from ..runs import output_dir
-from ..store import CorpusStore
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
 from .common import (
     architecture_overrides,
     category_ids,

@@ -16,19 +16,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from ..console import announce, console_callbacks
-from ..data import CorpusDataModule, split_cells, split_train_val_test
-from ..datasets import corpus_inputs
-from ..evaluation import read_counts
-from ..genes import _atomic_write_text
-from ..hardware import resolve_precision
-from ..imputation import choose_panel, panel_shares, vocabulary_counts
-from ..io import InvalidInputError
-from ..runs import ExportBest, export
-from ..scvi_baselines import scvi_available
-from ..store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
-from ..tokenization import GeneTokenizer
-from ..training import TrainingModule
+from sc_foundation.data.datamodule import CorpusDataModule, split_cells, split_train_val_test
+from sc_foundation.data.datasets import corpus_inputs
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.io import InvalidInputError
+from sc_foundation.data.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
+from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.tasks.evaluation import read_counts
+from sc_foundation.tasks.imputation_protocol import choose_panel, panel_shares, vocabulary_counts
+from sc_foundation.tasks.scvi_baselines import scvi_available
+from sc_foundation.training.console import announce, console_callbacks
+from sc_foundation.training.hardware import resolve_precision
+from sc_foundation.training.lightning_module import TrainingModule
+from sc_foundation.training.runs import ExportBest, export
+
 from .convergence import GradualUnfreezing, LearningCurves
 
 MODES = ("full", "frozen", "lower_lr", "gradual")
@@ -132,7 +133,8 @@ def panel_tokenizer(
     tokenizer: GeneTokenizer, inputs: Sequence[CorpusInput], n_genes: int, include_zeros: bool
 ) -> GeneTokenizer:
     """``tokenizer`` reading cells through the task's ``n_genes`` most variable vocabulary genes (scanpy, Seurat
-    flavour, over all the inputs' cells; :func:`~sc_foundation.imputation.choose_panel`), zeros included when
+    flavour, over all the inputs' cells; :func:`~sc_foundation.tasks.imputation_protocol.choose_panel`), zeros included
+    when
     ``include_zeros``, with a context that holds the whole panel: every cell is read through the same genes, the
     ones that tell the task's cells apart, as the baselines' HVG matrices are."""
     counts = vocabulary_counts(read_counts(inputs), tokenizer, inputs[0].species)  # (n_cells, n_vocabulary_genes)
@@ -247,7 +249,8 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     """Fine-tune ``model`` (a head fresh from ``from_pretrained``) by ``cfg.finetune`` to convergence.
 
     The budget is ``trainer.max_epochs`` epochs (or ``trainer.max_steps`` when set), and the learning-rate schedule
-    spans it (:class:`~sc_foundation.training.TrainingModule` with ``max_steps=None`` reads the real number of
+    spans it (:class:`~sc_foundation.training.lightning_module.TrainingModule` with ``max_steps=None`` reads the real
+    number of
     steps). Validation runs after every epoch; the weights with the best ``early_stopping.monitor`` (mode
     ``early_stopping.mode``) are exported to ``out/export/best``, and the run stops after ``early_stopping.patience``
     epochs without improvement. The curves go to ``out/curves.csv`` and ``out/curves.png``.

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from sklearn.metrics import f1_score
 
-from ..genes import _atomic_write_text
+from sc_foundation.data.genes import _atomic_write_text
 
 TIE_BREAK = 1e-4  # weight of the validation loss against macro-F1: below any F1 step of a few hundred cells
 

@@ -11,13 +11,19 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ..console import announce
-from ..evaluation import (
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.io import write_h5ad_atomic
+from sc_foundation.data.store import CorpusInput, CorpusStore
+from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.inference import impute
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForImputation,
+)
+from sc_foundation.tasks.evaluation import (
     read_counts,
 )
-from ..export import load_pretrained
-from ..genes import _atomic_write_text
-from ..imputation import (
+from sc_foundation.tasks.imputation_protocol import (
     choose_panel,
     gene_mean_shares,
     hide_entries,
@@ -25,15 +31,10 @@ from ..imputation import (
     knn_smoothing_shares,
     vocabulary_counts,
 )
-from ..inference import impute
-from ..io import write_h5ad_atomic
-from ..modeling import (
-    ScFoundationForImputation,
-)
-from ..runs import output_dir
-from ..scvi_baselines import scvi_normalized_expression
-from ..store import CorpusInput, CorpusStore
-from ..tokenization import GeneTokenizer
+from sc_foundation.tasks.scvi_baselines import scvi_normalized_expression
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
 from .common import (
     architecture_overrides,
     fit,

@@ -9,23 +9,24 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ..console import announce
-from ..evaluation import (
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.store import CorpusStore
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForBatchIntegration,
+)
+from sc_foundation.tasks.evaluation import (
     integration_baselines,
     integration_metrics,
     store_counts,
 )
-from ..export import load_pretrained
-from ..genes import _atomic_write_text
-from ..imputation import (
+from sc_foundation.tasks.imputation_protocol import (
     expression_targets,
 )
-from ..modeling import (
-    ScFoundationForBatchIntegration,
-)
-from ..runs import output_dir
-from ..scvi_baselines import scvi_latent
-from ..store import CorpusStore
+from sc_foundation.tasks.scvi_baselines import scvi_latent
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
 from .common import (
     architecture_overrides,
     category_ids,

@@ -11,18 +11,18 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ..console import announce
-from ..evaluation import (
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.store import CorpusInput, CorpusStore
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForMultimodal,
+)
+from sc_foundation.tasks.evaluation import (
     bio_metrics,
     multimodal_pca_baselines,
     store_counts,
 )
-from ..export import load_pretrained
-from ..genes import _atomic_write_text
-from ..modeling import (
-    ScFoundationForMultimodal,
-)
-from ..multimodal import (
+from sc_foundation.tasks.modalities import (
     check_kind,
     normalise_modality,
     prediction_metrics,
@@ -30,8 +30,9 @@ from ..multimodal import (
     ridge_from_rna_pca,
     select_features,
 )
-from ..runs import output_dir
-from ..store import CorpusInput, CorpusStore
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
 from .common import (
     architecture_overrides,
     check_categories,
