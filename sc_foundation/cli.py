@@ -37,10 +37,19 @@ def _hydra_app(config_name: str, run: Callable) -> Callable[[Sequence[str]], Non
             run(cfg)
 
         # Hydra reads sys.argv; its --help then names the subcommand rather than this module.
-        sys.argv = [f"{PROG} {config_name}", *argv]
+        sys.argv = [f"{PROG} {config_name}", *argv, *_run_dir_follows_output_dir(argv)]
         main()
 
     return command
+
+
+def _run_dir_follows_output_dir(argv: Sequence[str]) -> list[str]:
+    """``hydra.run.dir=<output_dir>`` when the arguments set ``output_dir`` and not Hydra's run folder: the run's log
+    (``train.log``, ``.hydra/``) then lands beside its exports instead of in ``outputs/<date>/<time>``."""
+    chosen = [arg.split("=", 1)[1] for arg in argv if arg.startswith("output_dir=")]
+    if chosen and chosen[-1] not in ("null", "") and not any(arg.startswith("hydra.run.dir=") for arg in argv):
+        return [f"hydra.run.dir={chosen[-1]}"]
+    return []
 
 
 def _pretrain(argv: Sequence[str]) -> None:

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pandas.api.types import union_categoricals
 
 from sc_foundation.data.gene_statistics import GeneStatistics
 from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
@@ -849,6 +850,26 @@ def load_report(store_dir: str | os.PathLike, reused: bool = False) -> StoreRepo
 
 
 # ----------------------------------------------------------------------------------------------------- reading
+def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The shards' obs tables as one, categorical columns merged with the union of their categories.
+
+    ``pd.concat`` would do the same but warns (a FutureWarning on every store opened) whenever a shard's column is
+    all null, which an obs key absent from one input always is.
+    """
+    if not frames:
+        return pd.DataFrame()
+    if any(list(frame.columns) != list(frames[0].columns) for frame in frames):
+        raise ValueError(f"the store's shards have different obs columns: {[list(f.columns) for f in frames]}")
+    merged = {}
+    for column in frames[0].columns:
+        parts = [frame[column] for frame in frames]
+        if all(isinstance(part.dtype, pd.CategoricalDtype) for part in parts):
+            merged[column] = union_categoricals(parts, ignore_order=True)
+        else:
+            merged[column] = np.concatenate([part.to_numpy() for part in parts])
+    return pd.DataFrame(merged)
+
+
 class CorpusStore:
     """Random access to a complete store's cells.
 
@@ -906,7 +927,7 @@ class CorpusStore:
         # (n_cells,) where each cell's exceptions start and end in its buffer (delta-coded stores only).
         self._exception_start = np.concatenate([s[:-1] for s in spans]) if spans else None
         self._exception_stop = np.concatenate([s[1:] for s in spans]) if spans else None
-        self.obs = pd.concat(obs, ignore_index=True) if obs else pd.DataFrame()
+        self.obs = _concat_obs(obs)
         for column in ("source", "batch", *manifest["obs_keys"]):
             self.obs[column] = self.obs[column].astype("category")
         self.lengths = self.obs["length"].to_numpy(np.int32)

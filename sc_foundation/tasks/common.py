@@ -26,7 +26,7 @@ from sc_foundation.tasks.evaluation import read_counts
 from sc_foundation.tasks.imputation_protocol import choose_panel, panel_shares, vocabulary_counts
 from sc_foundation.tasks.scvi_baselines import scvi_available
 from sc_foundation.training.console import announce, console_callbacks
-from sc_foundation.training.hardware import resolve_precision
+from sc_foundation.training.hardware import precision_reason, resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
 from sc_foundation.training.runs import ExportBest, export
 
@@ -263,6 +263,7 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     if finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    announce(f"precision: {precision_reason(trainer_kwargs['precision'], trainer_kwargs['accelerator'])}")
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     max_steps = trainer_kwargs.get("max_steps", -1)
     module = TrainingModule(

@@ -72,6 +72,23 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return resolve_cpu_precision(precision)
 
 
+def precision_reason(precision: str, accelerator: str) -> str:
+    """Why :func:`resolve_precision` chose what it did, for the run report: ``"bf16-mixed (auto: CPU with native
+    bf16: avx512_bf16)"`` or ``"32-true (set in the config)"``."""
+    chosen = resolve_precision(precision, accelerator)
+    if precision != "auto":
+        why = "set in the config"
+    elif chosen == "bf16-mixed" and not (
+        accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    ):
+        why = "auto: GPU"
+    elif chosen == "bf16-mixed":
+        why = f"auto: CPU with native bf16: {', '.join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))}"
+    else:
+        why = "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
+    return f"{chosen} ({why})"
+
+
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:
     """Measured dense matmul throughput (FLOP/s) of ``size`` x ``size`` matrices in ``dtype`` on ``device``.
 

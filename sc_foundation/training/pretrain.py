@@ -26,7 +26,7 @@ from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.training.console import announce, console_callbacks
-from sc_foundation.training.hardware import resolve_precision
+from sc_foundation.training.hardware import precision_reason, resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
 from sc_foundation.training.model_card import metrics_json, render_model_card
 from sc_foundation.training.probes import ProbeCallback, ProbeSet
@@ -146,6 +146,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    announce(f"precision: {precision_reason(trainer_kwargs['precision'], trainer_kwargs['accelerator'])}")
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False

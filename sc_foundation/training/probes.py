@@ -109,8 +109,12 @@ def pca_embedding(adata: anndata.AnnData, n_top_genes: int = 2000, n_comps: int 
     x = anndata.AnnData(sp.csr_matrix(adata.X, dtype=np.float32))
     sc.pp.normalize_total(x, target_sum=1e4)
     sc.pp.log1p(x)
-    sc.pp.highly_variable_genes(x, n_top_genes=min(n_top_genes, x.n_vars), flavor="seurat")
+    with warnings.catch_warnings():
+        # "n_top_genes > number of normalized dispersions": a small panel keeps every gene, which is what we ask
+        warnings.filterwarnings("ignore", message=".*number of normalized dispersions", category=UserWarning)
+        sc.pp.highly_variable_genes(x, n_top_genes=min(n_top_genes, x.n_vars), flavor="seurat")
     x = x[:, x.var["highly_variable"].to_numpy()].copy()
+    x.X = x.X.toarray()  # scaling centres the genes, which densifies them anyway (scanpy would warn)
     sc.pp.scale(x, max_value=10)
     n_comps = min(n_comps, x.n_obs - 1, x.n_vars - 1)
     return PCA(n_components=n_comps, random_state=seed).fit_transform(np.asarray(x.X)).astype(np.float32)

@@ -1,0 +1,5 @@
+"""``python -m sc_foundation ...``: the ``sc-foundation`` command."""
+
+from sc_foundation.cli import main
+
+main()

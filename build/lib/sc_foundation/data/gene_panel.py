@@ -1,0 +1,98 @@
+"""A gene panel for the model's input: the union of each input's highly variable genes.
+
+A cell expresses thousands of genes, most of them housekeeping genes that say little about its type, and a
+Transformer's cost grows with the square of the tokens it reads. PCA's strength on single-cell data comes from the
+same choice made here: reading only highly variable genes (HVGs). A panel vocabulary makes the tokenizer keep a
+cell's expressed panel genes (or, with ``include_zeros``, every panel gene) and drop the rest.
+
+HVGs are chosen per input, not on the pooled corpus: pooled, the genes that separate one dataset from another (its
+tissue, its protocol) would crowd out those that separate cell types within each. The panel is the union.
+scanpy selects them (Seurat flavour on log-normalised counts) from at most ``max_cells`` seeded random cells per
+input, read chunk by chunk, so memory is bounded whatever the file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
+from sc_foundation.data.store import CorpusInput
+from sc_foundation.data.tokenization import aggregate_columns, hash_uniform
+
+
+def input_hvgs(spec: CorpusInput, n_top_genes: int, max_cells: int = 20_000, seed: int = 0) -> list[str]:
+    """The ``n_top_genes`` most variable canonical genes of one input (scanpy, Seurat flavour).
+
+    Cells are drawn by a seeded hash of their row number with probability ``max_cells / n_cells``, chunk by chunk;
+    genes are resolved to canonical ids and duplicates summed before normalisation.
+    """
+    with spec.open() as source:
+        resolution = resolve_genes(source.gene_names, species=spec.species)
+        codes, genes = pd.factorize(pd.Series(resolution.canonical, dtype=object), use_na_sentinel=True)
+        _, aggregate = aggregate_columns(codes.astype(np.int64))  # (n_input, n_canonical): sums duplicates
+        share = min(1.0, max_cells / max(source.n_cells, 1))
+        kept = []
+        for start, counts in source.iter_chunks():
+            rows = np.arange(start, start + counts.shape[0], dtype=np.uint64)
+            chosen = hash_uniform(np.uint64(seed), rows) < share
+            kept.append(sp.csr_matrix(counts[chosen], dtype=np.float32) @ aggregate)
+    adata = anndata.AnnData(sp.vstack(kept).tocsr())
+    adata.var_names = [str(g) for g in genes]
+    adata = adata[:, np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3].copy()  # seen in at least 3 cells
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    n_top = min(n_top_genes, adata.n_vars)
+    hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", inplace=False)
+    return sorted(adata.var_names[hvg["highly_variable"].to_numpy()])
+
+
+def select_gene_panel(
+    inputs: Iterable[str | os.PathLike | Mapping | CorpusInput],
+    n_top_genes: int = 1000,
+    max_cells: int = 20_000,
+    seed: int = 0,
+) -> list[str]:
+    """The sorted union of every input's ``n_top_genes`` HVGs (:func:`input_hvgs`), as canonical gene ids."""
+    panel: set[str] = set()
+    for item in inputs:
+        panel.update(input_hvgs(CorpusInput.coerce(item), n_top_genes, max_cells, seed))
+    return sorted(panel)
+
+
+def cached_panel_vocab(
+    inputs: Iterable[str | os.PathLike | Mapping | CorpusInput],
+    cache_dir: str | os.PathLike,
+    n_top_genes: int = 1000,
+    max_cells: int = 20_000,
+    seed: int = 0,
+) -> Path:
+    """A ``gene_vocab.json`` of the panel (:func:`select_gene_panel`), computed once per plan and cached.
+
+    The file sits in ``cache_dir/<hash>/`` where the hash covers the inputs (path, size, modification time and read
+    settings) and the settings, so a changed input or setting selects a new panel. Returns the file's path.
+    """
+    specs = [CorpusInput.coerce(item) for item in inputs]
+    plan = {
+        "inputs": [s.fingerprint() for s in specs],
+        "n_top_genes": n_top_genes,
+        "max_cells": max_cells,
+        "seed": seed,
+    }
+    key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / key
+    path = folder / "gene_vocab.json"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        GeneVocab.from_genes(select_gene_panel(specs, n_top_genes, max_cells, seed)).save(folder)
+        _atomic_write_text(folder / "panel_plan.json", json.dumps(plan, indent=1, default=str))
+    return path

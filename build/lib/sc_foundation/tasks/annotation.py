@@ -1,0 +1,116 @@
+"""``task=annotation``: cell-type annotation, a classifier on the cell embedding, scored on the test split against
+logistic regressions on the same cells."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.store import CorpusStore
+from sc_foundation.inference import call_classes
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForCellClassification,
+)
+from sc_foundation.tasks.evaluation import (
+    classification_metrics,
+    logistic_regression_baselines,
+    store_counts,
+)
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
+from .common import (
+    architecture_overrides,
+    category_ids,
+    check_categories,
+    fit,
+    predict,
+    read_inputs,
+    task_datamodule,
+    three_way_split,
+    tokenize_inputs,
+    training_record,
+)
+from .convergence import ValidationMacroF1
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
+    """``n / (C * n_c)`` per class from (n,) training class ids, as scikit-learn's ``class_weight="balanced"``.
+
+    A class absent from the training cells gets weight 1 (it never appears in the loss).
+    """
+    counts = np.bincount(labels, minlength=n_classes)
+    return [len(labels) / (n_classes * c) if c else 1.0 for c in counts.tolist()]
+
+
+def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=annotation``: see the module docstring."""
+    if cfg.class_weights not in ("balanced", "none"):
+        raise ValueError(f"class_weights must be 'balanced' or 'none', got {cfg.class_weights!r}")
+    out = output_dir(cfg)
+    label_key, split = cfg.label_key, cfg.split
+    inputs = read_inputs(cfg)
+    check_categories(inputs, label_key, need="a classifier needs two or more classes")
+    tokenizer, store_path = tokenize_inputs(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    names, labels = category_ids(store, label_key)
+    splits = three_way_split(cfg, out, store, labels)
+    datamodule = task_datamodule(cfg, store_path, {"labels": labels}, splits)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    weights = balanced_class_weights(labels[splits["train"]], len(names)) if cfg.class_weights == "balanced" else None
+    model = ScFoundationForCellClassification.from_pretrained(
+        cfg.pretrained,
+        new_heads=["classifier"],
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        class_weights=weights,
+        classifier_dropout=cfg.classifier_dropout,
+        label_smoothing=cfg.label_smoothing,
+        **architecture_overrides(cfg),
+    )
+    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
+
+    # Score the export itself: what users load is what the numbers describe.
+    logits, cells = predict(load_pretrained(best), datamodule.test_dataloader())
+    predicted = call_classes(logits, cfg.unknown_threshold)
+    baselines = logistic_regression_baselines(
+        store_counts(store, inputs),
+        labels,
+        splits,
+        names,
+        n_top_genes=cfg.baselines.n_top_genes,
+        n_pcs=cfg.baselines.n_pcs,
+        seed=cfg.seed,
+    )
+    metrics = {
+        "task": "annotation",
+        "label_key": label_key,
+        "finetune_mode": cfg.finetune.mode,
+        "unknown_threshold": cfg.unknown_threshold,
+        "n_cells": {name: len(rows) for name, rows in splits.items()},
+        **training_record(trainer),
+        "model": classification_metrics(labels[cells], predicted, names),
+        "baselines": baselines,
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]
+    announce(f"test macro-F1 {model_f1:.3f} (HVG logistic regression {baseline_f1:.3f}); {out / 'metrics.json'}")
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "labels": labels,
+        "metrics": metrics,
+        "export": best,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }

@@ -1,0 +1,145 @@
+"""``task=integration``: a batch-corrected cell embedding, scored by scIB on all cells against PCA, Harmony and scVI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from sc_foundation.data.genes import _atomic_write_text
+from sc_foundation.data.store import CorpusStore
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.modeling import (
+    ScFoundationForBatchIntegration,
+)
+from sc_foundation.tasks.evaluation import (
+    integration_baselines,
+    integration_metrics,
+    store_counts,
+)
+from sc_foundation.tasks.imputation_protocol import (
+    expression_targets,
+)
+from sc_foundation.tasks.scvi_baselines import scvi_latent
+from sc_foundation.training.console import announce
+from sc_foundation.training.runs import output_dir
+
+from .common import (
+    architecture_overrides,
+    category_ids,
+    check_categories,
+    fit,
+    init_panel_decoder,
+    predict,
+    read_inputs,
+    run_scvi,
+    skipped_baselines,
+    task_datamodule,
+    tokenize_inputs,
+    training_record,
+    two_way_split,
+    with_batch_key,
+)
+
+
+def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """``task=integration``: see the module docstring.
+
+    The metrics are of all cells, the scIB convention: the labels never reach the model (only the batches do, as
+    for Harmony), and the baselines see the same cells. The validation cells serve early stopping only.
+    """
+    out = output_dir(cfg)
+    batch_key, label_key, split = cfg.batch_key, cfg.label_key, cfg.split
+    inputs = with_batch_key(read_inputs(cfg), batch_key)
+    check_categories(inputs, batch_key, setting="batch_key", noun="batch", need="integration needs two or more batches")
+    if label_key is not None:
+        check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
+    tokenizer, store_path = tokenize_inputs(cfg, out, inputs, [label_key, split.split_by])
+
+    store = CorpusStore(store_path)
+    batch_names, batch_ids = category_ids(store, "batch")
+    labels = None if label_key is None else store.obs[label_key].to_numpy(dtype=str)
+    counts = store_counts(store, inputs)  # (n_cells, n_genes), store order: the decoder's targets and the baselines'
+    counts.obs["batch"] = np.asarray(batch_names)[batch_ids]
+    targets, gene_ids = expression_targets(counts, tokenizer, cfg.decoder_genes, inputs[0].species, "batch")
+    splits = two_way_split(cfg, out, store)
+    datamodule = task_datamodule(cfg, store_path, {"batch_ids": batch_ids, "counts": targets}, splits)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model = ScFoundationForBatchIntegration.from_pretrained(
+        cfg.pretrained,
+        new_heads=[
+            "batch_embeddings",
+            "decoder",
+            *(["discriminator"] if cfg.dab_weight > 0 else []),
+            *(["latent"] if cfg.latent_size else []),
+        ],
+        batch_names=batch_names,
+        batch_embedding_size=cfg.batch_embedding_size,
+        dab_weight=cfg.dab_weight,
+        latent_size=cfg.latent_size,
+        kl_weight=cfg.kl_weight,
+        decoder_gene_ids=gene_ids,
+        **architecture_overrides(cfg),
+    )
+    init_panel_decoder(model.decoder, targets[splits["train"]])
+    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+
+    # Embed with the export itself: what users load is what the numbers describe.
+    embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
+    embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
+    baselines, baseline_embeddings = integration_baselines(
+        counts,
+        batch_ids,
+        labels,
+        n_top_genes=cfg.baselines.n_top_genes,
+        n_pcs=cfg.baselines.n_pcs,
+        seed=cfg.seed,
+    )
+    if run_scvi(cfg):
+        baseline_embeddings["scvi"] = scvi_latent(
+            counts, batch_ids, n_top_genes=cfg.baselines.n_top_genes, seed=cfg.seed
+        )
+        baselines["scvi"] = integration_metrics(baseline_embeddings["scvi"], batch_ids, labels)
+    metrics = {
+        "task": "integration",
+        "batch_key": batch_key,
+        "label_key": label_key,
+        "batches": batch_names,
+        "dab_weight": cfg.dab_weight,
+        "latent_size": cfg.latent_size,
+        "finetune_mode": cfg.finetune.mode,
+        "scored_cells": "all",
+        "n_cells": {"all": len(store), **{name: len(rows) for name, rows in splits.items()}},
+        **training_record(trainer),
+        "model": integration_metrics(embedding, batch_ids, labels),
+        "baselines": baselines,
+        "skipped_baselines": skipped_baselines(cfg),
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    np.savez(
+        out / "embeddings.npz",
+        model=embedding,
+        **baseline_embeddings,
+        cell_id=store.obs["cell_id"].to_numpy(dtype=str),  # fixed-width strings: loads without pickle
+        batch=np.asarray(batch_names)[batch_ids],
+        **({} if labels is None else {"label": labels}),
+    )
+    score = "total" if label_key is not None else "batch"
+    summary = ", ".join(f"{name} {result[score]:.3f}" for name, result in baselines.items())
+    announce(f"scIB {score} {metrics['model'][score]:.3f} ({summary}); {out / 'metrics.json'}")
+    return {
+        "output_dir": out,
+        "store": store_path,
+        "splits": splits,
+        "batch_ids": batch_ids,
+        "embedding": embedding,
+        "metrics": metrics,
+        "export": best,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }

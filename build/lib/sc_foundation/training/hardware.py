@@ -1,0 +1,109 @@
+"""What the CPU can do fast, detected rather than assumed, and its measured matmul rate.
+
+bf16 pays on a CPU only where the hardware has bf16 dot-product instructions: AMX (``amx_bf16``, Intel Sapphire
+Rapids and later) or AVX512-BF16 (``avx512_bf16``, Intel Cooper Lake and later, AMD Zen 4 and later). Elsewhere
+torch emulates bf16 matmuls through fp32 conversions and they run slower than fp32, so bf16 must be chosen by the
+flags of the CPU in use, never by default.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags, any of which gives native bf16 dot products."""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where this CPU multiplies bf16 natively (AMX or AVX512-BF16) and torch's oneDNN backend can use it."""
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS)) and torch.backends.mkldnn.is_available()
+
+
+def cpu_description() -> dict:
+    """The CPU as a benchmark should state it: model name, cores torch uses, and the bf16 flags it has."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": name,
+        "torch_threads": torch.get_num_threads(),
+        "bf16_flags": sorted(cpu_flags() & set(BF16_CPU_FLAGS)),
+        "fast_bf16": cpu_has_fast_bf16(),
+    }
+
+
+def resolve_cpu_precision(precision: str) -> str:
+    """A Lightning precision for a CPU run: ``"auto"`` becomes ``"bf16-mixed"`` on a CPU with native bf16 and
+    ``"32-true"`` elsewhere; any other value is returned unchanged (the user's explicit choice)."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """A Lightning precision for ``accelerator``: ``"auto"`` becomes ``"bf16-mixed"`` on CUDA (``gpu``, ``cuda``,
+    or ``auto`` where CUDA is present) and :func:`resolve_cpu_precision`'s choice on a CPU; any other value is
+    returned unchanged."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed"
+    return resolve_cpu_precision(precision)
+
+
+def precision_reason(precision: str, accelerator: str) -> str:
+    """Why :func:`resolve_precision` chose what it did, for the run report: ``"bf16-mixed (auto: CPU with native
+    bf16: avx512_bf16)"`` or ``"32-true (set in the config)"``."""
+    chosen = resolve_precision(precision, accelerator)
+    if precision != "auto":
+        why = "set in the config"
+    elif chosen == "bf16-mixed" and not (
+        accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    ):
+        why = "auto: GPU"
+    elif chosen == "bf16-mixed":
+        why = f"auto: CPU with native bf16: {', '.join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))}"
+    else:
+        why = "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
+    return f"{chosen} ({why})"
+
+
+def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:
+    """Measured dense matmul throughput (FLOP/s) of ``size`` x ``size`` matrices in ``dtype`` on ``device``.
+
+    Repeats ``a @ b`` (2·size³ FLOPs each) for about ``seconds`` after one warm-up product; the machine's practical
+    peak, against which a model's achieved FLOP/s is a share.
+    """
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up: kernel selection and caches
+    repeats, started = 0, time.perf_counter()
+    while True:
+        a @ b
+        repeats += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return 2.0 * size**3 * repeats / elapsed

@@ -1,0 +1,183 @@
+"""Pretraining: what ``sc-foundation pretrain`` and ``python train.py`` run with ``conf/pretrain.yaml``.
+
+Builds (or reuses) the tokenized corpus store of ``conf/data``, prints its report and the batch padding figures,
+pretrains the head of the store's value encoding (``conf/model``, ``conf/trainer``, ``conf/logger``) and exports the
+model with its tokenizer to ``<output_dir>/export/best`` (lowest validation loss) and ``<output_dir>/export/final``.
+Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resuming: ``ckpt_path=...``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from sc_foundation.data.datamodule import CorpusDataModule
+from sc_foundation.data.datasets import DatasetUnavailableError, corpus_inputs, dataset_inputs
+from sc_foundation.data.gene_panel import cached_panel_vocab
+from sc_foundation.data.store import CorpusStore, build_store
+from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig
+from sc_foundation.models.configuration import ScFoundationConfig
+from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
+from sc_foundation.training.console import announce, console_callbacks
+from sc_foundation.training.hardware import precision_reason, resolve_precision
+from sc_foundation.training.lightning_module import TrainingModule
+from sc_foundation.training.model_card import metrics_json, render_model_card
+from sc_foundation.training.probes import ProbeCallback, ProbeSet
+from sc_foundation.training.runs import ExportBest, best_note, export, output_dir
+
+
+def build_corpus(cfg: DictConfig):
+    """The corpus store described by ``cfg.data``: built, resumed, or reused when complete.
+
+    With ``data.panel.n_top_genes`` set, the vocabulary is a gene panel: the union of each input's highly variable
+    genes (:mod:`sc_foundation.data.gene_panel`), selected once and cached under ``paths.cache/panels``.
+    """
+    data = cfg.data
+    inputs = corpus_inputs(list(data.datasets), OmegaConf.to_container(data.files, resolve=True))
+    vocab = data.vocab
+    panel = data.get("panel") or {}
+    if panel.get("n_top_genes"):
+        if vocab is not None:
+            raise ValueError("data.vocab and data.panel.n_top_genes both choose the vocabulary: set one of them")
+        vocab = cached_panel_vocab(
+            inputs, Path(cfg.paths.cache) / "panels", panel.n_top_genes, panel.max_cells, cfg.seed
+        )
+    return build_store(
+        inputs,
+        data.store_dir,
+        tokenizer_config=TokenizerConfig(**OmegaConf.to_container(data.tokenizer, resolve=True)),
+        vocab=vocab,
+        min_cells_per_gene=data.min_cells_per_gene,
+        obs_keys=list(data.obs_keys),
+        chunk_size=data.chunk_size,
+        num_workers=data.build_workers,
+        part_size=data.part_size,
+        overwrite=data.rebuild_stale_store,
+    )
+
+
+def build_model(cfg: DictConfig, store: CorpusStore):
+    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **OmegaConf.to_container(cfg.model, resolve=True))
+    head = ScFoundationForMaskedGeneModeling if config.value_encoding == "rank" else ScFoundationForMaskedValueModeling
+    return head(config)
+
+
+def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback | None:
+    """The representation probes of ``cfg.probes`` (None when it is null or lists no sets). A registered probe set
+    that no source can provide is skipped with a message, like a corpus dataset."""
+    if not cfg.get("probes") or not cfg.probes.get("sets"):
+        return None
+    sets = []
+    for settings in OmegaConf.to_container(cfg.probes.sets, resolve=True):
+        probe = ProbeSet(**settings)
+        if probe.dataset is not None:
+            try:
+                dataset_inputs(probe.dataset)
+            except DatasetUnavailableError as error:
+                print(f"[sc_foundation] skipping probe set {probe.name}: {error}", file=sys.stderr)
+                continue
+        sets.append(probe)
+    if not sets:
+        return None
+    return ProbeCallback(
+        sets, tokenizer, every_n_validations=cfg.probes.every_n_validations, n_neighbors=cfg.probes.n_neighbors
+    )
+
+
+def model_card_files(cfg: DictConfig, report, trainer: pl.Trainer, probes: ProbeCallback | None, seconds: float):
+    """``README.md`` and ``metrics.json`` for the final export (:mod:`sc_foundation.training.model_card`)."""
+    results = probes.history[-1]["results"] if probes is not None and probes.history else None
+    losses = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.endswith("loss")}
+    training = {
+        "steps": trainer.global_step,
+        "batch_size": cfg.data.loader.batch_size,
+        "cells_seen": trainer.global_step * cfg.data.loader.batch_size * trainer.world_size,
+        "precision": str(trainer.precision),
+        "wall_time_s": round(seconds, 1),
+        **losses,
+    }
+    data = {
+        "inputs": ", ".join(s.source for s in report.shards),
+        "cells": report.n_cells,
+        "vocabulary": report.n_vocab,
+        "tokenizer": OmegaConf.to_container(cfg.data.tokenizer, resolve=True),
+        "panel": OmegaConf.to_container(cfg.data.get("panel"), resolve=True) if cfg.data.get("panel") else None,
+    }
+    recipe = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "masking and views": {k: cfg.data.loader.get(k) for k in ("mask_ratio", "view_keep")},
+        "seed": cfg.seed,
+    }
+    title = cfg.get("name") or "sc_foundation pretraining run"
+    return {
+        "README.md": render_model_card(title, data, recipe, training, results),
+        "metrics.json": metrics_json(training, results),
+    }
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Everything ``sc-foundation pretrain`` does, callable from tests with a composed config (and extra Trainer
+    callbacks)."""
+    started = time.perf_counter()
+    report = build_corpus(cfg)
+    announce(report.format())
+    datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
+    datamodule.setup()
+    padding = datamodule.padding_report()
+    announce(
+        f"train/val cells: {len(datamodule.train_indices)}/{len(datamodule.val_indices)}; padded share of token "
+        f"slots per epoch: {padding['length_grouped']:.1%} length-grouped vs {padding['random']:.1%} random batches"
+    )
+    announce(f"corpus store: {Path(report.path).resolve()}")
+
+    pl.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    store = datamodule.store
+    model = build_model(cfg, store)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    announce(f"precision: {precision_reason(trainer_kwargs['precision'], trainer_kwargs['accelerator'])}")
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
+    module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
+    logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
+    if isinstance(trainer_kwargs.get("strategy"), dict):
+        trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        **OmegaConf.to_container(cfg.checkpoint, resolve=True),
+    )
+    best = ExportBest(store.tokenizer, out / "export" / "best")
+    probes = probe_callback(cfg, store.tokenizer)
+    configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
+    extra = [*([probes] if probes else []), *console_callbacks(trainer_kwargs), *configured, *callbacks]
+    callbacks = [checkpoints, best, *extra]
+    trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
+    final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
+    if trainer.is_global_zero:
+        announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
+    return {
+        "store": report.path,
+        "report": report,
+        "padding": padding,
+        "output_dir": out,
+        "export": final,
+        "best_export": best.directory,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+        "probes": probes,
+    }

@@ -1,0 +1,306 @@
+"""Representation probes: does a model's cell embedding know one cell type from another, as well as PCA does?
+
+dinov2's lesson, applied to cells: a pretraining loss says little about the representation, so every run scores its
+cell embedding on labelled probe sets, next to PCA of the same cells, and logs the scores like a loss.
+
+A probe set is a labelled AnnData of raw counts (a registered dataset or a file, seeded subsample). For each set:
+
+* **ours**: :func:`sc_foundation.embed` on its counts, exactly the embedding a user gets;
+* **pca**: PCA-50 of log-normalised highly variable genes (scanpy: ``normalize_total`` to 1e4, ``log1p``, 2,000
+  HVGs of the Seurat flavour, ``scale`` clipped at 10, ``pca``), the field's standard baseline, on the same cells.
+
+Both are scored by :func:`score_embedding`: kNN accuracy (5-fold, stratified), AvgBIO = mean(NMI, ARI, label ASW)
+(scGPT's convention; scib-metrics computes them) and the depth correlation (how strongly the embedding's leading
+axes follow the number of detected genes: an embedding that encodes sequencing depth has learnt the protocol, not
+the cell).
+
+:class:`ProbeCallback` runs the probes during pretraining every ``every_n_validations`` validations and logs
+``probe/<set>/<metric>`` (and the ratio to PCA) to the run's loggers (CSV, wandb).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import anndata
+import numpy as np
+import pytorch_lightning as pl
+import scanpy as sc
+import scib_metrics
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from sc_foundation.data.io import open_counts
+from sc_foundation.training.console import announce
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("knn_accuracy", "avg_bio", "nmi", "ari", "asw_label", "depth_correlation")
+"""What :func:`score_embedding` returns; the first two decide whether an embedding beats PCA."""
+HEADLINE = ("knn_accuracy", "avg_bio")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """A labelled set of cells to probe an embedding with.
+
+    Attributes:
+        name: short name used in metric keys (``probe/<name>/knn_accuracy``).
+        dataset: a registered dataset (:mod:`sc_foundation.data.datasets`), or None to read ``path``.
+        path: a raw-count file (``.h5ad``, 10x, ...), when ``dataset`` is None.
+        label_key: the obs column of the cell types.
+        gene_key: the var column of the gene ids (default ``var_names``).
+        species: ``"human"``, ``"mouse"`` or ``"auto"``.
+        max_cells: a seeded random subsample of at most this many cells (probes run often: keep them cheap).
+        seed: the subsample's seed.
+    """
+
+    name: str
+    dataset: str | None = None
+    path: str | None = None
+    label_key: str = "cell_type"
+    gene_key: str | None = None
+    species: str = "auto"
+    max_cells: int | None = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError(f"probe set {self.name!r}: give exactly one of dataset= or path=")
+
+
+def load_probe_set(probe: ProbeSet) -> anndata.AnnData:
+    """The probe set's cells: AnnData with float32 CSR raw counts in ``X``, gene ids as ``var_names``, the labels in
+    ``obs["label"]``; cells without a label are dropped."""
+    if probe.dataset is not None:
+        from sc_foundation.data.datasets import dataset_inputs
+
+        (spec,) = dataset_inputs(probe.dataset)
+        path, gene_key, species = spec["path"], spec.get("gene_key", probe.gene_key), spec.get("species", "auto")
+    else:
+        path, gene_key, species = probe.path, probe.gene_key, probe.species
+    with open_counts(path, gene_key=gene_key) as source:
+        if probe.label_key not in source.obs.columns:
+            raise ValueError(
+                f"probe set {probe.name!r} ({path}): no obs column {probe.label_key!r} for the labels; obs columns: "
+                f"{list(source.obs.columns)}. Set label_key."
+            )
+        counts = sp.vstack([chunk for _, chunk in source.iter_chunks()]).tocsr().astype(np.float32)
+        adata = anndata.AnnData(counts, obs=source.obs[[probe.label_key]].copy())
+        adata.var_names = [str(g) for g in source.gene_names]
+    adata.var_names_make_unique()
+    labels = adata.obs[probe.label_key]
+    adata = adata[labels.notna().to_numpy()].copy()
+    adata.obs["label"] = adata.obs[probe.label_key].astype(str).astype("category")
+    if probe.max_cells is not None and adata.n_obs > probe.max_cells:
+        rng = np.random.default_rng(probe.seed)
+        adata = adata[np.sort(rng.choice(adata.n_obs, probe.max_cells, replace=False))].copy()
+    adata.uns["probe"] = {"name": probe.name, "path": str(path), "species": species}
+    return adata
+
+
+def pca_embedding(adata: anndata.AnnData, n_top_genes: int = 2000, n_comps: int = 50, seed: int = 0) -> np.ndarray:
+    """(n_cells, n_comps) PCA of log-normalised, scaled HVGs of the raw counts in ``adata.X`` (scanpy defaults)."""
+    x = anndata.AnnData(sp.csr_matrix(adata.X, dtype=np.float32))
+    sc.pp.normalize_total(x, target_sum=1e4)
+    sc.pp.log1p(x)
+    with warnings.catch_warnings():
+        # "n_top_genes > number of normalized dispersions": a small panel keeps every gene, which is what we ask
+        warnings.filterwarnings("ignore", message=".*number of normalized dispersions", category=UserWarning)
+        sc.pp.highly_variable_genes(x, n_top_genes=min(n_top_genes, x.n_vars), flavor="seurat")
+    x = x[:, x.var["highly_variable"].to_numpy()].copy()
+    x.X = x.X.toarray()  # scaling centres the genes, which densifies them anyway (scanpy would warn)
+    sc.pp.scale(x, max_value=10)
+    n_comps = min(n_comps, x.n_obs - 1, x.n_vars - 1)
+    return PCA(n_components=n_comps, random_state=seed).fit_transform(np.asarray(x.X)).astype(np.float32)
+
+
+def detected_genes(adata: anndata.AnnData) -> np.ndarray:
+    """(n_cells,) number of genes with non-zero counts in each cell."""
+    return np.diff(sp.csr_matrix(adata.X).indptr) if sp.issparse(adata.X) else (np.asarray(adata.X) > 0).sum(1)
+
+
+def score_embedding(
+    embedding: np.ndarray,
+    labels: Sequence,
+    depth: np.ndarray | None = None,
+    n_folds: int = 5,
+    n_neighbors: int = 15,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Scores of a cell embedding against labels; higher is better except ``depth_correlation``.
+
+    Args:
+        embedding: (n_cells, d).
+        labels: (n_cells,) cell types.
+        depth: (n_cells,) detected genes per cell, for ``depth_correlation``; None leaves it out.
+        n_folds: kNN accuracy is the mean over stratified folds of a ``n_neighbors``-NN classifier (Euclidean).
+    Returns:
+        ``knn_accuracy``; ``nmi`` and ``ari`` of k-means clusters with k = number of labels (scib-metrics);
+        ``asw_label`` (scib-metrics' silhouette, rescaled to [0, 1]); ``avg_bio`` = mean(nmi, ari, asw_label);
+        ``depth_correlation``: the largest |Pearson r| between log(detected genes) and each of the embedding's
+        first two principal components.
+    """
+    x = np.asarray(embedding, dtype=np.float32)
+    labels = np.asarray(labels).astype(str)
+    if len(x) != len(labels):
+        raise ValueError(f"{len(x)} embedding rows for {len(labels)} labels")
+    if not np.isfinite(x).all():
+        raise ValueError("the embedding has NaN or infinite rows (cells without matched genes?): drop them first")
+    # A class with fewer members than folds cannot be stratified; scikit-learn would warn and score it anyway.
+    folds = StratifiedKFold(
+        n_splits=min(n_folds, np.unique(labels, return_counts=True)[1].max()), shuffle=True, random_state=seed
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The least populated class has only N members"
+        knn = cross_val_score(KNeighborsClassifier(n_neighbors=n_neighbors), x, labels, cv=folds).mean()
+    clusters = scib_metrics.nmi_ari_cluster_labels_kmeans(x, labels)
+    scores = {
+        "knn_accuracy": float(knn),
+        "nmi": float(clusters["nmi"]),
+        "ari": float(clusters["ari"]),
+        "asw_label": float(scib_metrics.silhouette_label(x, labels)),
+    }
+    scores["avg_bio"] = float(np.mean([scores["nmi"], scores["ari"], scores["asw_label"]]))
+    if depth is not None:
+        components = PCA(n_components=min(2, x.shape[1]), random_state=seed).fit_transform(x)
+        log_depth = np.log1p(np.asarray(depth, dtype=np.float64))
+        scores["depth_correlation"] = float(
+            max(abs(np.corrcoef(log_depth, components[:, i])[0, 1]) for i in range(components.shape[1]))
+        )
+    return scores
+
+
+class RepresentationProbe:
+    """Probe sets loaded once, with their PCA scores computed once; :meth:`evaluate` scores a model against them.
+
+    Args:
+        probe_sets: the sets to probe with (loaded at construction; a set that cannot be loaded is an error).
+        n_neighbors, n_folds, seed: see :func:`score_embedding`.
+    """
+
+    def __init__(self, probe_sets: Sequence[ProbeSet], n_neighbors: int = 15, n_folds: int = 5, seed: int = 0):
+        if not probe_sets:
+            raise ValueError("no probe sets given")
+        self.settings = {"n_neighbors": n_neighbors, "n_folds": n_folds, "seed": seed}
+        self.sets = {probe.name: load_probe_set(probe) for probe in probe_sets}
+        self.baseline = {
+            name: score_embedding(
+                pca_embedding(adata, seed=seed), adata.obs["label"], detected_genes(adata), **self.settings
+            )
+            for name, adata in self.sets.items()
+        }
+
+    def evaluate(self, model, batch_size: int | None = None) -> dict[str, dict]:
+        """Score ``model``'s :func:`~sc_foundation.embed` embedding on every probe set.
+
+        Args:
+            model: a model carrying ``gene_tokenizer`` (what :func:`~sc_foundation.load_pretrained` returns), or an
+                export directory.
+        Returns:
+            set name -> ``{"ours": scores, "pca": scores, "ratio": {metric: ours / pca}}`` for the metrics of
+            :data:`HEADLINE`, plus ``n_cells`` and the gene ``match_rate``.
+        """
+        from sc_foundation.inference import embed
+
+        results = {}
+        for name, adata in self.sets.items():
+            cells = adata.copy()
+            embed(cells, model, species=adata.uns["probe"]["species"], batch_size=batch_size, progress=False)
+            x = cells.obsm["X_sc_foundation"]
+            keep = np.isfinite(x).all(axis=1)  # cells without any vocabulary gene cannot be embedded
+            ours = score_embedding(
+                x[keep], adata.obs["label"].to_numpy()[keep], detected_genes(adata)[keep], **self.settings
+            )
+            pca = self.baseline[name]
+            results[name] = {
+                "ours": ours,
+                "pca": pca,
+                "ratio": {metric: ours[metric] / pca[metric] for metric in HEADLINE},
+                "n_cells": int(keep.sum()),
+                "match_rate": float(cells.uns["sc_foundation"]["match_rate"]),
+            }
+        return results
+
+
+def flatten_results(results: Mapping[str, dict]) -> dict[str, float]:
+    """``probe/<set>/<metric>`` (ours), ``probe/<set>/pca_<metric>`` and ``probe/<set>/ratio_<metric>`` -> value."""
+    flat = {}
+    for name, result in results.items():
+        for metric, value in result["ours"].items():
+            flat[f"probe/{name}/{metric}"] = value
+        for metric, value in result["pca"].items():
+            flat[f"probe/{name}/pca_{metric}"] = value
+        for metric, value in result["ratio"].items():
+            flat[f"probe/{name}/ratio_{metric}"] = value
+    return flat
+
+
+class ProbeCallback(pl.Callback):
+    """Runs :class:`RepresentationProbe` on the model being trained and logs the scores.
+
+    Runs after every ``every_n_validations``-th validation and once more at the end of training (unless the last
+    validation already probed that step), on global rank 0 only (the embedding needs the whole model: not under
+    FSDP). Scores go to every logger of the trainer at the current step, and to :attr:`history`, which the
+    checkpoint keeps so that a resumed run continues its curve.
+
+    Args:
+        probe_sets: see :class:`RepresentationProbe`.
+        tokenizer: the tokenizer of the training corpus, which ``embed`` tokenizes the probe cells with.
+        every_n_validations: probe after every N-th validation.
+    """
+
+    def __init__(self, probe_sets: Sequence[ProbeSet], tokenizer, every_n_validations: int = 1, **settings):
+        if every_n_validations < 1:
+            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
+        self.probe_sets = list(probe_sets)
+        self.tokenizer = tokenizer
+        self.every_n_validations = every_n_validations
+        self.settings = settings
+        self.history: list[dict] = []
+        self._validations = 0
+        self._probe: RepresentationProbe | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations == 0:
+            self.run(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.run(trainer, module)
+
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict | None:
+        """Probe now and log; returns the results on rank 0 (None elsewhere)."""
+        if not trainer.is_global_zero:
+            return None
+        if self._probe is None:
+            self._probe = RepresentationProbe(self.probe_sets, **self.settings)
+        model = module.model
+        model.gene_tokenizer = self.tokenizer
+        results = self._probe.evaluate(model)
+        flat = flatten_results(results)
+        for each in trainer.loggers:
+            each.log_metrics(flat, step=trainer.global_step)
+        self.history.append({"step": trainer.global_step, "results": results})
+        summary = ", ".join(
+            f"{name} kNN {r['ours']['knn_accuracy']:.3f}/{r['pca']['knn_accuracy']:.3f} "
+            f"AvgBIO {r['ours']['avg_bio']:.3f}/{r['pca']['avg_bio']:.3f}"
+            for name, r in results.items()
+        )
+        announce(f"probes at step {trainer.global_step} (ours/PCA): {summary}", logger)
+        return results
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+        self._validations = state_dict["validations"]
