@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,10 @@ class Case:
     """How many images (plots) the executed notebook shows at least."""
     needs_published: bool = False
     """Whether the case runs on the published-checkpoint stand-ins (``Run.published``)."""
+    stated: dict[str, str] | None = None
+    """Probe key -> a regular expression whose group is the figure the notebook's prose states for it, as the
+    notebook printed it on the main command's export (checked by the slow ``test_notebook_prose_states_its_figures``).
+    """
 
 
 def _check_embed(probe: dict, run: Run) -> None:
@@ -161,6 +166,7 @@ CASES: dict[str, Case] = {
             "ari_pca": float(ari_pca),
         }""",
         check=_check_embed,
+        stated={"ari": r"adjusted Rand index (\d\.\d+) for the embedding", "ari_pca": r"against (\d\.\d+) for\s+PCA's"},
     ),
     "02_annotation": Case(
         parameters=finetuning_parameters,
@@ -243,17 +249,16 @@ def test_committed_notebooks_have_no_outputs(path):
     assert "widgets" not in notebook.metadata, f"{path.name}: saved widget state; strip it"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch, request):
+def execute(name: str, parameters: dict, tmp_path: Path, monkeypatch) -> tuple[dict, list]:
+    """Run notebook ``name`` with ``parameters`` assigned after its parameters cell; (the probe's value, the outputs).
+
+    The executed copy goes to ``tmp_path`` (for debugging a failure), never back into the repository.
+    """
     from nbclient import NotebookClient
 
-    if not (shared_data / CELLBENCH).exists():
-        pytest.skip(f"{CELLBENCH} is missing from {shared_data}")
     case = CASES[name]
-    published = request.getfixturevalue("published") if case.needs_published else None
-    run = Run(pretrained=Path(pretrained), data=shared_data, output_dir=tmp_path / "output", published=published)
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    injected = "\n".join(f"{key} = {value!r}" for key, value in case.parameters(run).items())
+    injected = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
     notebook.cells.insert(
         parameters_cell(notebook) + 1,
         new_code_cell(f"# Injected by tests/test_notebooks.py\n{injected}", metadata={"tags": ["injected"]}),
@@ -273,10 +278,62 @@ def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch, req
     try:
         client.execute()
     finally:
-        nbformat.write(notebook, tmp_path / f"{name}.executed.ipynb")  # a copy, for debugging a failure
+        nbformat.write(notebook, tmp_path / f"{name}.executed.ipynb")
     assert not list(workdir.iterdir()), f"the notebook wrote into its working directory: {list(workdir.iterdir())}"
-    case.check(json.loads(probe_file.read_text()), run)
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.output_type == "error"]
-    assert sum("image/png" in output.get("data", {}) for output in outputs) >= case.images
     assert all(cell.execution_count for cell in notebook.cells if cell.cell_type == "code")
+    return json.loads(probe_file.read_text()), outputs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_notebook_runs(name, pretrained, shared_data, tmp_path, monkeypatch, request):
+    if not (shared_data / CELLBENCH).exists():
+        pytest.skip(f"{CELLBENCH} is missing from {shared_data}")
+    case = CASES[name]
+    published = request.getfixturevalue("published") if case.needs_published else None
+    run = Run(pretrained=Path(pretrained), data=shared_data, output_dir=tmp_path / "output", published=published)
+    probe, outputs = execute(name, case.parameters(run), tmp_path, monkeypatch)
+    case.check(probe, run)
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= case.images
+
+
+def stated_figures(name: str) -> dict[str, float]:
+    """Probe key -> the figure the notebook's markdown states for it (its ``Case.stated`` patterns)."""
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    prose = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    figures = {}
+    for key, pattern in (CASES[name].stated or {}).items():
+        found = re.search(pattern, prose)
+        assert found, f"{name}: the prose no longer states {key} ({pattern!r})"
+        figures[key] = float(found.group(1))
+    return figures
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.stated])
+def test_every_stated_figure_is_found_in_the_prose(name):
+    assert stated_figures(name)
+
+
+@pytest.fixture(scope="module")
+def main_command_export(tmp_path_factory):
+    """The main command's export (``python train.py`` without overrides), in a cache of its own."""
+    from sc_foundation.conf import compose
+    from sc_foundation.training import pretrain
+
+    out = tmp_path_factory.mktemp("main_command")
+    result = pretrain.run(compose("pretrain", [f"output_dir={out}", f"paths.cache={out / 'cache'}"]))
+    return result["best_export"] if (result["best_export"] / "config.json").exists() else result["export"]
+
+
+@pytest.mark.slow  # the main command (minutes) and the notebook at its own settings
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.stated])
+def test_notebook_prose_states_its_figures(name, main_command_export, shared_data, tmp_path, monkeypatch):
+    """What the prose says the notebook printed on the main command's export is what it prints (within 0.03: the
+    run is deterministic on one machine, but another CPU's kernels move the last digits of a short training)."""
+    run = Run(pretrained=Path(main_command_export), data=shared_data, output_dir=tmp_path / "output")
+    parameters = {key: value for key, value in CASES[name].parameters(run).items() if key != "OVERRIDES"}
+    parameters.pop("MAX_EPOCHS", None)  # the notebook's own budget
+    probe, _ = execute(name, parameters, tmp_path, monkeypatch)
+    for key, figure in stated_figures(name).items():
+        assert probe[key] == pytest.approx(figure, abs=0.03), f"{name}: prints {key}={probe[key]:.3f}, says {figure}"
