@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -104,7 +105,7 @@ def embed(
         species: see :func:`sc_foundation.data.genes.resolve_genes`.
         batch_size: cells per forward pass; default 256 on CUDA, 64 on CPU. Does not change the result.
         copy: work on and return a copy of ``adata``, leaving it untouched.
-        progress: show a tqdm bar; None shows one from 5000 cells on.
+        progress: show a tqdm bar; None shows one from 5000 cells on, when stderr is a terminal.
         precision: ``"auto"`` (bf16 on CUDA, fp32 on CPUs), ``"bf16"`` or ``"fp32"``;
             ``uns["sc_foundation"]["precision"]`` records the one used.
 
@@ -467,7 +468,8 @@ def _run(
     }
     keys = cell_keys(adata.obs_names)
     outputs: dict[str, np.ndarray] = {}
-    show = adata.n_obs >= _PROGRESS_MIN_CELLS if progress is None else progress
+    # None: a bar for long runs on a terminal only; a log file or pipe would get every refresh as a line.
+    show = adata.n_obs >= _PROGRESS_MIN_CELLS and sys.stderr.isatty() if progress is None else progress
     was_training = model.training
     model.eval()  # dropout off: the same cell always gets the same embedding
     try:
