@@ -6,6 +6,7 @@ uninterrupted run ends. Counts of what survives are in BENCHMARKS.md ("Fault sui
 """
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
@@ -34,13 +36,14 @@ from sc_foundation.models.export import EXPORT_FILES, export_pretrained, load_pr
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 KANG = "kang_ifnb/kang_ifnb.h5ad"
+ORPHAN_TIMEOUT_S = 60
 STORE_SETTINGS = {"tokenizer_config": TokenizerConfig(context_length=64), "min_cells_per_gene": 1, "chunk_size": 64}
 BUILD = """
-import sys
+import os, sys
 from sc_foundation.data.store import build_store
 from sc_foundation.data.tokenization import TokenizerConfig
 build_store(sys.argv[1:-1], sys.argv[-1], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
-            chunk_size=64)
+            chunk_size=64, num_workers=int(os.environ.get("BUILD_WORKERS", "1")))
 """
 EXPORT_FOREVER = """
 import sys, torch
@@ -99,25 +102,103 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- kills
+KILL_POINTS = {
+    0: lambda out: (out / "stats").is_dir(),  # in the first pass (gene statistics)
+    1: lambda out: (out / "shards" / "00000.json").exists(),  # between shards: one finished, two to go
+    2: lambda out: (out / "gene_tokenizer.json").exists(),  # the vocabulary just written
+}
+
+
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_a_killed_store_build_reruns_to_the_same_store(slices, reference_store, tmp_path, seed):
+    """SIGKILL at a point of the build chosen by ``seed``; the kill must land before the build finished (else the
+    case tests nothing and fails), and the rerun resumes what was finished and ends with the reference store."""
     out = tmp_path / "store"
-    lock = tmp_path / ".store.lock"
     command = [sys.executable, "-c", BUILD, *map(str, slices), str(out)]
-    killed = kill_during(command, lambda: lock.exists() and lock.read_text().startswith("pid"), seed, span=3.0)
-    complete = False
-    if killed:
-        try:
-            CorpusStore(out)
-            complete = True  # the kill landed after the manifest, while the process was exiting
-        except FileNotFoundError:
-            pass  # never readable half-built
-        if complete:
-            assert_same_store(out, reference_store)
+    assert kill_during(command, lambda: KILL_POINTS[seed](out), seed, span=0.0)
+    assert not (out / store_module.MANIFEST).exists(), "the kill came after the build finished: it tested nothing"
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        CorpusStore(out)  # never readable half-built
+    finished = sorted(p.name for p in (out / "shards").glob("*.json")) if (out / "shards").is_dir() else []
     report = build_store(slices, out, **STORE_SETTINGS)
-    assert not report.reused or complete or not killed
+    assert not report.reused and len(report.resumed) == len(finished)
     assert_same_store(out, reference_store)
     assert not list(out.rglob(".*tmp*")), "the rerun leaves no temporary files"
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_a_killed_store_build_leaves_no_child_alive(slices, tmp_path, workers):
+    """SIGKILL of a build running a pool of worker processes: within a few seconds no child is left (the pool
+    workers and multiprocessing's resource tracker used to run on for minutes, about 890 MB each)."""
+    out = tmp_path / "store"
+    env = {**ENV, "BUILD_WORKERS": str(workers)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", BUILD, *map(str, slices), str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
+    deadline, children = time.monotonic() + 120, []
+    while time.monotonic() < deadline and process.poll() is None:
+        children = _descendants(process.pid)
+        if len(children) > workers:
+            break  # every worker and the resource tracker are up
+        time.sleep(0.05)
+    assert process.poll() is None and len(children) > workers, "the pool never started: nothing to kill"
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    assert not (out / store_module.MANIFEST).exists(), "the kill came after the build finished: it tested nothing"
+    # A worker still importing the package when its parent died exits as soon as the import is done (seconds on an
+    # idle machine); one past it is killed by the kernel at once. The bound leaves room for a loaded machine.
+    gone, alive = psutil.wait_procs(children, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"children outlived their killed parent: {[(p.pid, p.cmdline()[-3:]) for p in alive]}"
+    assert len(gone) == len(children) > workers
+    print(f"{len(children)} children gone {time.monotonic() - killed:.1f} s after the parent's SIGKILL")
+
+
+def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
+    """A build that fails before finishing a piece (a 0-cell input among the files) leaves no folder or lock file:
+    nothing that a later run trips over."""
+    empty = tmp_path / "empty.h5ad"
+    real_slice(KANG, np.arange(5))[:0].copy().write_h5ad(empty)
+    cache = tmp_path / "stores"
+    with pytest.raises(InvalidInputError, match=rf"{empty}: holds no cells \(0 rows\): remove it"):
+        build_store([empty], cache / "binned-{plan}", **STORE_SETTINGS)
+    assert not cache.exists() or not list(cache.iterdir())
+
+    full = tmp_path / "full.h5ad"
+    real_slice(KANG, np.arange(20)).write_h5ad(full)
+    settings = {**STORE_SETTINGS, "min_cells_per_gene": 10_000}
+    with pytest.raises(ValueError, match=r"min_cells_per_gene=10000 cells.*lower min_cells_per_gene \(data\."):
+        build_store([full], cache / "binned-{plan}", **settings)  # fails after the statistics: those are kept
+    (kept,) = cache.glob("binned-*")
+    assert list((kept / "stats").glob("*.npz"))
+
+
+def test_unfinished_stores_of_other_plans_are_swept_unless_held(slices, tmp_path):
+    """A {plan} cache: a killed build's folder of another plan goes at the next build, unless a process holds its
+    build lock (a builder) or its plan (a launcher rank)."""
+    cache = tmp_path / "stores"
+    template = str(cache / "binned-{plan}")
+    stale = cache / "binned-000000000000"
+    (stale / "stats").mkdir(parents=True)
+    (stale / store_module.PLAN).write_text("{}")
+    held = cache / "binned-111111111111"
+    (held / "stats").mkdir(parents=True)
+    (held / store_module.PLAN).write_text("{}")
+    with store_module._build_lock(held):
+        report = build_store(slices[:1], template, **STORE_SETTINGS)
+    assert not stale.exists() and held.exists() and Path(report.path).exists()
+    with open(held / store_module.PLAN, "rb") as plan:  # what a launcher rank holds while it builds
+        fcntl.flock(plan, fcntl.LOCK_SH)
+        assert store_module.sweep_unfinished_stores(cache) == []
+    assert store_module.sweep_unfinished_stores(cache) == [held]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [Path(report.path).name]
 
 
 @pytest.fixture(scope="module")

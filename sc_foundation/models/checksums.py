@@ -92,10 +92,13 @@ def verify_checksums(folder: str | os.PathLike) -> bool:
     for name, expected in recorded.items():
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {folder / MANIFEST} lists it. {DAMAGED_FILE_FIX}")
+            raise FileNotFoundError(
+                f"{path} is missing, or its name in {folder / MANIFEST} is damaged: the manifest lists it. "
+                f"{DAMAGED_FILE_FIX}"
+            )
         if file_digest(path) != expected:
             raise ChecksumError(
-                f"{path} is corrupt or truncated: its SHA-256 differs from the one in {folder / MANIFEST}. "
-                f"{DAMAGED_FILE_FIX}"
+                f"{path} is corrupt or truncated: its SHA-256 differs from the one in {folder / MANIFEST} (unless "
+                f"that line of the manifest is what was damaged). {DAMAGED_FILE_FIX}"
             )
     return True
