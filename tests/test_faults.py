@@ -10,7 +10,9 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ from sc_foundation.data.genes import GeneVocab
 from sc_foundation.data.io import InvalidInputError, counts_from_anndata
 from sc_foundation.data.store import CorpusStore, build_store
 from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig, cell_keys
+from sc_foundation.models.checksums import MANIFEST as CHECKSUMS
 from sc_foundation.models.export import EXPORT_FILES, export_pretrained, load_pretrained
 
 ROOT = Path(__file__).parents[1]
@@ -318,6 +321,66 @@ def test_damaged_export_files_are_refused_by_name(exported, tmp_path, name, dama
     with pytest.raises(ValueError, match="is corrupt or truncated") as error:
         load_pretrained(copy, device="cpu")
     assert str(copy / name) in str(error.value) and "again" in str(error.value)
+
+
+@pytest.mark.parametrize("name", [*EXPORT_FILES, CHECKSUMS])
+def test_a_flipped_bit_in_any_export_file_is_refused_naming_it(exported, tmp_path, name):
+    """One bit flipped in the middle of a file (in the weights: inside the tensor data, which still parses) is found
+    by the checksums and the file named; ``verify=False`` skips the check."""
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for file in exported.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    data = bytearray((copy / name).read_bytes())
+    position = len(data) - 64 if name == "model.safetensors" else len(data) // 2
+    data[position] ^= 0x04
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        load_pretrained(copy, device="cpu")
+    assert str(copy / name) in str(error.value) and "again" in str(error.value)
+    if name == "model.safetensors":  # the damage is invisible to the safetensors format itself
+        load_pretrained(copy, device="cpu", verify=False)
+
+
+def test_an_export_lists_every_file_and_sha256sum_agrees(exported):
+    listed = dict(line.split("  ")[::-1] for line in (exported / CHECKSUMS).read_text().splitlines())
+    assert sorted(listed) == sorted(p.name for p in exported.iterdir() if p.name != CHECKSUMS)
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "-c", CHECKSUMS], cwd=exported, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.count(": OK") == len(listed), done.stdout + done.stderr
+
+
+def test_unusable_model_folders_are_named_with_the_fix(exported, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'absent'} does not exist: pass an exported model"):
+        load_pretrained(tmp_path / "absent")
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for name in EXPORT_FILES:  # a folder of random bytes under the right names
+        (noise / name).write_bytes(random.Random(name).randbytes(2048))
+    with pytest.raises(ValueError, match=f"{noise / 'config.json'} is corrupt or truncated"):
+        load_pretrained(noise)
+    scgpt = tmp_path / "scgpt"
+    scgpt.mkdir()
+    (scgpt / "args.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"scGPT folder \(args.json\) but lacks best_model.pt, vocab.json"):
+        load_pretrained(scgpt)
+
+
+def test_a_killed_export_leaves_nothing_the_next_export_keeps(exported, tmp_path):
+    """What a SIGKILLed export leaves (its staging folder, an old export moved aside) is cleaned by the next export
+    to the same folder; an export that lost its folder gets the old one back first."""
+    target = tmp_path / "final"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{dead.pid}@{socket.gethostname()}"
+    (tmp_path / f".final.tmp-{owner}-abc").mkdir()
+    retired = tmp_path / f".final.old-{owner}-def"
+    shutil.copytree(exported, retired / "final")
+    alive = tmp_path / f".final.tmp-{os.getpid()}@{socket.gethostname()}-ghi"  # a live writer's: kept
+    alive.mkdir()
+    model = load_pretrained(exported, device="cpu")
+    export_pretrained(model, model.gene_tokenizer, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "final"])
 
 
 # ---------------------------------------------------------------------------------------------- full disk
