@@ -164,6 +164,34 @@ def test_a_killed_store_build_leaves_no_child_alive(slices, tmp_path, workers):
     print(f"{len(children)} children gone {time.monotonic() - killed:.1f} s after the parent's SIGKILL")
 
 
+LOADER_FOREVER = """
+import sys, time
+from sc_foundation.data.datamodule import CorpusDataModule
+datamodule = CorpusDataModule(sys.argv[1], batch_size=8, num_workers=2, worker_batches=1)
+datamodule.setup()
+batches = iter(datamodule.train_dataloader())
+next(batches)
+print("loading", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_training_leaves_no_loader_worker_alive(reference_store):
+    """SIGKILL of a process whose DataLoader has two workers (persistent, between batches): both exit at once."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOADER_FOREVER, str(reference_store)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE
+    )
+    assert process.stdout.readline().strip() == b"loading", "the loader never started"
+    workers = _descendants(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    gone, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"loader workers outlived their killed parent: {[p.pid for p in alive]}"
+    print(f"{len(gone)} loader workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
+
+
 def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
     """A build that fails before finishing a piece (a 0-cell input among the files) leaves no folder or lock file:
     nothing that a later run trips over."""
@@ -201,7 +229,8 @@ def test_unfinished_stores_of_other_plans_are_swept_unless_held(slices, tmp_path
         fcntl.flock(plan, fcntl.LOCK_SH)
         assert store_module.sweep_unfinished_stores(cache) == []
     assert store_module.sweep_unfinished_stores(cache) == [held]
-    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [Path(report.path).name]
+    name = Path(report.path).name
+    assert sorted(p.name for p in cache.iterdir()) == sorted([name, f".{name}.lock"]), "swept lock files went too"
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +258,9 @@ def test_a_killed_export_leaves_the_old_export_or_none_and_reruns_the_same(expor
         load_pretrained(target, device="cpu")
     model = load_pretrained(exported, device="cpu")
     export_pretrained(model, model.gene_tokenizer, target)
-    for name in EXPORT_FILES:
+    for name in (*EXPORT_FILES, CHECKSUMS):
         assert (target / name).read_bytes() == (exported / name).read_bytes(), name
+    assert [p.name for p in tmp_path.iterdir()] == ["final"], "the rerun removed the killed export's leftovers"
 
 
 def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]:
@@ -254,52 +284,79 @@ def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]
     ]
 
 
+@pytest.fixture(scope="module")
+def straight_pretraining(slices, tmp_path_factory) -> Path:
+    """The uninterrupted pretraining run that every killed one must match byte for byte."""
+    root = tmp_path_factory.mktemp("straight_pretraining")
+    command = _train_command(slices[0], root / "cache", root / "run")
+    subprocess.run(command, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return root / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, tmp_path, seed):
+def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, straight_pretraining, tmp_path, seed):
     cache = tmp_path / "cache"
-    straight = tmp_path / "straight"
-    subprocess.run(_train_command(slices[0], cache, straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
     assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=4.0)
+    assert not (killed / "export" / "final").exists(), "the kill came after the run finished: it tested nothing"
     resume = [f"ckpt_path={last}"] if last.exists() else []
     subprocess.run(
         _train_command(slices[0], cache, killed, *resume), cwd=ROOT, env=ENV, check=True, capture_output=True
     )
-    for name in EXPORT_FILES:
-        expected = (straight / "export" / "final" / name).read_bytes()
+    for name in EXPORT_FILES:  # the model card and metrics.json hold wall times (and so do their checksums)
+        expected = (straight_pretraining / "export" / "final" / name).read_bytes()
         assert (killed / "export" / "final" / name).read_bytes() == expected, name
+
+
+def _finetune_command(pretrained: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "finetune.py"),
+        f"pretrained={pretrained}",
+        f"data.files=[{data}]",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "baselines.n_pcs=5",
+        f"output_dir={out}",
+        f"hydra.run.dir={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finetuning_cells(real_slice, tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("finetuning") / "cells.h5ad"
+    real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 499, 2)).write_h5ad(data)  # both protocols
+    return data
+
+
+@pytest.fixture(scope="module")
+def straight_finetuning(pretrained, finetuning_cells) -> Path:
+    """The uninterrupted fine-tuning run that every killed one must match."""
+    out = finetuning_cells.parent / "straight"
+    subprocess.run(
+        _finetune_command(pretrained, finetuning_cells, out), cwd=ROOT, env=ENV, check=True, capture_output=True
+    )
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_finetuning_reruns_to_the_same_metrics(pretrained, cellbench, real_slice, tmp_path, seed):
-    data = tmp_path / "cells.h5ad"
-    real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 499, 2)).write_h5ad(data)  # both protocols
-
-    def command(out: Path) -> list[str]:
-        return [
-            sys.executable,
-            str(ROOT / "finetune.py"),
-            f"pretrained={pretrained}",
-            f"data.files=[{data}]",
-            "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false",
-            "baselines.n_pcs=5",
-            f"output_dir={out}",
-            f"hydra.run.dir={out}",
-        ]
-
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    assert kill_during(command(killed), lambda: (killed / "store").exists(), seed, span=15.0)
-    assert not (killed / "metrics.json").exists() or (killed / "metrics.json").read_text()
-    subprocess.run(command(killed), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    expected = json.loads((straight / "metrics.json").read_text())
+def test_killed_finetuning_reruns_to_the_same_metrics(
+    pretrained, finetuning_cells, straight_finetuning, tmp_path, seed
+):
+    killed = tmp_path / "killed"
+    command = _finetune_command(pretrained, finetuning_cells, killed)
+    assert kill_during(command, lambda: (killed / "store").exists(), seed, span=15.0)
+    assert not (killed / "metrics.json").exists(), "the kill came after the run finished: it tested nothing"
+    subprocess.run(command, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    expected = json.loads((straight_finetuning / "metrics.json").read_text())
     assert json.loads((killed / "metrics.json").read_text())["model"] == expected["model"]
     for name in EXPORT_FILES:
-        assert (killed / "export" / "best" / name).read_bytes() == (straight / "export" / "best" / name).read_bytes()
+        assert (killed / "export" / "best" / name).read_bytes() == (
+            straight_finetuning / "export" / "best" / name
+        ).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------ damaged files

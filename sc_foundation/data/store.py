@@ -657,16 +657,18 @@ def build_store(
     if PLAN_PLACEHOLDER in str(out_dir):
         sweep_unfinished_stores(out.parent, keep=out)
     mine = parts if rank is None else parts[rank::world_size]
-    with _build_lock(out) if rank is None else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
         if rank is None:
+            held.enter_context(_build_lock(out))
             _prepare_directory(out, plan, overwrite)
             if (out / MANIFEST).exists():
                 return load_report(out, reused=True)
         else:
             with _build_lock(out):  # only to write the plan: the ranks then work side by side
                 _prepare_directory(out, plan, overwrite=False, clean=False)
+                held.enter_context(_building(out))  # taken before the build lock goes: never a moment unheld
         with (
-            _discard_if_failed(out) if rank is None else _building(out),
+            _discard_if_failed(out) if rank is None else contextlib.nullcontext(),
             _worker_pool(num_workers, len(mine)) as run,
         ):
             # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
