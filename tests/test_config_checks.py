@@ -76,7 +76,10 @@ def test_required_values_and_missing_columns_are_named(shared_data):
         check_config(compose("finetune", [*FINETUNE, "task=integration"]), "finetune")
     cells = shared_data / CELLBENCH
     cfg = compose("finetune", ["pretrained=model", f"data.files=[{cells}]", "label_key=celltype"])
-    with pytest.raises(ConfigError, match=rf"label_key=celltype: {cells} has no obs column 'celltype': did you mean"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{cells}: label_key='celltype' is not an obs column; obs .*; did you mean label_key=cell_type\?",
+    ):
         check_config(cfg, "finetune")
     check_config(compose("finetune", ["pretrained=model", f"data.files=[{cells}]"]), "finetune")
 

@@ -202,6 +202,15 @@ def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
         build_store([empty], cache / "binned-{plan}", **STORE_SETTINGS)
     assert not cache.exists() or not list(cache.iterdir())
 
+    negative = real_slice(KANG, np.arange(20))
+    negative.X = np.asarray(negative.X.toarray() if sp.issparse(negative.X) else negative.X, dtype=np.float32)
+    negative.X[0, np.flatnonzero(negative.X[0])[0]] = -1  # found in the first pass, after the folder was made
+    bad = tmp_path / "negative.h5ad"
+    negative.write_h5ad(bad)
+    with pytest.raises(InvalidInputError, match="negative"):
+        build_store([bad], cache / "binned-{plan}", **STORE_SETTINGS)
+    assert not cache.exists() or not list(cache.iterdir()), "no folder, plan, empty stats/ or lock file is left"
+
     full = tmp_path / "full.h5ad"
     real_slice(KANG, np.arange(20)).write_h5ad(full)
     settings = {**STORE_SETTINGS, "min_cells_per_gene": 10_000}

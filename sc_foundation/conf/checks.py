@@ -303,8 +303,8 @@ def _missing_columns(values: dict) -> list[str]:
         for key, column in wanted.items():
             if column not in columns:
                 close = difflib.get_close_matches(column, columns, n=1)
-                hint = f"did you mean {key}={close[0]}?" if close else f"its columns are {sorted(columns)[:10]}"
-                problems.append(f"{key}={column}: {path} has no obs column {column!r}: {hint}")
+                hint = f"; did you mean {key}={close[0]}?" if close else ""
+                problems.append(f"{path}: {key}={column!r} is not an obs column; obs columns: {columns[:20]}{hint}")
     return problems
 
 
@@ -316,6 +316,10 @@ def _obs_columns(path: Path) -> list[str] | None:
     try:
         with h5py.File(path, "r") as file:
             obs = file["obs"]
-            return list(obs.keys()) if isinstance(obs, h5py.Group) else list(obs.dtype.names or ())
+            if not isinstance(obs, h5py.Group):  # the legacy layout: one compound dataset
+                return list(obs.dtype.names or ())
+            order = obs.attrs.get("column-order")
+            columns = [str(c) for c in order] if order is not None else [k for k in obs if not k.startswith("_")]
+            return columns
     except (OSError, KeyError):
         return None
