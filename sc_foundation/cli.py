@@ -89,8 +89,9 @@ def fail(error: Exception, command: str, logs: Sequence[logging.Handler] = ()) -
     )
     for handler in logs:
         handler.handle(record)  # only the log files: the screen gets the one line below
-    where = f"the traceback is in {logs[0].baseFilename}" if logs else "the traceback"
-    print(f"{PROG} {command}: error: {message} ({where}; {DEBUG_VARIABLES[0]}=1 shows it here)", file=sys.stderr)
+    debug = f"{DEBUG_VARIABLES[0]}=1 shows it here" if logs else f"{DEBUG_VARIABLES[0]}=1 shows the traceback"
+    where = f"the traceback is in {logs[0].baseFilename}; " if logs else ""
+    print(f"{PROG} {command}: error: {message} ({where}{debug})", file=sys.stderr)
     sys.exit(1)
 
 

@@ -132,3 +132,21 @@ def test_a_bad_override_fails_on_one_line_before_any_store_and_lands_in_the_log(
     log = (tmp_path / "run" / "train.log").read_text()
     assert "trainer.max_steps='abc'" in log and "Traceback (most recent call last)" in log
     assert not (tmp_path / "cache").exists(), "no store was started"
+
+
+def test_every_subcommand_fails_on_one_line_and_the_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from sc_foundation.cli import main
+
+    argv = ["embed", "--model", str(tmp_path), "--input", str(tmp_path / "absent.h5ad"), "--output", "out.h5ad"]
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"sc-foundation embed: error: --input {tmp_path / 'absent.h5ad'} does not exist: pass an .h5ad file of raw "
+        "counts (HYDRA_FULL_ERROR=1 shows the traceback)"
+    )
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(FileNotFoundError, match=r"absent\.h5ad does not exist"):
+        main(argv)
