@@ -107,7 +107,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 # --------------------------------------------------------------------------------------------------- kills
 KILL_POINTS = {
     0: lambda out: (out / "stats").is_dir(),  # in the first pass (gene statistics)
-    1: lambda out: (out / "shards" / "00000.json").exists(),  # between shards: one finished, two to go
+    1: lambda out: any((out / "shards").glob("*.json")),  # between shards: one finished, two to go
     2: lambda out: (out / "gene_tokenizer.json").exists(),  # the vocabulary just written
 }
 
