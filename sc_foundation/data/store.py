@@ -63,7 +63,7 @@ import pyarrow as pa
 from sc_foundation.data.gene_statistics import GeneStatistics
 from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
 from sc_foundation.data.io import InvalidInputError, open_counts
-from sc_foundation.data.lifetime import die_with_parent
+from sc_foundation.data.lifetime import pool_initializer
 from sc_foundation.data.soma import is_soma_uri
 from sc_foundation.data.tokenization import (
     GeneMatchError,
@@ -558,9 +558,7 @@ def _worker_pool(num_workers: int, n_jobs: int):
     # spawn, not fork: the parent may hold torch or HDF5 state that is unsafe to fork. The workers die with this
     # process (a killed build must not leave them running).
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(num_workers, n_jobs), mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
-    ) as pool:
+    with ProcessPoolExecutor(max_workers=min(num_workers, n_jobs), mp_context=context, **pool_initializer()) as pool:
         yield lambda function, jobs: list(pool.map(function, *zip(*jobs, strict=True))) if jobs else []
 
 
