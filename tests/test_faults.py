@@ -287,9 +287,10 @@ def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]
         "data.min_cells_per_gene=1",
         "data.build_workers=1",
         "data.tokenizer.context_length=64",
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=4",
-        "checkpoint.every_n_train_steps=2",
+        # 60 steps (about 6 s here) with a checkpoint every 5: a kill up to 1 s after the first one lands mid-run.
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=20",
+        "checkpoint.every_n_train_steps=5",
         "trainer.enable_progress_bar=false",
         # Probes off: probe sets matched against a 300-cell vocabulary fall below min_match_rate (the run then fails
         # at its first validation); resuming does not involve them.
@@ -315,7 +316,7 @@ def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, straigh
     cache = tmp_path / "cache"
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=4.0)
+    assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=1.0)
     assert not (killed / "export" / "final").exists(), "the kill came after the run finished: it tested nothing"
     resume = [f"ckpt_path={last}"] if last.exists() else []
     subprocess.run(
