@@ -238,7 +238,7 @@ def _gpu_problems(trainer: dict) -> list[str]:
         what = f"trainer.accelerator={accelerator}" if accelerator in ("gpu", "cuda") else "trainer.strategy (FSDP)"
         return [
             f"{what}{_choices()} needs a CUDA GPU and torch finds none on this machine: add trainer=cpu "
-            "(with an experiment, after it) to run on the CPU, or run on a GPU machine"
+            "to run on the CPU, or run on a GPU machine"
         ]
     return []
 
