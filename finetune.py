@@ -7,7 +7,9 @@ there); the configs are in ``sc_foundation/conf``.
 
 import sys
 
-from sc_foundation.cli import main
-
 if __name__ == "__main__":
+    # Imported here, not above: a spawned worker process imports this file too, and must not load the package
+    # (seconds of torch) before it has arranged to die with its parent (sc_foundation/data/lifetime.py).
+    from sc_foundation.cli import main
+
     main(["finetune", *sys.argv[1:]])

@@ -7,7 +7,9 @@ Builds (or reuses) the tokenized corpus store of ``data``, pretrains and exports
 
 import sys
 
-from sc_foundation.cli import main
-
 if __name__ == "__main__":
+    # Imported here, not above: a spawned worker process imports this file too, and must not load the package
+    # (seconds of torch) before it has arranged to die with its parent (sc_foundation/data/lifetime.py).
+    from sc_foundation.cli import main
+
     main(["pretrain", *sys.argv[1:]])

@@ -9,12 +9,18 @@ Python API.
   ``layers["sc_foundation_imputed"]``), through a temporary file and a rename.
 - ``convert`` turns a published scGPT or Geneformer folder into our export.
 - ``probe`` scores the cell embedding of any export (or published folder) on the probe sets, against PCA.
+
+A failed command prints its error on one line (what is wrong, with the file or key, and the fix) and exits with
+status 1; the traceback goes to the run's log (``<output_dir>/train.log`` or ``finetune.log``), and to the screen
+with ``HYDRA_FULL_ERROR=1`` (or ``SC_FOUNDATION_DEBUG=1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,8 +31,10 @@ from sc_foundation.conf import SEARCH_PATH
 PROG = "sc-foundation"
 
 
-def _hydra_app(config_name: str, run: Callable) -> Callable[[Sequence[str]], None]:
-    """A subcommand that hands its arguments to a Hydra application over ``conf/<config_name>.yaml``."""
+def _hydra_app(config_name: str, runner: str) -> Callable[[Sequence[str]], None]:
+    """A subcommand that hands its arguments to a Hydra application over ``conf/<config_name>.yaml``, whose config is
+    checked (:func:`~sc_foundation.conf.checks.check_config`) before ``runner`` (``"module:function"``) is imported:
+    a bad override fails without waiting for Lightning and scanpy to load."""
 
     def command(argv: Sequence[str]) -> None:
         import hydra
@@ -34,7 +42,14 @@ def _hydra_app(config_name: str, run: Callable) -> Callable[[Sequence[str]], Non
 
         @hydra.main(version_base="1.3", config_path=SEARCH_PATH, config_name=config_name)
         def main(cfg: DictConfig) -> None:
-            run(cfg)
+            try:
+                from sc_foundation.conf.checks import check_config
+
+                check_config(cfg, config_name)
+                module, _, function = runner.partition(":")
+                getattr(importlib.import_module(module), function)(cfg)
+            except Exception as error:
+                fail(error, config_name, _run_logs())
 
         # Hydra reads sys.argv; its --help then names the subcommand rather than this module.
         sys.argv = [f"{PROG} {config_name}", *argv, *_run_dir_follows_output_dir(argv)]
@@ -52,16 +67,45 @@ def _run_dir_follows_output_dir(argv: Sequence[str]) -> list[str]:
     return []
 
 
-def _pretrain(argv: Sequence[str]) -> None:
-    from sc_foundation.training.pretrain import run
+# ------------------------------------------------------------------------------------------------- user errors
+DEBUG_VARIABLES = ("HYDRA_FULL_ERROR", "SC_FOUNDATION_DEBUG")
+"""Set either to 1 to see the full traceback of a failed command on the screen (it always goes to the run's log)."""
+USER_ERRORS = (ValueError, OSError, LookupError)
+"""What bad input raises (ConfigError, InvalidInputError, ConversionError and ChecksumError are ValueErrors;
+FileNotFoundError an OSError): its message is the whole story. Anything else is shown with its type too."""
 
-    _hydra_app("pretrain", run)(argv)
+
+def _debugging() -> bool:
+    return any(os.environ.get(name, "0") not in ("", "0") for name in DEBUG_VARIABLES)
 
 
-def _finetune(argv: Sequence[str]) -> None:
-    from sc_foundation.tasks import run
+def _run_logs() -> list[logging.FileHandler]:
+    """The file handlers of Hydra's job logging: the run's ``<output_dir>/<job name>.log`` (train.log, finetune.log)."""
+    return [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
 
-    _hydra_app("finetune", run)(argv)
+
+def fail(error: Exception, command: str, logs: Sequence[logging.Handler] = ()) -> None:
+    """End a failed command: its error on one line on stderr, the traceback in the run's log (``logs``), and on the
+    screen too when a debug variable is set (:data:`DEBUG_VARIABLES`), then exit with status 1."""
+    if _debugging():
+        raise error
+    message = " ".join(str(error).split()) or "(no message)"
+    if not isinstance(error, USER_ERRORS) or isinstance(error, KeyError | UnicodeError):
+        message = f"{type(error).__name__}: {message}"
+    logger = logging.getLogger("sc_foundation.cli")
+    record = logger.makeRecord(
+        logger.name, logging.ERROR, __file__, 0, message, None, (type(error), error, error.__traceback__)
+    )
+    for handler in logs:
+        handler.handle(record)  # only the log files: the screen gets the one line below
+    debug = f"{DEBUG_VARIABLES[0]}=1 shows it here" if logs else f"{DEBUG_VARIABLES[0]}=1 shows the traceback"
+    where = f"the traceback is in {logs[0].baseFilename}; " if logs else ""
+    print(f"{PROG} {command}: error: {message} ({where}{debug})", file=sys.stderr)
+    sys.exit(1)
+
+
+_pretrain = _hydra_app("pretrain", "sc_foundation.training.pretrain:run")
+_finetune = _hydra_app("finetune", "sc_foundation.tasks:run")
 
 
 # ------------------------------------------------------------------------------------------ AnnData in, AnnData out
@@ -227,7 +271,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         HYDRA_COMMANDS[argv[0]](argv[1:])
         return
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except Exception as error:
+        fail(error, args.command)
 
 
 if __name__ == "__main__":

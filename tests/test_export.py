@@ -13,6 +13,7 @@ import torch
 from sc_foundation.data.genes import VOCAB_FILE
 from sc_foundation.data.store import CorpusStore, build_store
 from sc_foundation.data.tokenization import TOKENIZER_FILE, TokenizerConfig
+from sc_foundation.models.checksums import MANIFEST
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.export import export_pretrained, load_pretrained
 from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
@@ -95,15 +96,17 @@ def test_export_modes_follow_the_umask(tokenizer, tmp_path, umask, file_mode, fo
         os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == folder_mode
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()}
-    assert modes == dict.fromkeys(["config.json", "model.safetensors", VOCAB_FILE, TOKENIZER_FILE], file_mode)
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", VOCAB_FILE, TOKENIZER_FILE, MANIFEST], file_mode)
 
 
 def test_a_config_that_no_longer_fits_the_weights_is_named(tokenizer, tmp_path, caplog):
     target = export_pretrained(tiny(tokenizer), tokenizer, tmp_path / "model")
     config = json.loads((target / "config.json").read_text())
     (target / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"config.json is corrupt or truncated: its SHA-256 differs"):
+        load_pretrained(target, device="cpu")  # the edit is caught by the checksums first
     with pytest.raises(ValueError, match="other shapes in the checkpoint") as error:
-        load_pretrained(target, device="cpu")
+        load_pretrained(target, device="cpu", verify=False)
     assert "config.json and the weights file disagree" in str(error.value)
     assert "ignore_mismatched_sizes" not in str(error.value) + caplog.text
 

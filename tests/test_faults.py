@@ -6,10 +6,13 @@ uninterrupted run ends. Counts of what survives are in BENCHMARKS.md ("Fault sui
 """
 
 import errno
+import fcntl
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
@@ -29,18 +33,20 @@ from sc_foundation.data.genes import GeneVocab
 from sc_foundation.data.io import InvalidInputError, counts_from_anndata
 from sc_foundation.data.store import CorpusStore, build_store
 from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig, cell_keys
+from sc_foundation.models.checksums import MANIFEST as CHECKSUMS
 from sc_foundation.models.export import EXPORT_FILES, export_pretrained, load_pretrained
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 KANG = "kang_ifnb/kang_ifnb.h5ad"
+ORPHAN_TIMEOUT_S = 60
 STORE_SETTINGS = {"tokenizer_config": TokenizerConfig(context_length=64), "min_cells_per_gene": 1, "chunk_size": 64}
 BUILD = """
-import sys
+import os, sys
 from sc_foundation.data.store import build_store
 from sc_foundation.data.tokenization import TokenizerConfig
 build_store(sys.argv[1:-1], sys.argv[-1], tokenizer_config=TokenizerConfig(context_length=64), min_cells_per_gene=1,
-            chunk_size=64)
+            chunk_size=64, num_workers=int(os.environ.get("BUILD_WORKERS", "1")))
 """
 EXPORT_FOREVER = """
 import sys, torch
@@ -99,25 +105,145 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- kills
+KILL_POINTS = {
+    0: lambda out: (out / "stats").is_dir(),  # in the first pass (gene statistics)
+    1: lambda out: any((out / "shards").glob("*.json")),  # between shards: one finished, two to go
+    2: lambda out: (out / "gene_tokenizer.json").exists(),  # the vocabulary just written
+}
+
+
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_a_killed_store_build_reruns_to_the_same_store(slices, reference_store, tmp_path, seed):
+    """SIGKILL at a point of the build chosen by ``seed``; the kill must land before the build finished (else the
+    case tests nothing and fails), and the rerun resumes what was finished and ends with the reference store."""
     out = tmp_path / "store"
-    lock = tmp_path / ".store.lock"
     command = [sys.executable, "-c", BUILD, *map(str, slices), str(out)]
-    killed = kill_during(command, lambda: lock.exists() and lock.read_text().startswith("pid"), seed, span=3.0)
-    complete = False
-    if killed:
-        try:
-            CorpusStore(out)
-            complete = True  # the kill landed after the manifest, while the process was exiting
-        except FileNotFoundError:
-            pass  # never readable half-built
-        if complete:
-            assert_same_store(out, reference_store)
+    assert kill_during(command, lambda: KILL_POINTS[seed](out), seed, span=0.0)
+    assert not (out / store_module.MANIFEST).exists(), "the kill came after the build finished: it tested nothing"
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        CorpusStore(out)  # never readable half-built
+    finished = sorted(p.name for p in (out / "shards").glob("*.json")) if (out / "shards").is_dir() else []
     report = build_store(slices, out, **STORE_SETTINGS)
-    assert not report.reused or complete or not killed
+    assert not report.reused and len(report.resumed) == len(finished)
     assert_same_store(out, reference_store)
     assert not list(out.rglob(".*tmp*")), "the rerun leaves no temporary files"
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("entry", ["build_store", pytest.param("train.py", marks=pytest.mark.slow)])
+def test_a_killed_store_build_leaves_no_child_alive(slices, tmp_path, entry):
+    """SIGKILL of a build running a pool of two worker processes (``build_store`` itself, or ``python train.py``
+    during its store build): within a few seconds no child is left (the pool workers and multiprocessing's resource
+    tracker used to run on for minutes, about 890 MB each)."""
+    workers, cache = 2, tmp_path / "cache"
+    if entry == "build_store":
+        command = [sys.executable, "-c", BUILD, *map(str, slices), str(cache / "store")]
+    else:
+        files = f"data.files=[{','.join(map(str, slices))}]"
+        command = [*_train_command(slices[0], cache, tmp_path / "run", f"data.build_workers={workers}", files)]
+    env = {**ENV, "BUILD_WORKERS": str(workers)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, children = time.monotonic() + 120, []
+    while time.monotonic() < deadline and process.poll() is None:
+        children = _descendants(process.pid)
+        if len(children) > workers:
+            break  # every worker and the resource tracker are up
+        time.sleep(0.05)
+    assert process.poll() is None and len(children) > workers, "the pool never started: nothing to kill"
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    assert not list(cache.rglob(store_module.MANIFEST)), "the kill came after the build finished: it tested nothing"
+    # A worker still importing the package when its parent died exits as soon as the import is done (seconds on an
+    # idle machine); one past it is killed by the kernel at once. The bound leaves room for a loaded machine.
+    gone, alive = psutil.wait_procs(children, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"children outlived their killed parent: {[(p.pid, p.cmdline()[-3:]) for p in alive]}"
+    assert len(gone) == len(children) > workers
+    print(f"{len(children)} children gone {time.monotonic() - killed:.1f} s after the parent's SIGKILL")
+
+
+LOADER_FOREVER = """
+import sys, time
+from sc_foundation.data.datamodule import CorpusDataModule
+datamodule = CorpusDataModule(sys.argv[1], batch_size=8, num_workers=2, worker_batches=1)
+datamodule.setup()
+batches = iter(datamodule.train_dataloader())
+next(batches)
+print("loading", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_training_leaves_no_loader_worker_alive(reference_store):
+    """SIGKILL of a process whose DataLoader has two workers (persistent, between batches): both exit at once."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOADER_FOREVER, str(reference_store)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE
+    )
+    assert process.stdout.readline().strip() == b"loading", "the loader never started"
+    workers = _descendants(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    gone, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"loader workers outlived their killed parent: {[p.pid for p in alive]}"
+    print(f"{len(gone)} loader workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
+
+
+def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
+    """A build that fails before finishing a piece (a 0-cell input among the files) leaves no folder or lock file:
+    nothing that a later run trips over."""
+    empty = tmp_path / "empty.h5ad"
+    real_slice(KANG, np.arange(5))[:0].copy().write_h5ad(empty)
+    cache = tmp_path / "stores"
+    with pytest.raises(InvalidInputError, match=rf"{empty}: holds no cells \(0 rows\): remove it"):
+        build_store([empty], cache / "binned-{plan}", **STORE_SETTINGS)
+    assert not cache.exists() or not list(cache.iterdir())
+
+    negative = real_slice(KANG, np.arange(20))
+    negative.X = np.asarray(negative.X.toarray() if sp.issparse(negative.X) else negative.X, dtype=np.float32)
+    negative.X[0, np.flatnonzero(negative.X[0])[0]] = -1  # found in the first pass, after the folder was made
+    bad = tmp_path / "negative.h5ad"
+    negative.write_h5ad(bad)
+    with pytest.raises(InvalidInputError, match="negative"):
+        build_store([bad], cache / "binned-{plan}", **STORE_SETTINGS)
+    assert not cache.exists() or not list(cache.iterdir()), "no folder, plan, empty stats/ or lock file is left"
+
+    full = tmp_path / "full.h5ad"
+    real_slice(KANG, np.arange(20)).write_h5ad(full)
+    settings = {**STORE_SETTINGS, "min_cells_per_gene": 10_000}
+    with pytest.raises(ValueError, match=r"min_cells_per_gene=10000 cells.*lower min_cells_per_gene \(data\."):
+        build_store([full], cache / "binned-{plan}", **settings)  # fails after the statistics: those are kept
+    (kept,) = cache.glob("binned-*")
+    assert list((kept / "stats").glob("*.npz"))
+
+
+def test_unfinished_stores_of_other_plans_are_swept_unless_held(slices, tmp_path):
+    """A {plan} cache: a killed build's folder of another plan goes at the next build, unless a process holds its
+    build lock (a builder) or its plan (a launcher rank)."""
+    cache = tmp_path / "stores"
+    template = str(cache / "binned-{plan}")
+    stale = cache / "binned-000000000000"
+    (stale / "stats").mkdir(parents=True)
+    (stale / store_module.PLAN).write_text("{}")
+    held = cache / "binned-111111111111"
+    (held / "stats").mkdir(parents=True)
+    (held / store_module.PLAN).write_text("{}")
+    with store_module._build_lock(held):
+        report = build_store(slices[:1], template, **STORE_SETTINGS)
+    assert not stale.exists() and held.exists() and Path(report.path).exists()
+    with open(held / store_module.PLAN, "rb") as plan:  # what a launcher rank holds while it builds
+        fcntl.flock(plan, fcntl.LOCK_SH)
+        assert store_module.sweep_unfinished_stores(cache) == []
+    assert store_module.sweep_unfinished_stores(cache) == [held]
+    name = Path(report.path).name
+    assert sorted(p.name for p in cache.iterdir()) == sorted([name, f".{name}.lock"]), "swept lock files went too"
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +271,9 @@ def test_a_killed_export_leaves_the_old_export_or_none_and_reruns_the_same(expor
         load_pretrained(target, device="cpu")
     model = load_pretrained(exported, device="cpu")
     export_pretrained(model, model.gene_tokenizer, target)
-    for name in EXPORT_FILES:
+    for name in (*EXPORT_FILES, CHECKSUMS):
         assert (target / name).read_bytes() == (exported / name).read_bytes(), name
+    assert [p.name for p in tmp_path.iterdir()] == ["final"], "the rerun removed the killed export's leftovers"
 
 
 def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]:
@@ -160,62 +287,93 @@ def _train_command(kang_file: Path, cache: Path, out: Path, *extra) -> list[str]
         "data.min_cells_per_gene=1",
         "data.build_workers=1",
         "data.tokenizer.context_length=64",
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=4",
-        "checkpoint.every_n_train_steps=2",
+        # 60 steps (about 6 s here) with a checkpoint every 5: a kill up to 1 s after the first one lands mid-run.
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=20",
+        "checkpoint.every_n_train_steps=5",
         "trainer.enable_progress_bar=false",
+        # Probes off: probe sets matched against a 300-cell vocabulary fall below min_match_rate (the run then fails
+        # at its first validation); resuming does not involve them.
+        "probes=null",
         f"output_dir={out}",
         f"hydra.run.dir={out}",
         *extra,
     ]
 
 
+@pytest.fixture(scope="module")
+def straight_pretraining(slices, tmp_path_factory) -> Path:
+    """The uninterrupted pretraining run that every killed one must match byte for byte."""
+    root = tmp_path_factory.mktemp("straight_pretraining")
+    command = _train_command(slices[0], root / "cache", root / "run")
+    subprocess.run(command, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return root / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, tmp_path, seed):
+def test_killed_pretraining_resumes_to_the_uninterrupted_weights(slices, straight_pretraining, tmp_path, seed):
     cache = tmp_path / "cache"
-    straight = tmp_path / "straight"
-    subprocess.run(_train_command(slices[0], cache, straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=4.0)
+    assert kill_during(_train_command(slices[0], cache, killed), last.exists, seed, span=1.0)
+    assert not (killed / "export" / "final").exists(), "the kill came after the run finished: it tested nothing"
     resume = [f"ckpt_path={last}"] if last.exists() else []
     subprocess.run(
         _train_command(slices[0], cache, killed, *resume), cwd=ROOT, env=ENV, check=True, capture_output=True
     )
-    for name in EXPORT_FILES:
-        expected = (straight / "export" / "final" / name).read_bytes()
+    for name in EXPORT_FILES:  # the model card and metrics.json hold wall times (and so do their checksums)
+        expected = (straight_pretraining / "export" / "final" / name).read_bytes()
         assert (killed / "export" / "final" / name).read_bytes() == expected, name
+
+
+def _finetune_command(pretrained: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "finetune.py"),
+        f"pretrained={pretrained}",
+        f"data.files=[{data}]",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "baselines.n_pcs=5",
+        f"output_dir={out}",
+        f"hydra.run.dir={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finetuning_cells(real_slice, tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("finetuning") / "cells.h5ad"
+    real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 499, 2)).write_h5ad(data)  # both protocols
+    return data
+
+
+@pytest.fixture(scope="module")
+def straight_finetuning(pretrained, finetuning_cells) -> Path:
+    """The uninterrupted fine-tuning run that every killed one must match."""
+    out = finetuning_cells.parent / "straight"
+    subprocess.run(
+        _finetune_command(pretrained, finetuning_cells, out), cwd=ROOT, env=ENV, check=True, capture_output=True
+    )
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_finetuning_reruns_to_the_same_metrics(pretrained, cellbench, real_slice, tmp_path, seed):
-    data = tmp_path / "cells.h5ad"
-    real_slice("cellbench_3cl/cellbench_3cl.h5ad", np.arange(0, 499, 2)).write_h5ad(data)  # both protocols
-
-    def command(out: Path) -> list[str]:
-        return [
-            sys.executable,
-            str(ROOT / "finetune.py"),
-            f"pretrained={pretrained}",
-            f"data.files=[{data}]",
-            "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false",
-            "baselines.n_pcs=5",
-            f"output_dir={out}",
-            f"hydra.run.dir={out}",
-        ]
-
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(straight), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    assert kill_during(command(killed), lambda: (killed / "store").exists(), seed, span=15.0)
-    assert not (killed / "metrics.json").exists() or (killed / "metrics.json").read_text()
-    subprocess.run(command(killed), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    expected = json.loads((straight / "metrics.json").read_text())
+def test_killed_finetuning_reruns_to_the_same_metrics(
+    pretrained, finetuning_cells, straight_finetuning, tmp_path, seed
+):
+    killed = tmp_path / "killed"
+    command = _finetune_command(pretrained, finetuning_cells, killed)
+    assert kill_during(command, lambda: (killed / "store").exists(), seed, span=15.0)
+    assert not (killed / "metrics.json").exists(), "the kill came after the run finished: it tested nothing"
+    subprocess.run(command, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    expected = json.loads((straight_finetuning / "metrics.json").read_text())
     assert json.loads((killed / "metrics.json").read_text())["model"] == expected["model"]
     for name in EXPORT_FILES:
-        assert (killed / "export" / "best" / name).read_bytes() == (straight / "export" / "best" / name).read_bytes()
+        assert (killed / "export" / "best" / name).read_bytes() == (
+            straight_finetuning / "export" / "best" / name
+        ).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------ damaged files
@@ -237,6 +395,66 @@ def test_damaged_export_files_are_refused_by_name(exported, tmp_path, name, dama
     with pytest.raises(ValueError, match="is corrupt or truncated") as error:
         load_pretrained(copy, device="cpu")
     assert str(copy / name) in str(error.value) and "again" in str(error.value)
+
+
+@pytest.mark.parametrize("name", [*EXPORT_FILES, CHECKSUMS])
+def test_a_flipped_bit_in_any_export_file_is_refused_naming_it(exported, tmp_path, name):
+    """One bit flipped in the middle of a file (in the weights: inside the tensor data, which still parses) is found
+    by the checksums and the file named; ``verify=False`` skips the check."""
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for file in exported.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    data = bytearray((copy / name).read_bytes())
+    position = len(data) - 64 if name == "model.safetensors" else len(data) // 2
+    data[position] ^= 0x04
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        load_pretrained(copy, device="cpu")
+    assert str(copy / name) in str(error.value) and "again" in str(error.value)
+    if name == "model.safetensors":  # the damage is invisible to the safetensors format itself
+        load_pretrained(copy, device="cpu", verify=False)
+
+
+def test_an_export_lists_every_file_and_sha256sum_agrees(exported):
+    listed = dict(line.split("  ")[::-1] for line in (exported / CHECKSUMS).read_text().splitlines())
+    assert sorted(listed) == sorted(p.name for p in exported.iterdir() if p.name != CHECKSUMS)
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "-c", CHECKSUMS], cwd=exported, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.count(": OK") == len(listed), done.stdout + done.stderr
+
+
+def test_unusable_model_folders_are_named_with_the_fix(exported, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'absent'} does not exist: pass an exported model"):
+        load_pretrained(tmp_path / "absent")
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for name in EXPORT_FILES:  # a folder of random bytes under the right names
+        (noise / name).write_bytes(random.Random(name).randbytes(2048))
+    with pytest.raises(ValueError, match=f"{noise / 'config.json'} is corrupt or truncated"):
+        load_pretrained(noise)
+    scgpt = tmp_path / "scgpt"
+    scgpt.mkdir()
+    (scgpt / "args.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"scGPT folder \(args.json\) but lacks best_model.pt, vocab.json"):
+        load_pretrained(scgpt)
+
+
+def test_a_killed_export_leaves_nothing_the_next_export_keeps(exported, tmp_path):
+    """What a SIGKILLed export leaves (its staging folder, an old export moved aside) is cleaned by the next export
+    to the same folder; an export that lost its folder gets the old one back first."""
+    target = tmp_path / "final"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{dead.pid}@{socket.gethostname()}"
+    (tmp_path / f".final.tmp-{owner}-abc").mkdir()
+    retired = tmp_path / f".final.old-{owner}-def"
+    shutil.copytree(exported, retired / "final")
+    alive = tmp_path / f".final.tmp-{os.getpid()}@{socket.gethostname()}-ghi"  # a live writer's: kept
+    alive.mkdir()
+    model = load_pretrained(exported, device="cpu")
+    export_pretrained(model, model.gene_tokenizer, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "final"])
 
 
 # ---------------------------------------------------------------------------------------------- full disk

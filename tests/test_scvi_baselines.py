@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from sc_foundation.tasks.scvi_baselines import scvi_available, scvi_latent, scvi_normalized_expression
+from sc_foundation.tasks.scvi_baselines import scvi_latent, scvi_normalized_expression
 
 from .conftest import CELLBENCH
 
@@ -35,10 +35,6 @@ def latent(cells, tmp_path_factory):
         z = scvi_latent(cells, cells.obs["batch"].to_numpy(), max_epochs=EPOCHS, seed=0)
     assert list(workdir.iterdir()) == []
     return z
-
-
-def test_scvi_available():
-    assert scvi_available()
 
 
 def test_latent_shape_and_values(cells, latent):

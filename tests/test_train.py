@@ -126,7 +126,7 @@ def test_pretraining_exports_a_loadable_model(pretrained, capsys):
     assert list((out / "csv").glob("version_*/metrics.csv"))
     for directory in (out / "export" / "final", out / "export" / "best"):
         names = {p.name for p in directory.iterdir()}
-        weights = {"config.json", "model.safetensors", "gene_vocab.json", "gene_tokenizer.json"}
+        weights = {"config.json", "model.safetensors", "gene_vocab.json", "gene_tokenizer.json", "checksums.sha256"}
         # the final export also carries the model card (README.md) and metrics.json
         assert names == (weights | {"README.md", "metrics.json"} if directory.name == "final" else weights)
     assert not [p for p in (out / "export").iterdir() if p.name.startswith(".")]  # no temp folders left

@@ -8,6 +8,7 @@ the same batches and the same masks, with or without workers, on any number of r
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sc_foundation.data.lifetime import die_with_parent
 from sc_foundation.data.store import CorpusStore
 from sc_foundation.data.tokenization import hash_uniform
 
@@ -690,6 +692,8 @@ class CorpusDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # Workers exit at once when this process dies (torch's own check takes until their queue runs dry).
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -27,7 +27,9 @@ byte per id instead of two (format 3, :func:`delta_encode`). Readers undo it for
 Beside the directory, ``.<name>.lock`` serialises builders: N processes (DDP ranks, two runs, two checkouts sharing
 a cache) asking for the same store build it once, the others wait and reuse it. A directory name holding ``{plan}``
 gets the hash of the plan there, so different inputs or settings never share a folder and a stale cached store is
-left to the runs still reading it.
+left to the runs still reading it. A build that fails before finishing any piece removes its folder and lock file;
+in a ``{plan}`` cache, a build first removes the unfinished folders of other plans that no process is building
+(:func:`sweep_unfinished_stores`). Its worker processes die with it (:mod:`sc_foundation.data.lifetime`).
 
 Every file is written under a temporary name and renamed, so a killed build leaves finished pieces and nothing
 half-written; running the same build again reuses the finished pieces and completes the rest. Shards are Arrow IPC
@@ -62,6 +64,7 @@ from pandas.api.types import union_categoricals
 from sc_foundation.data.gene_statistics import GeneStatistics
 from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
 from sc_foundation.data.io import InvalidInputError, open_counts
+from sc_foundation.data.lifetime import pool_initializer
 from sc_foundation.data.soma import is_soma_uri
 from sc_foundation.data.tokenization import (
     GeneMatchError,
@@ -324,6 +327,11 @@ def _plan_parts(specs: Sequence[CorpusInput], part_size: int) -> list[_Part]:
     parts = []
     for k, spec in enumerate(specs):
         n = spec.n_rows()
+        if n == 0:
+            raise InvalidInputError(
+                f"{spec.path}: holds no cells (0 rows): remove it from the corpus inputs (data.files or data.datasets) "
+                "or pass the file with its cells"
+            )
         if n is None or n <= part_size:
             parts.append(_Part(k, 0, 0, None))
             continue
@@ -548,9 +556,10 @@ def _worker_pool(num_workers: int, n_jobs: int):
     if num_workers <= 1 or n_jobs <= 1:
         yield lambda function, jobs: [function(*job) for job in jobs]
         return
-    # spawn, not fork: the parent may hold torch or HDF5 state that is unsafe to fork.
+    # spawn, not fork: the parent may hold torch or HDF5 state that is unsafe to fork. The workers die with this
+    # process (a killed build must not leave them running).
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(num_workers, n_jobs), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(num_workers, n_jobs), mp_context=context, **pool_initializer()) as pool:
         yield lambda function, jobs: list(pool.map(function, *zip(*jobs, strict=True))) if jobs else []
 
 
@@ -644,16 +653,23 @@ def build_store(
         "parts": [dataclasses.astuple(p) for p in parts],
     }
     out = Path(str(out_dir).replace(PLAN_PLACEHOLDER, plan_digest(plan)))
+    if PLAN_PLACEHOLDER in str(out_dir):
+        sweep_unfinished_stores(out.parent, keep=out)
     mine = parts if rank is None else parts[rank::world_size]
-    with _build_lock(out) if rank is None else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
         if rank is None:
+            held.enter_context(_build_lock(out))
             _prepare_directory(out, plan, overwrite)
             if (out / MANIFEST).exists():
                 return load_report(out, reused=True)
         else:
             with _build_lock(out):  # only to write the plan: the ranks then work side by side
                 _prepare_directory(out, plan, overwrite=False, clean=False)
-        with _worker_pool(num_workers, len(mine)) as run:
+                held.enter_context(_building(out))  # taken before the build lock goes: never a moment unheld
+        with (
+            _discard_if_failed(out) if rank is None else contextlib.nullcontext(),
+            _worker_pool(num_workers, len(mine)) as run,
+        ):
             # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
             if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
                 (out / "stats").mkdir(exist_ok=True)
@@ -670,10 +686,8 @@ def build_store(
                 for file in files:
                     stats = stats.merge(GeneStatistics.load(file))
             if tokenizer is None:
-                if fixed_vocab is None:
-                    vocabulary = GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
-                else:
-                    vocabulary = fixed_vocab
+                built = fixed_vocab is None
+                vocabulary = _build_vocabulary(stats, min_cells_per_gene, specs) if built else fixed_vocab
                 medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
                 tokenizer = GeneTokenizer(vocabulary, config, medians)
             saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
@@ -764,38 +778,129 @@ def _wait_for(files: Sequence[Path], what: str) -> None:
         time.sleep(_WAIT_POLL_S)
 
 
+def _build_vocabulary(stats: GeneStatistics, min_cells_per_gene: int, specs: Sequence[CorpusInput]) -> GeneVocab:
+    """The vocabulary of the genes detected in at least ``min_cells_per_gene`` cells, or an error naming the inputs
+    and the setting to change."""
+    try:
+        return GeneVocab.build(stats.cells_per_gene(), min_cells=min_cells_per_gene)
+    except ValueError:
+        names = ", ".join(s.path for s in specs[:5]) + (", ..." if len(specs) > 5 else "")
+        raise ValueError(
+            f"no gene of the corpus ({names}) is detected in at least min_cells_per_gene={min_cells_per_gene} cells, "
+            "so the vocabulary would be empty: lower min_cells_per_gene (data.min_cells_per_gene on the command "
+            "line) or add cells"
+        ) from None
+
+
+def _finished_pieces(out: Path) -> bool:
+    """Whether a store folder holds anything a rerun would reuse: gene statistics or finished shards."""
+    return any((out / "stats").glob("*.npz")) or any((out / "shards").glob("*.json"))
+
+
+@contextlib.contextmanager
+def _discard_if_failed(out: Path):
+    """Around a build under the build lock: when it fails before finishing any piece, remove ``out`` (and its lock
+    file), so a failed build leaves no folder of a plan file and empty sub-folders behind. A failure after some
+    pieces keeps them for the rerun to resume from."""
+    try:
+        yield
+    except BaseException:
+        if not _finished_pieces(out):
+            shutil.rmtree(out, ignore_errors=True)
+            _lock_path(out).unlink(missing_ok=True)  # we hold its flock; see _build_lock for why this is safe
+        raise
+
+
+@contextlib.contextmanager
+def _building(out: Path):
+    """A launcher rank's hold on the store it builds without the build lock: a shared ``flock`` on its plan file, so
+    that :func:`sweep_unfinished_stores` never removes a folder while a rank writes into it."""
+    with open(out / PLAN, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
+
+
+def sweep_unfinished_stores(cache: str | os.PathLike, keep: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the unfinished store folders under ``cache`` (a plan, no manifest) that no process is building.
+
+    An unfinished folder of the same plan as a new build is resumed by it (``keep``); one of another plan is what a
+    killed or failed build of other inputs or settings left, and no later run resumes it unless that corpus comes
+    back. A folder is removed only while this process holds both its build lock and an exclusive lock on its plan,
+    so never while a builder or a launcher rank works in it.
+
+    Returns:
+        the removed folders.
+    """
+    cache, removed = Path(cache), []
+    if not cache.is_dir():
+        return removed
+    for folder in sorted(cache.iterdir()):
+        if folder == Path(keep or "") or not (folder / PLAN).is_file() or (folder / MANIFEST).exists():
+            continue
+        with _build_lock(folder, wait=False) as held:
+            if not held or (folder / MANIFEST).exists():
+                continue
+            with open(folder / PLAN, "rb") as plan:
+                try:
+                    fcntl.flock(plan, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a launcher rank is building it
+                shutil.rmtree(folder, ignore_errors=True)
+            _lock_path(folder).unlink(missing_ok=True)
+            logger.info(f"Removed the unfinished corpus store {folder} (a killed or failed build of another plan)")
+            removed.append(folder)
+    return removed
+
+
 def plan_digest(plan: dict) -> str:
     """12 hex digits of the SHA-256 of a build plan (inputs with their size and modification time, settings)."""
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
 @contextlib.contextmanager
-def _build_lock(out: Path):
-    """Hold the exclusive build lock of the store ``out``: ``.<name>.lock`` beside it, naming its owner.
+def _build_lock(out: Path, wait: bool = True):
+    """Hold the exclusive build lock of the store ``out``: ``.<name>.lock`` beside it, naming its owner. Yields
+    True; with ``wait=False``, yields False at once instead of waiting when another process holds it.
 
     An ``flock`` is released by the kernel when its holder exits, killed or not, so a dead builder never leaves a
-    stale lock: the next process takes it and resumes the build. The file itself stays (deleting it could let two
-    processes hold locks on two different files).
+    stale lock: the next process takes it and resumes the build. The holder may delete the lock file (a failed or
+    swept build): whoever then gets the lock on the deleted file finds that the path no longer names it, and starts
+    over on a new file, so two processes never hold the lock of one store.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f".{out.name}.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    path = _lock_path(out)
+    while True:
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                logger.info(f"Waiting for the build of the corpus store {out} by {owner} (lock {path})")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # the previous holder deleted this lock file: lock the new one
+                continue
             handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            logger.info(f"Waiting for the build of the corpus store {out} by {owner} (lock {path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+            try:
+                yield True
+                return
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prepare_directory(out: Path, plan: dict, overwrite: bool, clean: bool = True) -> None:

@@ -87,18 +87,29 @@ class Converted:
 
 # ------------------------------------------------------------------------------------------- detection
 def detect(path: str | os.PathLike) -> Literal["scgpt", "geneformer"] | None:
-    """Which published layout the folder ``path`` holds, or None (e.g. one of our own exports)."""
+    """Which published layout the folder ``path`` holds, or None (e.g. one of our own exports).
+
+    Raises:
+        FileNotFoundError: some but not all of the scGPT files are there (the missing ones named).
+    """
     path = Path(path)
     if not path.is_dir():
         return None
-    if all((path / name).is_file() for name in SCGPT_FILES):
+    scgpt = [name for name in SCGPT_FILES if (path / name).is_file()]
+    if len(scgpt) == len(SCGPT_FILES):
         return "scgpt"
+    if scgpt and not (path / "config.json").exists():
+        missing = ", ".join(name for name in SCGPT_FILES if name not in scgpt)
+        raise FileNotFoundError(
+            f"{path} looks like a published scGPT folder ({', '.join(scgpt)}) but lacks {missing}: copy the whole "
+            f"checkpoint folder ({', '.join(SCGPT_FILES)})"
+        )
     config = path / "config.json"
     if config.is_file() and not (path / TOKENIZER_FILE).exists():
         try:
             model_type = json.loads(config.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None  # not a Geneformer config; loading it as our export then names the damaged file
         if model_type == "bert":
             return "geneformer"
     return None

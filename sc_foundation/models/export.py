@@ -1,13 +1,15 @@
 """The exported model directory: what fine-tuning, inference and users load (never a Lightning ``.ckpt``).
 
 A directory holds ``config.json`` and ``model.safetensors`` (``save_pretrained``) and the tokenizer it was trained
-with beside them (``gene_vocab.json``, ``gene_tokenizer.json``).
+with beside them (``gene_vocab.json``, ``gene_tokenizer.json``), and last ``checksums.sha256``: the SHA-256 of every
+file, which :func:`load_pretrained` verifies (:mod:`sc_foundation.models.checksums`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,7 @@ from transformers import AutoConfig
 from sc_foundation.data.genes import DAMAGED_FILE_FIX, VOCAB_FILE, current_umask, read_json
 from sc_foundation.data.tokenization import TOKENIZER_FILE, GeneTokenizer
 from sc_foundation.models import modeling
+from sc_foundation.models.checksums import verify_checksums, write_checksums
 from sc_foundation.models.modeling import ScFoundationPreTrainedModel, transformers_quiet
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,7 +47,8 @@ def export_pretrained(
     """
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    _clean_after_killed_exports(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{_OWNER}-", dir=directory.parent))
     retired = None
     try:
         with transformers_quiet():
@@ -52,9 +56,10 @@ def export_pretrained(
         tokenizer.save(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        write_checksums(staging)  # last: it covers every file above
         _share(staging)
         if directory.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-{_OWNER}-", dir=directory.parent))
             os.replace(directory, retired / directory.name)
         os.replace(staging, directory)
     except BaseException:
@@ -66,6 +71,38 @@ def export_pretrained(
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     return directory
+
+
+_OWNER = f"{os.getpid()}@{socket.gethostname()}"
+"""Written into the names of an export's temporary folders, so that a later export can tell a killed writer's."""
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process named by a temporary folder's ``<pid>@<host>`` may still run (another host's: assume so)."""
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _clean_after_killed_exports(directory: Path) -> None:
+    """Remove the ``.<name>.tmp-*`` and ``.<name>.old-*`` folders that killed exports to ``directory`` left; a
+    writer that is still alive keeps its own. An export killed between moving the old one aside and renaming the new
+    one into place left ``directory`` absent: the old export is put back first."""
+    for kind in ("old", "tmp"):  # the old export goes back before any staging folder is removed
+        for leftover in directory.parent.glob(f".{directory.name}.{kind}-*"):
+            owner = leftover.name[len(f".{directory.name}.{kind}-") :].rpartition("-")[0]
+            if _alive(owner):
+                continue
+            if kind == "old" and not directory.exists() and (leftover / directory.name).is_dir():
+                os.replace(leftover / directory.name, directory)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _share(folder: Path) -> None:
@@ -131,7 +168,7 @@ def main_command_export(repo: str | os.PathLike = ".") -> Path:
 
 
 def load_pretrained(
-    path: str | os.PathLike, device: str | torch.device | None = None, **config_overrides
+    path: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True, **config_overrides
 ) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
@@ -142,23 +179,33 @@ def load_pretrained(
         path: a directory written by :func:`export_pretrained` (``save_pretrained`` plus the tokenizer files), or
             a published scGPT or Geneformer folder.
         device: where to put the model; default CUDA when available, else CPU.
+        verify: check every file against the export's ``checksums.sha256`` first (about 1 s per GB); False skips it
+            for speed. An export written before checksums existed has none and loads unchecked.
         config_overrides: config fields that need no other weights, e.g. ``pooling="mean"``, ``pooling_layer=-1``
             or ``normalize_cell_embedding=False`` to read another cell embedding than the model's own.
 
     Raises:
-        FileNotFoundError: the directory lacks the model or the tokenizer files.
-        ValueError: a file is corrupt or truncated (named), or the tokenizer does not fit the model (vocabulary size
-            or value encoding); a published folder that cannot be converted exactly
-            (:class:`~sc_foundation.models.convert.ConversionError`).
+        FileNotFoundError: the directory does not exist, or lacks the model or the tokenizer files.
+        ValueError: a file is corrupt or truncated or differs from its recorded checksum (named), or the tokenizer
+            does not fit the model (vocabulary size or value encoding); a published folder that cannot be converted
+            exactly (:class:`~sc_foundation.models.convert.ConversionError`).
     """
     from sc_foundation.models.convert import convert, detect
 
     path = Path(path)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{path} {what}: pass an exported model folder (a run's <output_dir>/export/best) or a published scGPT or "
+            "Geneformer folder"
+        )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
     check_export_files(path)
+    if verify:
+        verify_checksums(path)
     config = AutoConfig.from_pretrained(path)
     architecture = (config.architectures or ["ScFoundationModel"])[0]
     model_class = getattr(modeling, architecture, None)

@@ -35,6 +35,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from sc_foundation.conf import compose
+from sc_foundation.conf.checks import check_config
 from sc_foundation.models.convert import detect, export_converted
 from sc_foundation.training.runs import output_dir
 
@@ -76,6 +77,7 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | Path | None 
 
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Everything ``finetune.py`` does, callable from tests with a composed config (and extra Trainer callbacks)."""
+    check_config(cfg, "finetune")  # a bad override fails here, before any conversion, store or training
     if cfg.task_name not in TASKS:
         raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {cfg.task_name!r}")
     if cfg.finetune.mode not in MODES:

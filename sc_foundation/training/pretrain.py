@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sc_foundation.conf.checks import check_config
 from sc_foundation.data.datamodule import CorpusDataModule
 from sc_foundation.data.datasets import DatasetUnavailableError, corpus_inputs, dataset_inputs
 from sc_foundation.data.gene_panel import cached_panel_vocab
@@ -128,6 +129,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Everything ``sc-foundation pretrain`` does, callable from tests with a composed config (and extra Trainer
     callbacks)."""
     started = time.perf_counter()
+    check_config(cfg, "pretrain")  # a bad override fails here, in a second, not after the store build
     report = build_corpus(cfg)
     announce(report.format())
     datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
