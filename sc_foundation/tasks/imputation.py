@@ -39,6 +39,7 @@ from .common import (
     architecture_overrides,
     fit,
     init_panel_decoder,
+    other_rank_result,
     read_inputs,
     run_scvi,
     skipped_baselines,
@@ -83,6 +84,8 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     )
     init_panel_decoder(model.decoder, targets[splits["train"]])
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+    if not trainer.is_global_zero:
+        return other_rank_result(out, trainer, module, best)
 
     # Impute through the public API, with the export: what users run is what the numbers describe.
     imputed = corrupted[:, panel].copy()

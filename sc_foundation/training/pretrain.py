@@ -26,11 +26,10 @@ from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.training.console import announce, console_callbacks
-from sc_foundation.training.hardware import resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
 from sc_foundation.training.model_card import metrics_json, render_model_card
 from sc_foundation.training.probes import ProbeCallback, ProbeSet
-from sc_foundation.training.runs import ExportBest, best_note, export, output_dir
+from sc_foundation.training.runs import ExportBest, best_note, export, output_dir, trainer_arguments
 
 
 def build_corpus(cfg: DictConfig):
@@ -145,12 +144,9 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     model = build_model(cfg, store)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
+    trainer_kwargs = trainer_arguments(cfg.trainer)
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
-    if isinstance(trainer_kwargs.get("strategy"), dict):
-        trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints",
         save_last=True,
@@ -165,7 +161,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
-    final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
+    final = export(trainer, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
         announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
     return {

@@ -1,0 +1,143 @@
+"""Training on several processes as a cluster runs it: FSDP2 pretraining (sharded per block, with probes, exports and
+resume) against DDP on the same seed, over gloo on 2 CPU processes started by torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+
+from sc_foundation.conf import compose
+from sc_foundation.data.store import CorpusStore
+from sc_foundation.training import pretrain
+from sc_foundation.training.lightning_module import count_non_embedding_parameters, split_decay_parameters
+from sc_foundation.training.sharding import FullyShardedStrategy
+from tests.test_train import data_overrides
+
+ROOT = Path(__file__).parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+PROBE = "probes.sets=[{name: pbmc68k, dataset: pbmc68k_reduced, label_key: cell_type, max_cells: 200}]"
+
+
+@pytest.fixture(scope="module")
+def kang_file(tmp_path_factory, real_slice):
+    path = tmp_path_factory.mktemp("kang") / "kang.h5ad"
+    real_slice("kang_ifnb/kang_ifnb.h5ad", np.arange(0, 14000, 70)).write_h5ad(path)
+    return path
+
+
+def pretrain_on_two_processes(trainer: str, kang_file, root: Path, *extra) -> Path:
+    """``torchrun --nproc_per_node=2 train.py trainer=<trainer>`` on 2 CPU processes; returns the output folder.
+    40 validation cells make 2 batches of 16, one per rank, so validation (and export/best) runs."""
+    out = root / "out"
+    command = [
+        *TORCHRUN,
+        "train.py",
+        f"trainer={trainer}",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "data.loader.val_fraction=0.2",
+        *data_overrides(kang_file, root / "cache"),
+        f"output_dir={out}",
+        f"hydra.run.dir={root / 'hydra'}",
+        f"callbacks=[{{_target_: tests.recording.RecordOptimizer, directory: {root / 'record'}}}]",
+        *extra,
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads((root / "record" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def check_clipping(record: dict) -> None:
+    """Every step's gradient, as the optimiser used it, has the norm min(norm before clipping, 1.0): the norm of the
+    whole gradient, not of one rank's shard."""
+    norms = np.asarray(record["norms"])
+    assert len(norms) and (norms[:, 0] > 1.0).any(), "no step needed clipping: the check would prove nothing"
+    np.testing.assert_allclose(norms[:, 1], np.minimum(norms[:, 0], 1.0), rtol=1e-3)
+
+
+def test_fsdp_strategy_is_pure_data_parallel_sharding():
+    cfg = compose("pretrain", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"])
+    strategy = pretrain.trainer_arguments(cfg.trainer)["strategy"]
+    assert isinstance(strategy, FullyShardedStrategy)
+    assert cfg.trainer.gradient_clip_val == 1.0, "FSDP2 clips by norm: trainer=fsdp keeps the default clipping"
+
+
+def test_fsdp_on_two_cpu_processes_shards_decays_clips_and_counts_like_one(tmp_path, kang_file):
+    """trainer=fsdp, today's Lightning FSDPStrategy refused on CPUs and norm clipping, runs as FSDP2: every parameter
+    a shard (half the elements per rank), the same weight-decay groups and MFU parameter count as the unsharded
+    model, and clipping by the norm of the whole gradient."""
+    out = pretrain_on_two_processes("fsdp", kang_file, tmp_path, "trainer.max_steps=3", "probes=null")
+    cfg = compose("pretrain", data_overrides(kang_file, tmp_path / "cache"))
+    (store,) = [p for p in (tmp_path / "cache" / "stores").iterdir() if not p.name.startswith(".")]
+    model = pretrain.build_model(cfg, CorpusStore(store))
+    decay, no_decay = split_decay_parameters(model)
+    for record in records(tmp_path):
+        assert record["sharded"]
+        assert record["local_numel"] < 0.6 * record["numel"], "each rank holds about half of the elements"
+        assert record["numel"] == sum(p.numel() for p in model.parameters())
+        assert record["non_embedding_params"] == count_non_embedding_parameters(model)
+        groups = {group["weight_decay"]: group["params"] for group in record["groups"]}
+        assert groups == {cfg.optim.weight_decay: sorted(decay), 0.0: sorted(no_decay)}
+        check_clipping(record)
+    assert set(load_file(out / "export" / "final" / "model.safetensors")) == set(model.state_dict())
+
+
+@pytest.mark.slow  # three 2-process launches with probes: about 4 minutes on 2 busy cores
+def test_fsdp_pretraining_with_probes_exports_what_ddp_exports_and_resumes(tmp_path, kang_file):
+    steps = ["trainer.max_steps=4", PROBE, "probes.every_n_validations=1"]
+    ddp = pretrain_on_two_processes("ddp", kang_file, tmp_path / "ddp", *steps)
+    fsdp = pretrain_on_two_processes("fsdp", kang_file, tmp_path / "fsdp", *steps)
+    for name in ("final", "best"):
+        ours, theirs = (load_file(run / "export" / name / "model.safetensors") for run in (fsdp, ddp))
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+        config = [json.loads((run / "export" / name / "config.json").read_text()) for run in (fsdp, ddp)]
+        assert config[0] == config[1], "the export loads as the same class, with the same settings"
+    # Same seed, same cells, same steps: the sharded run trains the same model (up to the order of float sums).
+    cfg = compose("pretrain", data_overrides(kang_file, tmp_path / "fsdp" / "cache"))
+    (store,) = [p for p in (tmp_path / "fsdp" / "cache" / "stores").iterdir() if not p.name.startswith(".")]
+    pl.seed_everything(cfg.seed, workers=True)
+    initial = pretrain.build_model(cfg, CorpusStore(store)).state_dict()
+    ours, theirs = (load_file(run / "export" / "final" / "model.safetensors") for run in (fsdp, ddp))
+    moved = np.mean([(theirs[k] - initial[k]).abs().mean().item() for k in theirs])
+    apart = np.mean([(ours[k] - theirs[k]).abs().mean().item() for k in theirs])
+    assert apart < 0.05 * moved, (apart, moved)
+    for fsdp_record, ddp_record in zip(records(tmp_path / "fsdp"), records(tmp_path / "ddp"), strict=True):
+        assert fsdp_record["groups"] == ddp_record["groups"]
+        assert fsdp_record["non_embedding_params"] == ddp_record["non_embedding_params"]
+        check_clipping(fsdp_record)
+    # The probes ran under sharding (after both validations) and their scores reached the log and the model card.
+    logged = pd.read_csv(next(fsdp.rglob("metrics.csv")))
+    assert logged["probe/pbmc68k/knn_accuracy"].dropna().size == 2
+    card = json.loads((fsdp / "export" / "final" / "metrics.json").read_text())
+    assert 0 < card["probes"]["pbmc68k"]["ours"]["knn_accuracy"] <= 1
+
+    # Resume the FSDP run from its checkpoint for 2 more steps: the step count and the probe curve go on.
+    last = fsdp / "checkpoints" / "last.ckpt"
+    resumed = pretrain_on_two_processes(
+        "fsdp",
+        kang_file,
+        tmp_path / "fsdp",
+        "trainer.max_steps=6",
+        PROBE,
+        "probes.every_n_validations=1",
+        f"ckpt_path={last}",
+    )
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    steps = [entry["step"] for entry in checkpoint["callbacks"]["ProbeCallback"]["history"]]
+    assert steps[0] == 2 and steps[-1] == 6 and steps == sorted(set(steps)), steps
