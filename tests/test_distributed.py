@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from sc_foundation import tasks
 from sc_foundation.conf import compose
-from sc_foundation.data.store import CorpusStore
+from sc_foundation.data.store import CorpusStore, merge_store
 from sc_foundation.training import pretrain
 from sc_foundation.training.lightning_module import count_non_embedding_parameters, split_decay_parameters
 from sc_foundation.training.sharding import FullyShardedStrategy
@@ -182,11 +182,12 @@ def task_overrides(task: str, pretrained, shared_data, out: Path) -> list[str]:
     )
 
 
-def finetune_on_two_processes(cases: dict[str, list[str]], root: Path) -> None:
-    """Every case fine-tuned with trainer=ddp on 2 CPU processes, one after another in one torchrun launch."""
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+def finetune_on_two_processes(cases: dict[str, list[str]], root: Path, trainer: str = "ddp") -> None:
+    """Every case fine-tuned with ``trainer=<trainer>`` on 2 CPU processes, one after another in one torchrun
+    launch."""
+    parallel = [f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2"]
     path = root / "cases.json"
-    path.write_text(json.dumps({name: [*overrides, *ddp] for name, overrides in cases.items()}))
+    path.write_text(json.dumps({name: [*overrides, *parallel] for name, overrides in cases.items()}))
     command = [*TORCHRUN, "tests/finetune_worker.py", str(path), str(root / "ranks")]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -227,6 +228,21 @@ def test_gradual_annotation_under_ddp_scores_the_whole_test_split(tmp_path, pret
     assert any(not torch.equal(before[key], after[key]) for key in before if key in after)
 
 
+@pytest.mark.slow  # 2 fine-tuning runs on 2 processes: about 2 minutes on 2 busy cores
+def test_fine_tuning_under_fsdp(tmp_path, pretrained, shared_data):
+    """finetune.py trainer=fsdp: the strategy is instantiated (it was handed to the Trainer as a dict), the model is
+    sharded, the export is gathered whole, and rank 0 scores it on the whole test split."""
+    cases = {
+        mode: [*task_overrides("annotation", pretrained, shared_data, tmp_path / mode), f"finetune.mode={mode}"]
+        for mode in ("full", "gradual")
+    }
+    finetune_on_two_processes(cases, tmp_path, trainer="fsdp")
+    for mode in cases:
+        check_scored_once("annotation", tmp_path / mode, tmp_path / "ranks" / mode)
+        config = json.loads((tmp_path / mode / "export" / "best" / "config.json").read_text())
+        assert config["architectures"] == ["ScFoundationForCellClassification"]
+
+
 @pytest.mark.slow  # 16 fine-tuning runs on 2 processes: several minutes on 2 busy cores
 def test_every_task_and_mode_under_ddp_scores_once_like_one_process(tmp_path, pretrained, shared_data):
     cases = {
@@ -246,3 +262,101 @@ def test_every_task_and_mode_under_ddp_scores_once_like_one_process(tmp_path, pr
     single = tasks.run(tasks.compose_config(task_overrides("annotation", pretrained, shared_data, tmp_path / "single")))
     ddp = scored["annotation-full"]["model"]
     assert abs(ddp["macro_f1"] - single["metrics"]["model"]["macro_f1"]) <= 0.15, (ddp, single["metrics"]["model"])
+
+
+RANK_SHARDED_BUILD = """
+import sys
+from sc_foundation.conf import compose
+from sc_foundation.data.store import launcher_rank
+from sc_foundation.training import pretrain
+assert pretrain.build_corpus(compose("pretrain", sys.argv[1:]), *launcher_rank()) is None
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], envs: list[dict]) -> list[subprocess.CompletedProcess]:
+    """Start the processes side by side (as a cluster's nodes would be) and wait for all of them."""
+    started = [
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command, env in zip(commands, envs, strict=True)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in started]
+    for process, output in zip(started, outputs, strict=True):
+        assert process.returncode == 0, output[-5000:]
+    return outputs
+
+
+@pytest.mark.slow  # three 2-process launches: about 3 minutes on 2 busy cores
+def test_multi_node_launches_with_a_rank_sharded_store(tmp_path, kang_file):
+    """docs/distributed.md's multi-node recipe on one machine, with the environment a cluster gives: a SLURM array
+    builds the store's parts (one task each) and one merge completes it; two torchrun agents (--nnodes=2, one per
+    "node", static rendezvous at MASTER_ADDR:MASTER_PORT) train on it; then two srun-style tasks (SLURM_NTASKS,
+    SLURM_PROCID, SLURM_NODEID, SLURM_NODELIST) that Lightning's SLURM environment joins. Every launch reuses the
+    merged store and trains disjoint cells on each rank."""
+    overrides = [*data_overrides(kang_file, tmp_path / "cache"), "data.part_size=60"]  # 200 cells: 4 parts
+    array = [
+        {**ENV, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
+        for task in (0, 1)
+    ]
+    run_together([[sys.executable, "-c", RANK_SHARDED_BUILD, *overrides]] * 2, array)
+    (store,) = [p for p in (tmp_path / "cache" / "stores").iterdir() if not p.name.startswith(".")]
+    assert not (store / "manifest.json").exists(), "the ranks built parts; only the merge writes the manifest"
+    assert merge_store(store).n_cells == 200
+
+    def train(name: str) -> list[str]:
+        return [
+            "train.py",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.num_nodes=2",
+            "trainer.devices=1",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            *overrides,
+            f"output_dir={tmp_path / name}",
+            f"hydra.run.dir={tmp_path / name / 'hydra'}",
+            f"callbacks=[{{_target_: tests.recording.RecordCells, directory: {tmp_path / name / 'cells'}}}]",
+        ]
+
+    port = str(free_port())
+    agents = [
+        [
+            *TORCHRUN[:3],
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            *train("torchrun"),
+        ]
+        for node in (0, 1)
+    ]
+    torchrun = run_together(agents, [ENV, ENV])
+    slurm = [
+        {
+            **ENV,
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_PROCID": str(task),
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": str(task),
+            "SLURM_NODELIST": "127.0.0.1",
+            "SLURM_JOB_NAME": "pretrain",
+            "SLURM_JOB_ID": "4242",
+            "MASTER_PORT": str(free_port()),
+        }
+        for task in (0, 1)
+    ]
+    srun = run_together([[sys.executable, *train("slurm")]] * 2, slurm)
+    for name, outputs in (("torchrun", torchrun), ("slurm", srun)):
+        assert "reused" in outputs[0] or "reused" in outputs[1], outputs[0][-2000:]
+        assert (tmp_path / name / "export" / "final" / "model.safetensors").is_file()
+        seen = [json.loads((tmp_path / name / "cells" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert len(seen[0]) == len(seen[1]) == 2 * 16 and not set(seen[0]) & set(seen[1]), name

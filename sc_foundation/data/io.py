@@ -18,6 +18,7 @@ turns every bad input into an :class:`InvalidInputError` that names the file and
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse
+
+from sc_foundation.data.genes import current_umask
 
 __all__ = [
     "CountSource",
@@ -342,12 +345,16 @@ def validate_counts(
 
 def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
     """Write ``adata`` to ``path`` through a temporary file and a rename: a crash leaves the old file or none, never
-    half of one."""
+    half of one. The temporary name is unique, so processes writing the same file at once (DDP ranks of one task)
+    each rename a whole file of their own into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         adata.write_h5ad(tmp)
+        tmp.chmod(0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other readers
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

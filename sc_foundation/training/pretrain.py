@@ -32,11 +32,15 @@ from sc_foundation.training.probes import ProbeCallback, ProbeSet
 from sc_foundation.training.runs import ExportBest, best_note, export, output_dir, trainer_arguments
 
 
-def build_corpus(cfg: DictConfig):
+def build_corpus(cfg: DictConfig, rank: int | None = None, world_size: int | None = None):
     """The corpus store described by ``cfg.data``: built, resumed, or reused when complete.
 
     With ``data.panel.n_top_genes`` set, the vocabulary is a gene panel: the union of each input's highly variable
     genes (:mod:`sc_foundation.data.gene_panel`), selected once and cached under ``paths.cache/panels``.
+
+    With ``rank`` and ``world_size`` (a launcher's, :func:`~sc_foundation.data.store.launcher_rank`), this process
+    builds only its share of the parts and returns None; ``merge_store`` then completes the store, which a training
+    run with the same config reuses (see docs/distributed.md).
     """
     data = cfg.data
     inputs = corpus_inputs(list(data.datasets), OmegaConf.to_container(data.files, resolve=True))
@@ -59,6 +63,8 @@ def build_corpus(cfg: DictConfig):
         num_workers=data.build_workers,
         part_size=data.part_size,
         overwrite=data.rebuild_stale_store,
+        rank=rank,
+        world_size=world_size,
     )
 
 
