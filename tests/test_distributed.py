@@ -194,9 +194,12 @@ def finetune_on_two_processes(cases: dict[str, list[str]], root: Path, trainer: 
 
 
 def check_scored_once(task: str, out: Path, ranks: Path) -> dict:
-    """Rank 0 alone returned metrics; its metrics.json scores every test cell (every cell, for the tasks scored on
-    all cells) once; the training ran on both ranks."""
-    assert [json.loads((ranks / f"rank{r}.json").read_text())["metrics"] for r in (0, 1)] == [True, False]
+    """Rank 0 alone returned metrics; both ranks saw the same validation metrics (what early stopping and the export
+    of the best epoch decide by); metrics.json scores every test cell (every cell, for the tasks scored on all cells)
+    once."""
+    seen = [json.loads((ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [record["metrics"] for record in seen] == [True, False]
+    assert seen[0]["validations"] and seen[0]["validations"] == seen[1]["validations"]
     metrics = json.loads((out / "metrics.json").read_text())
     splits = json.loads((out / "splits.json").read_text())
     n_test = len(splits["test"]["store_index"]) if "test" in splits else None
