@@ -342,6 +342,7 @@ def test_multi_node_launches_with_a_rank_sharded_store(tmp_path, kang_file):
         for node in (0, 1)
     ]
     torchrun = run_together(agents, [ENV, ENV])
+    slurm_port = str(free_port())
     slurm = [
         {
             **ENV,
@@ -353,7 +354,7 @@ def test_multi_node_launches_with_a_rank_sharded_store(tmp_path, kang_file):
             "SLURM_NODELIST": "127.0.0.1",
             "SLURM_JOB_NAME": "pretrain",
             "SLURM_JOB_ID": "4242",
-            "MASTER_PORT": str(free_port()),
+            "MASTER_PORT": slurm_port,
         }
         for task in (0, 1)
     ]
