@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls over all cells per model and device")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable CPUs)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurement even when CUDA is there")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement (benchmarks/gpu_check.py)")
     parser.add_argument(
         "--min-cells-per-gene", type=int, default=1, help="vocabulary: genes detected in at least this many cells"
     )
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = load_model(size, tokenizer, directory, "cpu", args.seed)
             flops = forward_flops(lengths, model)
             cpu_results[size] = {}
-            for precision in ("fp32", "bf16"):
+            for precision in () if args.no_cpu else ("fp32", "bf16"):
                 result = measure(model, adata, args, args.batch_size, mean_tokens, flops, precision)
                 result |= {"threads": torch.get_num_threads(), "device": "cpu"}
                 cpu_results[size][precision] = result

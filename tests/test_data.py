@@ -321,3 +321,22 @@ def test_datamodule_adds_per_cell_labels_by_store_row(store_dirs):
     unsplit.setup()
     with pytest.raises(ValueError, match="no test split"):
         unsplit.test_dataloader()
+
+
+def test_evaluation_loaders_are_whole_on_every_rank(store_dirs, monkeypatch):
+    """Under DDP (rank 1 of 2, faked) the training and validation loaders give this rank its share of the batches,
+    while the test and predict loaders, which serve evaluation on one process after training, give every cell."""
+    store = CorpusStore(store_dirs["binned"])
+    splits = split_train_val_test(store, 0.2, 0.2)
+    datamodule = CorpusDataModule(store_dirs["binned"], 8, mask_ratio=None, splits=splits)
+    datamodule.setup()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+
+    def cells(loader):
+        return sorted(torch.cat([batch["cell_index"] for batch in loader]).tolist())
+
+    assert len(cells(datamodule.val_dataloader())) < 0.6 * len(splits["val"])
+    assert cells(datamodule.test_dataloader()) == sorted(splits["test"].tolist())
+    assert cells(datamodule.predict_dataloader()) == list(range(len(store)))

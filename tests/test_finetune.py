@@ -88,15 +88,24 @@ def test_learning_curves_follow_the_task_metric(annotation):
 
 
 def test_gradual_mode_freezes_the_backbone_for_its_first_epochs():
-    model = ScFoundationForCellClassification(ScFoundationConfig(vocab_size=20, num_labels=2, **TINY_ARCHITECTURE))
+    """The backbone's gradients are dropped before the optimiser steps of the first unfreeze_epoch epochs (AdamW then
+    leaves it unchanged); every parameter keeps requires_grad, which DDP's reducer needs to stay as it was built."""
+    config = ScFoundationConfig(vocab_size=20, num_labels=2, **{**TINY_ARCHITECTURE, "pooling": "mean"})
+    model = ScFoundationForCellClassification(config)
     module, callback = SimpleNamespace(model=model), GradualUnfreezing(unfreeze_epoch=2)
-    callback.on_train_start(SimpleNamespace(current_epoch=0), module)
-    assert not any(p.requires_grad for p in model.base_model.parameters())
-    assert all(p.requires_grad for p in model.classifier.parameters())
-    callback.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
-    assert not any(p.requires_grad for p in model.base_model.parameters())
-    callback.on_train_epoch_start(SimpleNamespace(current_epoch=2), module)
-    assert all(p.requires_grad for p in model.base_model.parameters())
+
+    def step(epoch):
+        model.zero_grad(set_to_none=True)
+        model(torch.randint(4, 20, (3, 6)), torch.rand(3, 6), labels=torch.tensor([0, 1, 0])).loss.backward()
+        callback.on_before_optimizer_step(SimpleNamespace(current_epoch=epoch), module, None)
+        assert all(p.requires_grad for p in model.parameters())
+        return [p.grad for p in model.base_model.parameters()], [p.grad for p in model.classifier.parameters()]
+
+    for epoch in (0, 1):
+        backbone, head = step(epoch)
+        assert all(g is None for g in backbone) and all(g is not None for g in head)
+    backbone, head = step(2)
+    assert any(g is not None and g.abs().sum() > 0 for g in backbone) and all(g is not None for g in head)
     with pytest.raises(ValueError, match="unfreeze_epoch"):
         GradualUnfreezing(0)
 

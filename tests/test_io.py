@@ -1,5 +1,6 @@
 """Tests for sc_foundation.data.io: every reader on small real files, layers/raw on synthetic files, every bad input."""
 
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sc_foundation.data.io import (
     counts_from_anndata,
     open_counts,
     validate_counts,
+    write_h5ad_once,
 )
 
 TENX = "tenx_readers"
@@ -351,3 +353,21 @@ def test_rounded_log_values_warn_and_raw_counts_do_not(real_slice):
     ) as seen:
         list(counts_from_anndata(rounded, name="rounded.h5ad").iter_chunks(100))
     assert len(seen) == 1, "one warning per input, not per chunk"
+
+
+def test_write_h5ad_once_keeps_a_file_of_the_same_cells(tmp_path):
+    """DDP ranks of one task derive the same cells at once: the file is written once and then left alone (a store
+    built from it is keyed on its modification time); other cells replace it."""
+    cells = anndata.AnnData(scipy.sparse.random(30, 12, density=0.3, format="csr", dtype=np.float32, random_state=0))
+    path = tmp_path / "corrupted.h5ad"
+    write_h5ad_once(cells, path)
+    written = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    write_h5ad_once(cells.copy(), path)
+    assert path.stat().st_mtime_ns == written and path.stat().st_mode & 0o044 == 0o044
+    other = cells.copy()
+    other.X = other.X * 2
+    write_h5ad_once(other, path)
+    assert path.stat().st_mtime_ns != written
+    np.testing.assert_array_equal(anndata.read_h5ad(path).X.toarray(), other.X.toarray())
+    assert [p.name for p in tmp_path.iterdir()] == ["corrupted.h5ad"], "no temporary file left behind"

@@ -1,5 +1,7 @@
 """Tests of the sc_foundation model on tiny configs and synthetic batches (CPU, seconds)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -428,3 +430,48 @@ def test_varlen_kernel_matches_sdpa_in_bf16():
         varlen.last_hidden_state[0], reference.last_hidden_state[padded["attention_mask"]], atol=3e-2, rtol=3e-2
     )
     torch.testing.assert_close(varlen.cell_embedding, reference.cell_embedding, atol=3e-2, rtol=3e-2)
+
+
+def test_varlen_kernel_only_where_it_can_run(monkeypatch):
+    """Both varlen kernels are FlashAttention-2 (CUDA, fp16/bf16, compute capability 8.0+): an fp32 run or an older
+    GPU falls back to SDPA instead of crashing in the kernel. Checked on CPU with a stand-in kernel and GPU."""
+    monkeypatch.setattr(modeling, "varlen_attn", object())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert modeling.varlen_unavailable(cuda, torch.bfloat16) is None
+    assert modeling.varlen_unavailable(cuda, torch.float16) is None
+    assert "fp16 or bf16 only" in modeling.varlen_unavailable(cuda, torch.float32)
+    assert "CUDA only" in modeling.varlen_unavailable(torch.device("cpu"), torch.bfloat16)
+    model = tiny_model(ScFoundationModel, "binned", attention_backend="flash_varlen")
+    hidden = SimpleNamespace(device=cuda, dtype=torch.float32)  # what the backbone reads of its hidden states
+    assert not model._use_varlen_kernel(hidden), "fp32 on CUDA must fall back"
+    assert model._use_varlen_kernel(SimpleNamespace(device=cuda, dtype=torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # V100
+    assert "8.0" in modeling.varlen_unavailable(cuda, torch.float16)
+    assert not model._use_varlen_kernel(SimpleNamespace(device=cuda, dtype=torch.bfloat16))
+    monkeypatch.setattr(modeling, "varlen_attn", None)
+    monkeypatch.setattr(modeling, "flash_attn_varlen_func", None)
+    assert "installed" in modeling.varlen_unavailable(cuda, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(flash_attn_varlen_func is None and varlen_attn is None, reason="needs a varlen kernel")
+def test_fp32_packed_batches_on_cuda_fall_back_and_match_padding():
+    """An fp32 model given packed batches with attention_backend=flash_varlen runs (through SDPA's block-diagonal
+    mask), and so does a bf16 autocast forward (through the kernel)."""
+    torch.manual_seed(0)
+    config = tiny_config("binned", hidden_size=128, num_attention_heads=4, attention_backend="flash_varlen")
+    model = ScFoundationModel(config).cuda().eval()
+    cells = make_cells([40, 90, 17, 64], "binned")
+    padded = {key: value.cuda() for key, value in pad_batch(cells).items()}
+    packed = {key: value.cuda() if torch.is_tensor(value) else value for key, value in pack_batch(cells).items()}
+    with torch.no_grad():
+        reference = model(**padded)
+        fp32 = model(**packed)
+        assert not model._use_varlen_kernel(fp32.last_hidden_state)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(**packed)
+            assert model._use_varlen_kernel(fp32.last_hidden_state)
+    torch.testing.assert_close(fp32.cell_embedding, reference.cell_embedding, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bf16.cell_embedding.float(), reference.cell_embedding, atol=5e-2, rtol=5e-2)

@@ -55,7 +55,7 @@ def test_every_experiment_composes(experiment):
     assert cfg.trainer.max_steps > 0 and cfg.optim.learning_rate > 0
 
 
-PRECISION = {"cpu": "32-true", "gpu": "bf16-mixed", "ddp": "auto", "fsdp": "bf16-mixed"}  # ddp: fits the accelerator
+PRECISION = {"cpu": "32-true", "gpu": "bf16-mixed", "ddp": "auto", "fsdp": "auto"}  # ddp, fsdp: fit the accelerator
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])

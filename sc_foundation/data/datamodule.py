@@ -591,7 +591,9 @@ class CorpusDataModule(pl.LightningDataModule):
         token_dropout: share of gene tokens the training batches drop (:class:`TokenDropout`, a fine-tuning
             augmentation); 0 for none. Validation, test and prediction batches keep every token.
 
-    ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which).
+    ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which). It and
+    ``test_dataloader`` serve evaluation outside the Trainer, on one process: they are not sharded across DDP ranks
+    (each rank that asks gets every cell), while the training and validation loaders are.
     """
 
     def __init__(
@@ -665,7 +667,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 self.store, collator=collator, pack=self.pack, per_cell=self.per_cell, augment=augment
             )
 
-    def _sampler(self, indices: np.ndarray, train: bool) -> CellBatchSampler:
+    def _sampler(self, indices: np.ndarray, train: bool, sharded: bool = True) -> CellBatchSampler:
         return CellBatchSampler(
             indices,
             self.store.lengths,
@@ -674,10 +676,11 @@ class CorpusDataModule(pl.LightningDataModule):
             group_by_length=self.group_by_length,
             drop_last=train,
             seed=self.seed,
+            **({} if sharded else {"num_replicas": 1, "rank": 0}),
         )
 
-    def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
-        sampler = self._sampler(indices, train)
+    def _loader(self, indices: np.ndarray, train: bool, sharded: bool = True) -> DataLoader:
+        sampler = self._sampler(indices, train, sharded)
         fit_loop = self.trainer.fit_loop if self.trainer is not None else None
         if train and fit_loop is not None and fit_loop.restarting:
             # Lightning restores its loop progress before asking for this loader: a run resumed mid-epoch skips
@@ -705,10 +708,10 @@ class CorpusDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.test_indices is None:
             raise ValueError("no test split: pass splits={'train': ..., 'val': ..., 'test': ...}")
-        return self._loader(self.test_indices, train=False)
+        return self._loader(self.test_indices, train=False, sharded=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(np.arange(len(self.store)), train=False)
+        return self._loader(np.arange(len(self.store)), train=False, sharded=False)
 
     def padding_report(self) -> dict[str, float]:
         """Padded share of token slots in one training epoch, with and without length grouping."""

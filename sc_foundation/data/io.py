@@ -17,7 +17,10 @@ turns every bad input into an :class:`InvalidInputError` that names the file and
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse
+
+from sc_foundation.data.genes import current_umask
 
 __all__ = [
     "CountSource",
@@ -340,18 +345,62 @@ def validate_counts(
             )
 
 
-def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
-    """Write ``adata`` to ``path`` through a temporary file and a rename: a crash leaves the old file or none, never
-    half of one."""
-    path = Path(path)
+@contextlib.contextmanager
+def _written_beside(adata: anndata.AnnData, path: Path) -> Iterator[Path]:
+    """``adata`` written to a uniquely named temporary file beside ``path`` (removed on exit unless renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        tmp.chmod(0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other readers
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file and a rename: a crash leaves the old file or none, never
+    half of one. The temporary name is unique, so processes writing the same file at once each rename a whole file
+    of their own into place."""
+    path = Path(path)
+    with _written_beside(adata, path) as tmp:
+        os.replace(tmp, path)
     return path
+
+
+def write_h5ad_once(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` unless ``path`` already holds the same matrix and cells, which it then leaves
+    untouched (its modification time too: a corpus store built from the file is keyed on it).
+
+    For files that several processes derive alike at once, such as DDP ranks of one fine-tuning task: the first
+    complete file is linked into place atomically, the others find it and keep it. The comparison is by a digest of
+    ``X`` (CSR) and ``obs_names``, kept in the file's ``uns["digest"]``; a file of other cells is replaced.
+    """
+    path = Path(path)
+    x = scipy.sparse.csr_matrix(adata.X)
+    digest = hashlib.sha256()
+    for part in (x.data, x.indices, x.indptr, np.asarray(adata.obs_names, dtype=str)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    adata.uns["digest"] = digest.hexdigest()
+    if _stored_digest(path) == adata.uns["digest"]:
+        return path
+    with _written_beside(adata, path) as tmp:
+        try:
+            os.link(tmp, path)  # creates path only where it does not exist yet
+        except FileExistsError:
+            if _stored_digest(path) != adata.uns["digest"]:
+                os.replace(tmp, path)
+    return path
+
+
+def _stored_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as handle:
+        stored = handle["uns"].get("digest") if "uns" in handle else None
+        return None if stored is None else stored.asstr()[()]
 
 
 def _warn_if_rounded_log(counts: scipy.sparse.csr_matrix, where: str, hint: str) -> None:

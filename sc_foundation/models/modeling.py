@@ -226,6 +226,29 @@ def _mlp(in_features: int, hidden_features: int, out_features: int, activation: 
     )
 
 
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+"""The only dtypes the varlen kernels (flash-attn's and torch's, both FlashAttention-2) compute in."""
+
+
+def varlen_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why no varlen kernel can run attention in ``dtype`` on ``device``, or None when one can.
+
+    Both kernels are FlashAttention-2: CUDA only, fp16 or bf16 only (an fp32 run, ``--precision fp32`` or
+    ``trainer.precision=32-true``, must fall back rather than crash) and compute capability 8.0 or newer (Ampere;
+    a V100 or T4 must fall back too).
+    """
+    if flash_attn_varlen_func is None and varlen_attn is None:
+        return "neither flash-attn nor torch's varlen_attn is installed"
+    if device.type != "cuda":
+        return f"the varlen kernels run on CUDA only, not on {device.type}"
+    if dtype not in VARLEN_DTYPES:
+        return f"the varlen kernels compute in fp16 or bf16 only, not {dtype} (train in bf16-mixed to use them)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"the varlen kernels need a GPU of compute capability 8.0 (Ampere) or newer, this one has {capability}"
+    return None
+
+
 def _varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -839,11 +862,15 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
     def _use_varlen_kernel(self, hidden: torch.Tensor) -> bool:
         if self.config.attention_backend != "flash_varlen":
             return False
-        if hidden.is_cuda and (flash_attn_varlen_func is not None or varlen_attn is not None):
+        # Under autocast the attention's q, k, v come out of the projection in the autocast dtype, whatever the
+        # dtype of the embeddings' output.
+        autocast = hidden.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        reason = varlen_unavailable(hidden.device, torch.get_autocast_dtype("cuda") if autocast else hidden.dtype)
+        if reason is None:
             return True
         logger.warning_once(
-            "attention_backend='flash_varlen' needs CUDA and flash-attn or torch's varlen_attn; packed batches "
-            "fall back to SDPA with a block-diagonal mask (exact, but O(T^2) memory)"
+            f"attention_backend='flash_varlen': {reason}; packed batches fall back to SDPA with a block-diagonal "
+            "mask (exact, but O(T^2) memory)"
         )
         return False
 

@@ -30,6 +30,7 @@ from .common import (
     category_ids,
     check_categories,
     fit,
+    other_rank_result,
     predict,
     read_inputs,
     task_datamodule,
@@ -77,6 +78,8 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         **architecture_overrides(cfg),
     )
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
+    if not trainer.is_global_zero:
+        return other_rank_result(out, trainer, module, best)
 
     # Score the export itself: what users load is what the numbers describe.
     logits, cells = predict(load_pretrained(best), datamodule.test_dataloader())

@@ -26,9 +26,8 @@ from sc_foundation.tasks.evaluation import read_counts
 from sc_foundation.tasks.imputation_protocol import choose_panel, panel_shares, vocabulary_counts
 from sc_foundation.tasks.scvi_baselines import scvi_available
 from sc_foundation.training.console import announce, console_callbacks
-from sc_foundation.training.hardware import precision_reason, resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
-from sc_foundation.training.runs import ExportBest, export
+from sc_foundation.training.runs import ExportBest, export, trainer_arguments
 
 from .convergence import GradualUnfreezing, LearningCurves
 
@@ -262,9 +261,7 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     model.train()  # from_pretrained returns it in eval mode, which Lightning would keep (no dropout)
     if finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    announce(f"precision: {precision_reason(trainer_kwargs['precision'], trainer_kwargs['accelerator'])}")
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
+    trainer_kwargs = trainer_arguments(cfg.trainer)
     max_steps = trainer_kwargs.get("max_steps", -1)
     module = TrainingModule(
         model,
@@ -292,8 +289,15 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     )
     trainer.fit(module, datamodule=datamodule)
     if not (best.directory / "config.json").exists():  # no validation ran: the final weights are the best known
-        export(trainer, module, tokenizer, best.directory)
+        export(trainer, tokenizer, best.directory)
     return trainer, module, best.directory
+
+
+def other_rank_result(out: Path, trainer: pl.Trainer, module, best: Path) -> dict:
+    """What a task returns on a DDP rank other than 0 once training is done. The ranks train together, but rank 0
+    alone scores the export, on every test cell once, and writes ``metrics.json``: scored on each rank, each would
+    see its share of the cells and write its own file."""
+    return {"output_dir": out, "metrics": None, "export": best, "trainer": trainer, "module": module}
 
 
 def training_record(trainer: pl.Trainer) -> dict:

@@ -31,8 +31,9 @@ class ValidationMacroF1(pl.Callback):
     lower validation loss, rather than the first.
 
     Reads the logits of the output the training module returns from each validation step (no second forward pass)
-    and the batch's ``labels``. Classes absent from the validation cells count only if predicted (scikit-learn's
-    ``labels=None`` convention), as in the test metrics.
+    and the batch's ``labels``; under DDP the predictions of every rank's validation cells are gathered first.
+    Classes absent from the validation cells count only if predicted (scikit-learn's ``labels=None`` convention), as
+    in the test metrics.
     """
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -44,12 +45,21 @@ class ValidationMacroF1(pl.Callback):
         self._losses.append(float(outputs["loss"]) * len(batch["labels"]))  # the batch's summed loss
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not self._true:
+        true = torch.cat(self._true).numpy() if self._true else np.zeros(0, dtype=np.int64)
+        predicted = torch.cat(self._predicted).numpy() if self._predicted else np.zeros(0, dtype=np.int64)
+        losses = sum(self._losses)
+        if trainer.world_size > 1:
+            # Each rank validated its own share of the cells: score them all, so that every rank logs the same
+            # value, agrees on a new best (ExportBest's export is a collective) and on when to stop.
+            shares = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, (true, predicted, losses))
+            true, predicted = np.concatenate([s[0] for s in shares]), np.concatenate([s[1] for s in shares])
+            losses = sum(s[2] for s in shares)
+        if not len(true):
             return
-        true, predicted = torch.cat(self._true).numpy(), torch.cat(self._predicted).numpy()
         score = float(f1_score(true, predicted, average="macro", zero_division=0))
         module.log("val/macro_f1", score, prog_bar=True)
-        loss = sum(self._losses) / len(true)  # the mean validation loss per cell, as val/loss
+        loss = losses / len(true)  # the mean validation loss per cell, as val/loss
         module.log("val/macro_f1_then_loss", score - TIE_BREAK * min(loss, 100.0))
 
 
@@ -136,8 +146,12 @@ class GradualUnfreezing(pl.Callback):
     """``finetune.mode=gradual``: the backbone is frozen for the first ``unfreeze_epoch`` epochs, so a fresh head
     learns on fixed features first, then everything trains (at the schedule's rate by then).
 
-    Frozen at the start of training, after the optimiser was built over every parameter: AdamW skips parameters
-    without gradients, so the frozen ones stay put and join in once they get gradients again.
+    Frozen by dropping the backbone's gradients before each optimiser step (before clipping, so the clipping norm is
+    the head's), not by ``requires_grad``: DDP builds its gradient reducer over the parameters that require
+    gradients when training starts and fails at the next step when that set changes (and a parameter that starts
+    frozen would never be synchronised once unfrozen). AdamW skips parameters without gradients, so the backbone
+    stays put, weight decay included, exactly as if it were frozen; the price is the backbone's backward pass
+    during the frozen epochs.
     """
 
     def __init__(self, unfreeze_epoch: int):
@@ -145,10 +159,7 @@ class GradualUnfreezing(pl.Callback):
             raise ValueError(f"finetune.unfreeze_epoch must be >= 1, got {unfreeze_epoch}")
         self.unfreeze_epoch = unfreeze_epoch
 
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer) -> None:
         if trainer.current_epoch < self.unfreeze_epoch:
-            module.model.base_model.requires_grad_(False)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.unfreeze_epoch:
-            module.model.base_model.requires_grad_(True)
+            for param in module.model.base_model.parameters():
+                param.grad = None

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from sc_foundation.data.genes import _atomic_write_text
-from sc_foundation.data.io import write_h5ad_atomic
+from sc_foundation.data.io import write_h5ad_atomic, write_h5ad_once
 from sc_foundation.data.store import CorpusInput, CorpusStore
 from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.inference import impute
@@ -39,6 +39,7 @@ from .common import (
     architecture_overrides,
     fit,
     init_panel_decoder,
+    other_rank_result,
     read_inputs,
     run_scvi,
     skipped_baselines,
@@ -64,7 +65,8 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     vocab = vocabulary_counts(read_counts(inputs), tokenizer, inputs[0].species)
     corrupted, hidden = hide_entries(vocab.X, cfg.hidden_fraction, cfg.hidden_seed)
     corrupted = anndata.AnnData(corrupted, obs=vocab.obs[["source", "cell_id"]], var=vocab.var)
-    corrupted_path = write_h5ad_atomic(corrupted, out / "corrupted.h5ad")
+    # Every DDP rank derives the same corrupted cells; the first writes them, the store built from them stays valid.
+    corrupted_path = write_h5ad_once(corrupted, out / "corrupted.h5ad")
     _, store_path = tokenize_inputs(cfg, out, [CorpusInput(path=str(corrupted_path))], [split.split_by])
 
     store = CorpusStore(store_path)
@@ -83,6 +85,8 @@ def run_imputation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     )
     init_panel_decoder(model.decoder, targets[splits["train"]])
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+    if not trainer.is_global_zero:
+        return other_rank_result(out, trainer, module, best)
 
     # Impute through the public API, with the export: what users run is what the numbers describe.
     imputed = corrupted[:, panel].copy()

@@ -33,6 +33,7 @@ from .common import (
     check_categories,
     fit,
     init_panel_decoder,
+    other_rank_result,
     predict,
     read_inputs,
     run_scvi,
@@ -87,6 +88,8 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     )
     init_panel_decoder(model.decoder, targets[splits["train"]])
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+    if not trainer.is_global_zero:
+        return other_rank_result(out, trainer, module, best)
 
     # Embed with the export itself: what users load is what the numbers describe.
     embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")

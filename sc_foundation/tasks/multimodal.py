@@ -38,6 +38,7 @@ from .common import (
     check_categories,
     fit,
     init_decoder_bias,
+    other_rank_result,
     predict,
     read_inputs,
     task_datamodule,
@@ -95,6 +96,8 @@ def run_multimodal(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         model.modality_decoder, np.log(mean + 1e-4) - np.log1p(-mean + 1e-4) if modality.kind == "atac" else mean
     )
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+    if not trainer.is_global_zero:
+        return other_rank_result(out, trainer, module, best)
 
     exported = load_pretrained(best)
     predicted, cells = predict(exported, datamodule.test_dataloader(), "predictions")  # from RNA alone

@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
+from sc_foundation.training.sharding import unsharded_class
+
 log = logging.getLogger(__name__)
 
 
@@ -117,10 +119,10 @@ class ParameterSummary(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model = getattr(module, "model", module)
+        model = getattr(module, "model", module)  # under FSDP, numel() of a shard is its global size
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        announce(f"model: {type(model).__name__}, {total:,} parameters ({trainable:,} trainable)", log)
+        announce(f"model: {unsharded_class(model).__name__}, {total:,} parameters ({trainable:,} trainable)", log)
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:

@@ -17,6 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from sc_foundation.training.sharding import is_sharded, shard_per_layer
+
 H100_BF16_DENSE_FLOPS = 989e12
 """Peak dense bf16 tensor-core throughput of one H100 SXM, in FLOP/s (NVIDIA's datasheet figure without sparsity)."""
 
@@ -228,8 +230,15 @@ class TrainingModule(pl.LightningModule):
             scales[id(param)] = self.backbone_lr_ratio * self.layer_lr_decay ** (depth_count - depth)
         return scales
 
-    def on_fit_start(self) -> None:
+    def configure_model(self) -> None:
+        """Called by Lightning before the strategy wraps the model, on every rank. Counts the parameters for the
+        MFU estimate while they are whole, and under ``trainer=fsdp`` (:class:`~sc_foundation.training.sharding.
+        FullyShardedStrategy`, which sets ``device_mesh``) shards the model per Transformer block."""
+        if is_sharded(self.model):  # fit, then validate or test: sharded once
+            return
         self._non_embedding_params = count_non_embedding_parameters(self.model)
+        if self.device_mesh is not None:
+            shard_per_layer(self.model, self.device_mesh["data_parallel"])
 
     def on_train_start(self) -> None:
         self._window = (time.perf_counter(), self.global_step, torch.zeros(3, dtype=torch.long, device=self.device))

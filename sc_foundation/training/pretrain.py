@@ -27,18 +27,21 @@ from sc_foundation.data.tokenization import GeneTokenizer, TokenizerConfig
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.training.console import announce, console_callbacks
-from sc_foundation.training.hardware import precision_reason, resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
 from sc_foundation.training.model_card import metrics_json, render_model_card
 from sc_foundation.training.probes import ProbeCallback, ProbeSet
-from sc_foundation.training.runs import ExportBest, best_note, export, output_dir
+from sc_foundation.training.runs import ExportBest, best_note, export, output_dir, trainer_arguments
 
 
-def build_corpus(cfg: DictConfig):
+def build_corpus(cfg: DictConfig, rank: int | None = None, world_size: int | None = None):
     """The corpus store described by ``cfg.data``: built, resumed, or reused when complete.
 
     With ``data.panel.n_top_genes`` set, the vocabulary is a gene panel: the union of each input's highly variable
     genes (:mod:`sc_foundation.data.gene_panel`), selected once and cached under ``paths.cache/panels``.
+
+    With ``rank`` and ``world_size`` (a launcher's, :func:`~sc_foundation.data.store.launcher_rank`), this process
+    builds only its share of the parts and returns None; ``merge_store`` then completes the store, which a training
+    run with the same config reuses (see docs/distributed.md).
     """
     data = cfg.data
     inputs = corpus_inputs(list(data.datasets), OmegaConf.to_container(data.files, resolve=True))
@@ -61,6 +64,8 @@ def build_corpus(cfg: DictConfig):
         num_workers=data.build_workers,
         part_size=data.part_size,
         overwrite=data.rebuild_stale_store,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -147,13 +152,9 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     model = build_model(cfg, store)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    announce(f"precision: {precision_reason(trainer_kwargs['precision'], trainer_kwargs['accelerator'])}")
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs["accelerator"])
+    trainer_kwargs = trainer_arguments(cfg.trainer)
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
-    if isinstance(trainer_kwargs.get("strategy"), dict):
-        trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints",
         save_last=True,
@@ -168,7 +169,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
-    final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
+    final = export(trainer, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
         announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
     return {

@@ -37,6 +37,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sc_foundation.data.io import open_counts
 from sc_foundation.training.console import announce
+from sc_foundation.training.sharding import gather_model
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +246,10 @@ class ProbeCallback(pl.Callback):
     """Runs :class:`RepresentationProbe` on the model being trained and logs the scores.
 
     Runs after every ``every_n_validations``-th validation and once more at the end of training (unless the last
-    validation already probed that step), on global rank 0 only (the embedding needs the whole model: not under
-    FSDP). Scores go to every logger of the trainer at the current step, and to :attr:`history`, which the
-    checkpoint keeps so that a resumed run continues its curve.
+    validation already probed that step). The embedding runs on global rank 0 only; under FSDP every rank first
+    helps gather the full weights, from which rank 0 builds an unsharded copy to embed with. Scores go to every
+    logger of the trainer at the current step, and to :attr:`history`, which the checkpoint keeps so that a resumed
+    run continues its curve.
 
     Args:
         probe_sets: see :class:`RepresentationProbe`.
@@ -265,6 +267,7 @@ class ProbeCallback(pl.Callback):
         self.history: list[dict] = []
         self._validations = 0
         self._probe: RepresentationProbe | None = None
+        self._probed_step: int | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -274,16 +277,19 @@ class ProbeCallback(pl.Callback):
             self.run(trainer, module)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
+        if self._probed_step != trainer.global_step:  # the same decision on every rank (history is rank 0's)
             self.run(trainer, module)
 
     def run(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict | None:
-        """Probe now and log; returns the results on rank 0 (None elsewhere)."""
+        """Probe now and log; returns the results on rank 0 (None elsewhere). Called on every rank: under FSDP the
+        full weights are gathered first, a collective."""
+        self._probed_step = trainer.global_step
+        model = gather_model(trainer)  # under FSDP a collective, hence on every rank
         if not trainer.is_global_zero:
             return None
+        model = model.to(module.device)
         if self._probe is None:
             self._probe = RepresentationProbe(self.probe_sets, **self.settings)
-        model = module.model
         model.gene_tokenizer = self.tokenizer
         results = self._probe.evaluate(model)
         flat = flatten_results(results)
@@ -304,3 +310,4 @@ class ProbeCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
         self._validations = state_dict["validations"]
+        self._probed_step = self.history[-1]["step"] if self.history else None

@@ -7,13 +7,16 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.models.export import export_pretrained
-from sc_foundation.training.lightning_module import TrainingModule
+from sc_foundation.training.console import announce
+from sc_foundation.training.hardware import precision_reason, resolve_precision
+from sc_foundation.training.sharding import gather_model
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -25,19 +28,29 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def trainer_arguments(trainer: DictConfig) -> dict:
+    """``pl.Trainer`` keyword arguments from a ``conf/trainer`` config: precision ``auto`` resolved for the
+    accelerator (:func:`~sc_foundation.training.hardware.resolve_precision`; the run report says what and why), and
+    a strategy given as a ``{_target_: ...}`` dict (``trainer=fsdp``) instantiated, which Lightning would refuse as an
+    unknown name."""
+    kwargs = OmegaConf.to_container(trainer, resolve=True)
+    announce(f"precision: {precision_reason(kwargs['precision'], kwargs['accelerator'])}")
+    kwargs["precision"] = resolve_precision(kwargs["precision"], kwargs["accelerator"])
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"])
+    return kwargs
+
+
 def export(
     trainer: pl.Trainer,
-    module: TrainingModule,
     tokenizer: GeneTokenizer,
     directory: Path,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Export the trained model. Called on every rank (FSDP gathers the full weights collectively); rank 0 writes."""
-    state = trainer.strategy.lightning_module_state_dict()
+    model = gather_model(trainer)
     if trainer.is_global_zero:
-        prefix = "model."
-        weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-        export_pretrained(module.model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
+        export_pretrained(model, tokenizer, directory, extra_files=extra_files)
     trainer.strategy.barrier("export")
     return directory
 
@@ -66,13 +79,13 @@ class ExportBest(pl.Callback):
         self.sign = 1.0 if mode == "min" else -1.0  # compares sign * value, lower is better
         self.best = math.inf
 
-    def on_validation_end(self, trainer: pl.Trainer, module: TrainingModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = self.sign * float(trainer.callback_metrics[self.monitor])  # averaged over ranks: the same on each
         if value < self.best:
             self.best = value
-            export(trainer, module, self.tokenizer, self.directory)
+            export(trainer, self.tokenizer, self.directory)
 
     def state_dict(self) -> dict:
         return {"best": self.best}
