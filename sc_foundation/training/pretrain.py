@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -63,9 +65,28 @@ def build_corpus(cfg: DictConfig):
     )
 
 
+def batch_aware(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` switches on a batch-aware pretraining term (which needs each cell's corpus batch)."""
+    return bool(cfg.model.get("reconstruction_batch_conditioned")) or cfg.model.get("adversarial_batch_weight", 0) > 0
+
+
+def corpus_batches(store: CorpusStore, column: str) -> tuple[list[str], np.ndarray]:
+    """The corpus batches of the batch-aware terms: the sorted values of the store's obs ``column`` (``source``: the
+    input files; ``batch``: each input's ``batch_key`` values, else its name) and each cell's (n_cells,) int64 id."""
+    if column not in ("source", "batch"):
+        raise ValueError(f"data.batch_column must be 'source' or 'batch', got {column!r}")
+    values = store.obs[column].astype(str)
+    names = sorted(values.unique())
+    return names, pd.Categorical(values, categories=names).codes.astype(np.int64)
+
+
 def build_model(cfg: DictConfig, store: CorpusStore):
-    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
-    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **OmegaConf.to_container(cfg.model, resolve=True))
+    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer,
+    and the corpus batches (``data.batch_column``) when a batch-aware term is on."""
+    architecture = OmegaConf.to_container(cfg.model, resolve=True)
+    if batch_aware(cfg):
+        architecture["corpus_batch_names"] = corpus_batches(store, cfg.data.get("batch_column", "source"))[0]
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **architecture)
     head = ScFoundationForMaskedGeneModeling if config.value_encoding == "rank" else ScFoundationForMaskedValueModeling
     return head(config)
 
@@ -88,7 +109,11 @@ def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback |
     if not sets:
         return None
     return ProbeCallback(
-        sets, tokenizer, every_n_validations=cfg.probes.every_n_validations, n_neighbors=cfg.probes.n_neighbors
+        sets,
+        tokenizer,
+        every_n_validations=cfg.probes.every_n_validations,
+        n_neighbors=cfg.probes.n_neighbors,
+        scvi=bool(cfg.probes.get("scvi", False)),
     )
 
 
@@ -130,7 +155,13 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     started = time.perf_counter()
     report = build_corpus(cfg)
     announce(report.format())
-    datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
+    per_cell = None
+    if batch_aware(cfg):
+        names, ids = corpus_batches(CorpusStore(report.path), cfg.data.get("batch_column", "source"))
+        announce(f"batch-aware objectives over {len(names)} corpus batches ({cfg.data.batch_column}): {names}")
+        per_cell = {"batch_ids": ids}
+    loader = OmegaConf.to_container(cfg.data.loader, resolve=True)
+    datamodule = CorpusDataModule(report.path, seed=cfg.seed, per_cell=per_cell, **loader)
     datamodule.setup()
     padding = datamodule.padding_report()
     announce(
