@@ -114,6 +114,7 @@ def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback |
         every_n_validations=cfg.probes.every_n_validations,
         n_neighbors=cfg.probes.n_neighbors,
         scvi=bool(cfg.probes.get("scvi", False)),
+        cache_dir=Path(cfg.paths.cache) / "probe_references",
     )
 
 

@@ -24,10 +24,13 @@ mixing: ``batch_score`` = mean(batch ASW, iLISI, graph connectivity) (scib-metri
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -244,6 +247,8 @@ class RepresentationProbe:
         n_neighbors, n_folds, seed: see :func:`score_embedding`.
         scvi: also score scVI's latent, trained on each set's cells (its batches as the covariate): the
             ``baselines`` extra; without scvi-tools the reference is skipped and :attr:`skipped` says why.
+        cache_dir: a folder where reference embeddings are kept (``<method>-<hash of the set and seed>.npy``), so
+            that scVI trains once per probe set, not once per run; None keeps them in this process only.
     """
 
     def __init__(
@@ -253,6 +258,7 @@ class RepresentationProbe:
         n_folds: int = 5,
         seed: int = 0,
         scvi: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ):
         if not probe_sets:
             raise ValueError("no probe sets given")
@@ -271,7 +277,8 @@ class RepresentationProbe:
         # set name -> method -> scores
         self.references = {
             probe.name: {
-                method: _reference_scores(probe, self.sets[probe.name], method, self.settings) for method in methods
+                method: _reference_scores(probe, self.sets[probe.name], method, self.settings, cache_dir)
+                for method in methods
             }
             for probe in probe_sets
         }
@@ -320,18 +327,29 @@ _REFERENCE_CACHE: dict[tuple, dict[str, float]] = {}
 """(probe set, method, settings) -> scores: a reference is computed once per process, however many runs probe."""
 
 
-def _reference_scores(probe: ProbeSet, adata: anndata.AnnData, method: str, settings: Mapping) -> dict[str, float]:
+def _reference_scores(
+    probe: ProbeSet, adata: anndata.AnnData, method: str, settings: Mapping, cache_dir: str | os.PathLike | None
+) -> dict[str, float]:
     """A reference embedding's scores on a probe set's cells: ``pca`` (:func:`pca_embedding`) or ``scvi``
     (:func:`sc_foundation.tasks.scvi_baselines.scvi_latent`, the set's batches as covariate)."""
     key = (probe, method, tuple(sorted(settings.items())))
     if key not in _REFERENCE_CACHE:
         batches = adata.obs["batch"].to_numpy() if "batch" in adata.obs else None
-        if method == "pca":
+        digest = hashlib.sha256(repr((probe, adata.n_obs, adata.n_vars, settings["seed"])).encode()).hexdigest()
+        path = Path(cache_dir) / f"{method}-{digest[:16]}.npy" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            x = np.load(path)
+        elif method == "pca":
             x = pca_embedding(adata, seed=settings["seed"])
         else:
             from sc_foundation.tasks.scvi_baselines import scvi_latent
 
             x = scvi_latent(adata, batches, seed=settings["seed"])
+        if path is not None and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
+            np.save(tmp, x)
+            os.replace(tmp, path)  # whole or absent, however many runs write it at once
         _REFERENCE_CACHE[key] = score_embedding(
             x, adata.obs["label"], detected_genes(adata), batches=batches, **settings
         )
