@@ -264,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablations", nargs="*", default=None, help=f"ablations to run: {sorted(ABLATIONS)}")
     parser.add_argument("--ablation-steps", type=int, default=300)
     parser.add_argument("--ablations-only", action="store_true", help="skip the recipe run and its probe table")
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="no recipe run at the ablation steps (another process runs it)"
+    )
     parser.add_argument("--scvi", action="store_true", help="score scVI on the probe cells beside PCA (baselines)")
     parser.add_argument(
         "--precision",
@@ -303,9 +306,10 @@ def main(argv: list[str] | None = None) -> dict:
         record["ablation_steps"] = args.ablation_steps
         record["ablations"] = {}
         steps = [f"trainer.max_steps={args.ablation_steps}", f"trainer.val_check_interval={args.ablation_steps}"]
-        baseline = train_run(args.out / "ablations" / "recipe_short", [*base, *steps])
-        baseline.pop("probe_history")
-        record["ablations"]["recipe (same steps)"] = baseline
+        if not args.skip_baseline:
+            baseline = train_run(args.out / "ablations" / "recipe_short", [*base, *steps])
+            baseline.pop("probe_history")
+            record["ablations"]["recipe (same steps)"] = baseline
         for name in names:
             run = train_run(args.out / "ablations" / name, [*base, *ABLATIONS[name], *steps])
             run.pop("probe_history")

@@ -194,3 +194,43 @@ def test_a_short_pretraining_run_learns_cells_and_logs_its_probes(tmp_path, shar
     card = (export / "README.md").read_text()
     assert "| pbmc68k |" in card and "Representation probes" in card
     assert json.loads((export / "metrics.json").read_text())["probes"]["pbmc68k"]["ours"]["knn_accuracy"] == end
+
+
+@pytest.mark.slow
+def test_the_batch_robust_switches_raise_the_batch_score_of_a_short_run(tmp_path, shared_data):
+    """CellBench alone, its two protocols as the corpus batches (data.batch_column=batch): the same short run with the
+    adversary and the batch-conditioned decoder on mixes the protocols better in the probe than with them off. The
+    best probe round is exported when asked."""
+    from sc_foundation.training import pretrain
+    from tests.test_train import compose_pretrain
+
+    def run(name, *switches):
+        cfg = compose_pretrain(
+            [
+                "experiment=cpu_pretrain",
+                "data.datasets=[cellbench_3cl]",
+                "data.batch_column=batch",
+                f"paths.cache={tmp_path / 'cache'}",
+                f"output_dir={tmp_path / name}",
+                "data.build_workers=1",
+                "data.panel.n_top_genes=300",
+                "data.tokenizer.context_length=64",
+                "data.loader.batch_size=32",
+                "trainer.max_steps=60",
+                "trainer.val_check_interval=30",
+                "trainer.limit_val_batches=1",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "optim.warmup_steps=5",
+                "probes.select_best=true",
+                "probes.sets=[{name: cellbench, dataset: cellbench_3cl, batch_key: batch, max_cells: 499}]",
+                *switches,
+            ]
+        )
+        result = pretrain.run(cfg)
+        assert (result["best_probe_export"] / "config.json").is_file()
+        return result["probes"].history[-1]["results"]["cellbench"]["ours"]
+
+    off = run("off")
+    on = run("on", "model.adversarial_batch_weight=1.0", "model.reconstruction_batch_conditioned=true")
+    assert on["batch_score"] > off["batch_score"], (on, off)

@@ -8,6 +8,7 @@ Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resumi
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -30,9 +31,9 @@ from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScF
 from sc_foundation.training.console import announce, console_callbacks
 from sc_foundation.training.hardware import resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
-from sc_foundation.training.model_card import metrics_json, render_model_card
+from sc_foundation.training.model_card import metrics_json, probe_table, render_model_card
 from sc_foundation.training.probes import ProbeCallback, ProbeSet
-from sc_foundation.training.runs import ExportBest, best_note, export, output_dir
+from sc_foundation.training.runs import ExportBest, ExportBestProbe, best_note, export, output_dir
 
 
 def build_corpus(cfg: DictConfig):
@@ -191,15 +192,23 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     )
     best = ExportBest(store.tokenizer, out / "export" / "best")
     probes = probe_callback(cfg, store.tokenizer)
+    best_probe = None
+    if probes is not None and cfg.probes.get("select_best", False):
+        best_probe = ExportBestProbe(probes, store.tokenizer, out / "export" / "best_probe")
     configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
-    extra = [*([probes] if probes else []), *console_callbacks(trainer_kwargs), *configured, *callbacks]
+    extra = [*([probes] if probes else []), *([best_probe] if best_probe else [])]
+    extra += [*console_callbacks(trainer_kwargs), *configured, *callbacks]
     callbacks = [checkpoints, best, *extra]
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
     final = export(trainer, module, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
+        if probes is not None and probes.history:
+            announce(f"probe table at step {probes.history[-1]['step']}:\n{probe_table(probes.history[-1]['results'])}")
         announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
+        if best_probe is not None and best_probe.best > -math.inf:
+            announce(f"best probe score (mean ratio to PCA) {best_probe.best:.3f}: {best_probe.directory.resolve()}")
     return {
         "store": report.path,
         "report": report,
@@ -211,4 +220,5 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         "module": module,
         "datamodule": datamodule,
         "probes": probes,
+        "best_probe_export": best_probe.directory if best_probe is not None else None,
     }
