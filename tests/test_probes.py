@@ -213,7 +213,8 @@ def test_the_batch_robust_switches_raise_the_batch_score_of_a_short_run(tmp_path
                 f"paths.cache={tmp_path / 'cache'}",
                 f"output_dir={tmp_path / name}",
                 "data.build_workers=1",
-                "data.panel.n_top_genes=300",
+                "data.panel.n_top_genes=500",
+                "data.tokenizer.min_match_rate=0.01",  # 500 panel genes of CellBench's 28,000
                 "data.tokenizer.context_length=64",
                 "data.loader.batch_size=32",
                 "trainer.max_steps=60",
