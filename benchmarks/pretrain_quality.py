@@ -5,11 +5,12 @@
 1. the recipe (``train.run`` on ``conf/pretrain.yaml`` with ``experiment=cpu_pretrain``), unless ``--pretrained``
    names an export to score instead;
 2. the probe table of its final export: :class:`sc_foundation.training.probes.RepresentationProbe` on every probe set
-of the
-   config (more cells per set than the in-run probes), ours against PCA-50 of log-normalised HVGs of the same cells;
+   of the config (more cells per set than the in-run probes), ours against PCA-50 of log-normalised HVGs of the same
+   cells and scVI trained on them (``--scvi``), bio (kNN, AvgBIO) and batch mixing where a set has batches;
 3. the probe curve of the run (``probe/<set>/knn_accuracy`` and ``avg_bio`` by step, PCA as dashed lines) as PNG;
-4. with ``--ablations``, short runs that change one thing of the recipe each (objectives, inputs, pooling, value
-   encoding), at ``--ablation-steps`` steps, each probed the same way and timed (cells/s of the training loop);
+4. with ``--ablations``, short runs that change one thing of the recipe each (objectives, batch-robust objectives,
+   sampling, inputs, pooling, value encoding), at ``--ablation-steps`` steps, each probed the same way (bio and
+   batch, PCA and scVI beside) and timed (cells/s of the training loop); ``--ablations-only`` skips 1-3;
 5. fp32 against bf16 autocast training steps on this CPU (``--precision``), same batches, same process.
 
 Writes ``DIR/pretrain_quality.json``, ``DIR/pretrain_quality.md`` and ``DIR/probe_curve.png``.
@@ -44,6 +45,20 @@ ABLATIONS: dict[str, list[str]] = {
     # model and contrastive settings
     "width_128": ["model.hidden_size=128", "model.intermediate_size=512"],
     "temperature_0.1": ["model.contrastive_temperature=0.1"],
+    # batch-robust objectives over the corpus batches (each input file, data.batch_column=source) and sampling
+    "batch_decoder": ["model.reconstruction_batch_conditioned=true"],
+    "batch_adversary": ["model.adversarial_batch_weight=1.0"],
+    "batch_adversary_0.1": ["model.adversarial_batch_weight=0.1"],
+    "balanced_sources": ["data.loader.source_balance=0.5"],
+    "batch_robust": [
+        "model.reconstruction_batch_conditioned=true",
+        "model.adversarial_batch_weight=0.1",
+        "data.loader.source_balance=0.5",
+    ],
+    # the same over each file's batch_key batches (CellBench's protocols, SNARE's libraries): those files are probe
+    # sets too, so these rows use probe batches in training and do not meet the probes' rule; they show the ceiling
+    "batch_decoder_within_files": ["model.reconstruction_batch_conditioned=true", "data.batch_column=batch"],
+    "batch_adversary_within_files": ["model.adversarial_batch_weight=1.0", "data.batch_column=batch"],
 }
 
 
@@ -98,11 +113,14 @@ def probe_sets(max_cells: int, overrides: list[str]):
     return [ProbeSet(**{**s, "max_cells": max_cells}) for s in OmegaConf.to_container(cfg.probes.sets, resolve=True)]
 
 
-def score_export(export: str, max_cells: int, overrides: list[str]) -> dict:
+def score_export(export: str, max_cells: int, overrides: list[str], scvi: bool) -> dict:
     from sc_foundation.models.export import load_pretrained
     from sc_foundation.training.probes import RepresentationProbe
 
-    return RepresentationProbe(probe_sets(max_cells, overrides)).evaluate(load_pretrained(export))
+    cache = Path(recipe(overrides).paths.cache) / "probe_references"
+    return RepresentationProbe(probe_sets(max_cells, overrides), scvi=scvi, cache_dir=cache).evaluate(
+        load_pretrained(export)
+    )
 
 
 def curve_figure(history: list[dict], path: Path) -> Path:
@@ -181,34 +199,50 @@ def table(results: dict) -> str:
     return probe_table(results)
 
 
-def markdown(record: dict) -> str:
+def _cell(scores: dict) -> str:
+    """``kNN / AvgBIO / batch`` of one set (batch only where the set has batches)."""
+    parts = [f"{scores['knn_accuracy']:.3f}", f"{scores['avg_bio']:.3f}"]
+    if "batch_score" in scores:
+        parts.append(f"{scores['batch_score']:.3f}")
+    return " / ".join(parts)
+
+
+def ablation_table(ablations: dict, steps: int) -> list[str]:
+    """Markdown lines: one row per run (kNN / AvgBIO / batch score per probe set), then PCA and scVI of the same cells
+    (the references of the first run: every run probes the same cells)."""
+    sets = list(next(iter(ablations.values()))["probes"])
     lines = [
-        "# Pretraining quality: representation probes against PCA",
+        f"## Ablations ({steps} steps each, one change from the recipe; kNN / AvgBIO / batch score per set)",
         "",
-        f"Export: `{record['recipe']['export']}` ({record['recipe'].get('steps')} steps, "
-        f"{record['recipe'].get('wall_s')} s of training)."
-        if record["recipe"].get("steps")
-        else f"Export: `{record['recipe']['export']}`.",
-        "",
-        f"## Probe table ({record['probe_cells']} cells per set at most)",
-        "",
-        table(record["probes"]),
+        "| run | change | cells/s | " + " | ".join(sets) + " |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in sets) + " |",
     ]
-    if record.get("ablations"):
+    for name, run in ablations.items():
+        scores = " | ".join(_cell(run["probes"][s]["ours"]) for s in sets)
+        cells = f"{run['train_cells_per_s']:.0f}" if run.get("train_cells_per_s") else "n/a"
+        lines.append(f"| {name} | `{' '.join(run['overrides']) or '(recipe)'}` | {cells} | {scores} |")
+    first = next(iter(ablations.values()))["probes"]
+    for method, label in (("pca", "PCA-50 of HVGs (same cells)"), ("scvi", "scVI trained on the probe cells")):
+        if all(method in first[s] for s in sets):
+            lines.append(f"| {label} | | | " + " | ".join(_cell(first[s][method]) for s in sets) + " |")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    lines = ["# Pretraining quality: representation probes against PCA and scVI", ""]
+    if record.get("recipe"):
         lines += [
+            f"Export: `{record['recipe']['export']}` ({record['recipe'].get('steps')} steps, "
+            f"{record['recipe'].get('wall_s')} s of training)."
+            if record["recipe"].get("steps")
+            else f"Export: `{record['recipe']['export']}`.",
             "",
-            f"## Ablations ({record['ablation_steps']} steps each, one change from the recipe)",
+            f"## Probe table ({record['probe_cells']} cells per set at most)",
             "",
-            "| run | change | cells/s | " + " | ".join(f"{s} kNN | {s} AvgBIO" for s in record["probes"]) + " |",
-            "| --- | --- | ---: | " + " | ".join("---: | ---:" for _ in record["probes"]) + " |",
+            table(record["probes"]),
         ]
-        for name, run in record["ablations"].items():
-            scores = " | ".join(
-                f"{run['probes'][s]['ours']['knn_accuracy']:.3f} | {run['probes'][s]['ours']['avg_bio']:.3f}"
-                for s in record["probes"]
-            )
-            cells = f"{run['train_cells_per_s']:.0f}" if run.get("train_cells_per_s") else "n/a"
-            lines.append(f"| {name} | `{' '.join(run['overrides']) or '(recipe)'}` | {cells} | {scores} |")
+    if record.get("ablations"):
+        lines += ["", *ablation_table(record["ablations"], record["ablation_steps"])]
     if record.get("precision"):
         p = record["precision"]
         lines += [
@@ -229,6 +263,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-cells", type=int, default=2000, help="cells per probe set in the final table")
     parser.add_argument("--ablations", nargs="*", default=None, help=f"ablations to run: {sorted(ABLATIONS)}")
     parser.add_argument("--ablation-steps", type=int, default=300)
+    parser.add_argument("--ablations-only", action="store_true", help="skip the recipe run and its probe table")
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="no recipe run at the ablation steps (another process runs it)"
+    )
+    parser.add_argument("--scvi", action="store_true", help="score scVI on the probe cells beside PCA (baselines)")
     parser.add_argument(
         "--precision",
         type=int,
@@ -248,14 +287,17 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     base = list(args.recipe_overrides)
     record: dict = {"machine": machine_info(), "probe_cells": args.probe_cells, "recipe_overrides": base}
+    if args.scvi:
+        base = [*base, "probes.scvi=true"]
+    history = []
     if args.pretrained:
         record["recipe"] = {"export": str(args.pretrained)}
-        history = []
-    else:
+    elif not args.ablations_only:
         run = train_run(args.out / "recipe", base)
         record["recipe"] = {k: v for k, v in run.items() if k != "probe_history"}
         history = run["probe_history"]
-    record["probes"] = score_export(record["recipe"]["export"], args.probe_cells, base)
+    if record.get("recipe"):
+        record["probes"] = score_export(record["recipe"]["export"], args.probe_cells, base, args.scvi)
     if history:
         record["curve"] = str(curve_figure(history, args.out / "probe_curve.png"))
         record["probe_history"] = history
@@ -263,15 +305,16 @@ def main(argv: list[str] | None = None) -> dict:
         names = args.ablations or sorted(ABLATIONS)
         record["ablation_steps"] = args.ablation_steps
         record["ablations"] = {}
+        steps = [f"trainer.max_steps={args.ablation_steps}", f"trainer.val_check_interval={args.ablation_steps}"]
+        if not args.skip_baseline:
+            baseline = train_run(args.out / "ablations" / "recipe_short", [*base, *steps])
+            baseline.pop("probe_history")
+            record["ablations"]["recipe (same steps)"] = baseline
         for name in names:
-            steps = [f"trainer.max_steps={args.ablation_steps}", f"trainer.val_check_interval={args.ablation_steps}"]
             run = train_run(args.out / "ablations" / name, [*base, *ABLATIONS[name], *steps])
             run.pop("probe_history")
             record["ablations"][name] = run
             write_json_atomic(args.out / "pretrain_quality.json", record)  # keep what is done if a later run fails
-        baseline = train_run(args.out / "ablations" / "recipe_short", [*base, *steps])
-        baseline.pop("probe_history")
-        record["ablations"] = {"recipe (same steps)": baseline, **record["ablations"]}
     if args.precision:
         record["precision"] = precision_comparison(args.precision, base)
     record["wall_s"] = round(time.perf_counter() - started, 1)

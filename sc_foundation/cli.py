@@ -8,7 +8,8 @@ Python API.
   the keys the Python functions use (``obsm["X_sc_foundation"]``, ``obs["sc_foundation"]``,
   ``layers["sc_foundation_imputed"]``), through a temporary file and a rename.
 - ``convert`` turns a published scGPT or Geneformer folder into our export.
-- ``probe`` scores the cell embedding of any export (or published folder) on the probe sets, against PCA.
+- ``probe`` scores the cell embedding of any export (or published folder) on the probe sets, against PCA
+  (and scVI): bio and batch mixing.
 
 A failed command prints its error on one line (what is wrong, with the file or key, and the fix) and exits with
 status 1; the traceback goes to the run's log (``<output_dir>/train.log`` or ``finetune.log``), and to the screen
@@ -200,7 +201,7 @@ def _probe(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--sets: no probe set named {unknown}; the probe sets are {sorted(known)}")
     sets = [ProbeSet(**{**known[name], "max_cells": args.max_cells}) for name in names]
-    results = RepresentationProbe(sets, seed=args.seed).evaluate(load_pretrained(args.model))
+    results = RepresentationProbe(sets, seed=args.seed, scvi=args.scvi).evaluate(load_pretrained(args.model))
     print(probe_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--sets", help="comma-separated probe set names (default: every set of conf/pretrain.yaml)")
     probe.add_argument("--max-cells", type=int, default=2000, help="cells per probe set (default 2000)")
     probe.add_argument("--seed", type=int, default=0, help="subsample and fold seed")
+    probe.add_argument("--scvi", action="store_true", help="also score scVI trained on each set (baselines extra)")
     probe.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     probe.set_defaults(handler=_probe)
     return parser

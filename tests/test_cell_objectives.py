@@ -177,3 +177,79 @@ def test_refusals():
         model(**{k: torch.from_numpy(v) for k, v in batch.items() if k != "cell_index"})
     with pytest.raises(ValueError, match="view_keep"):
         MaskingCollator(0.2, "value", 2, SPECIAL, VOCAB, view_keep=(0.0, 0.5))
+
+
+def batched_tensors(n_cells=6, seed=0) -> dict[str, torch.Tensor]:
+    """A masked batch of hand-made cells with corpus batch ids 0, 1, 0, 1, ..."""
+    batch = MaskingCollator(0.3, "value", 2, SPECIAL, VOCAB, seed=seed)(padded_batch(n_cells, seed=seed), 0)
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items() if k != "cell_index"}
+    tensors["batch_ids"] = torch.arange(n_cells) % 2
+    return tensors
+
+
+def test_the_batch_conditioned_decoder_reads_the_batch_and_the_encoder_does_not():
+    torch.manual_seed(0)
+    cfg = config(reconstruction_weight=1.0, reconstruction_batch_conditioned=True, corpus_batch_names=["a", "b"])
+    model = ScFoundationForMaskedValueModeling(cfg).eval()
+    with torch.no_grad():  # weights of a trained decoder's scale (at initialisation the batch's share is ~1e-7)
+        for param in model.cell_objectives.parameters():
+            param.normal_(0.0, 0.5)
+    tensors = batched_tensors()
+    output = model(**tensors)
+    swapped = model(**{**tensors, "batch_ids": 1 - tensors["batch_ids"]})
+    # Another batch changes the reconstruction (the decoder reads it) but not the cell embedding (the encoder does not).
+    assert abs(output.reconstruction_loss.item() - swapped.reconstruction_loss.item()) > 1e-6
+    torch.testing.assert_close(output.cell_embedding, swapped.cell_embedding)
+    output.loss.backward()
+    assert model.cell_objectives.batch_embeddings.weight.grad.abs().sum() > 0
+    # Inference (no labels) needs no batch.
+    unlabelled = {k: v for k, v in tensors.items() if k in ("input_ids", "values", "attention_mask", "mask")}
+    torch.testing.assert_close(model(**unlabelled).cell_embedding, output.cell_embedding)
+
+
+def test_the_adversary_learns_to_read_the_batch_and_counts_in_training_only():
+    """The discriminator's own step lowers its cross-entropy on the same embeddings; the term is in the training
+    loss and left out of the loss in eval mode (validation)."""
+    torch.manual_seed(0)
+    cfg = config(adversarial_batch_weight=1.0, masked_weight=0.0, corpus_batch_names=["a", "b"])
+    model = ScFoundationForMaskedValueModeling(cfg).train()
+    tensors = batched_tensors()
+    output = model(**tensors)
+    assert output.loss.item() == pytest.approx(output.adversarial_batch_loss.item(), rel=1e-5)
+    discriminator = torch.optim.SGD(model.cell_objectives.discriminator.parameters(), lr=0.5)
+    output.loss.backward()
+    discriminator.step()
+    assert model(**tensors).adversarial_batch_loss.item() < output.adversarial_batch_loss.item()
+    model.eval()
+    assert model(**tensors).loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_encoder_alone_learns_to_hide_the_batch_from_a_fixed_adversary():
+    """The encoder's update through the reversed gradient raises a frozen discriminator's cross-entropy."""
+    torch.manual_seed(0)
+    cfg = config(adversarial_batch_weight=1.0, masked_weight=0.0, corpus_batch_names=["a", "b"])
+    model = ScFoundationForMaskedValueModeling(cfg).train()
+    tensors = batched_tensors()
+    discriminator = model.cell_objectives.discriminator
+    before = model(**tensors).adversarial_batch_loss.item()
+    encoder = torch.optim.SGD(model.sc_foundation.parameters(), lr=0.5)
+    for _ in range(5):
+        encoder.zero_grad()
+        model(**tensors).loss.backward()
+        encoder.step()  # the discriminator stays fixed
+    assert discriminator.fc_in.weight.grad is not None
+    assert model(**tensors).adversarial_batch_loss.item() > before
+
+
+def test_batch_aware_terms_refuse_what_they_cannot_use():
+    with pytest.raises(StrictDataclassError, match="corpus_batch_names"):
+        config(adversarial_batch_weight=1.0)
+    with pytest.raises(StrictDataclassError, match="corpus_batch_names"):
+        config(reconstruction_weight=1.0, reconstruction_batch_conditioned=True, corpus_batch_names=["a"])
+    with pytest.raises(StrictDataclassError, match="reconstruction_weight"):
+        config(reconstruction_batch_conditioned=True, corpus_batch_names=["a", "b"])
+    model = ScFoundationForMaskedValueModeling(config(adversarial_batch_weight=1.0, corpus_batch_names=["a", "b"]))
+    tensors = batched_tensors()
+    del tensors["batch_ids"]
+    with pytest.raises(ValueError, match="batch_ids"):
+        model(**tensors)

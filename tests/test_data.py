@@ -14,6 +14,7 @@ from sc_foundation.data.datamodule import (
     SharedBatch,
     StoreBatchDataset,
     TokenDropout,
+    source_balance_weights,
     split_cells,
     split_train_val_test,
 )
@@ -340,3 +341,32 @@ def test_evaluation_loaders_are_whole_on_every_rank(store_dirs, monkeypatch):
     assert len(cells(datamodule.val_dataloader())) < 0.6 * len(splits["val"])
     assert cells(datamodule.test_dataloader()) == sorted(splits["test"].tolist())
     assert cells(datamodule.predict_dataloader()) == list(range(len(store)))
+
+
+def test_source_balance_weights_give_each_input_its_share():
+    sources = np.array(["big"] * 900 + ["small"] * 100)
+    for power, small_share in ((0.0, 0.1), (0.5, 0.25), (1.0, 0.5)):  # 100**0.5 / (900**0.5 + 100**0.5) = 0.25
+        weights = source_balance_weights(sources, power)
+        assert weights[sources == "small"].sum() / weights.sum() == pytest.approx(small_share)
+    with pytest.raises(ValueError, match="source_balance"):
+        source_balance_weights(sources, 1.5)
+
+
+def test_balanced_sampling_evens_out_the_inputs_of_the_training_batches(store_dirs):
+    """Kang (400 cells) and CellBench (120): balanced, CellBench fills about half of the training batches instead of
+    its 23% of the cells; the draw is seeded, and validation keeps every cell once."""
+    shares = {}
+    for balance in (0.0, 1.0):
+        datamodule = CorpusDataModule(store_dirs["binned"], 16, seed=3, source_balance=balance, val_fraction=0.2)
+        datamodule.setup()
+        sources = datamodule.store.obs["source"].astype(str).to_numpy()
+        cellbench = datamodule.store.obs["source"].value_counts().idxmin()  # the smaller input
+        drawn = np.concatenate([b["cell_index"].numpy() for b in datamodule.train_dataloader()])
+        again = np.concatenate([b["cell_index"].numpy() for b in datamodule.train_dataloader()])
+        assert np.array_equal(drawn, again)
+        assert set(drawn) <= set(datamodule.train_indices.tolist())
+        shares[balance] = (sources[drawn] == cellbench).mean()
+        validation = np.concatenate([b["cell_index"].numpy() for b in datamodule.val_dataloader()])
+        assert sorted(validation.tolist()) == sorted(datamodule.val_indices.tolist())
+    assert shares[0.0] == pytest.approx(120 / 520, abs=0.05)
+    assert shares[1.0] == pytest.approx(0.5, abs=0.08)

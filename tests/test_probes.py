@@ -49,6 +49,73 @@ def test_score_refuses_nan_rows():
         score_embedding(x, labels)
 
 
+def batched_cells(offset: float, seed=0):
+    """Three cell types in two batches; the second batch's cells shifted by ``offset`` along a new axis."""
+    x, labels = clustered(n_per_class=80, seed=seed)
+    batches = np.tile([0, 1], len(x) // 2)
+    return np.column_stack([x, offset * batches]), labels, batches
+
+
+def test_batch_scores_tell_a_batch_split_embedding_from_a_mixed_one():
+    mixed, labels, batches = batched_cells(offset=0.0)
+    split, _, _ = batched_cells(offset=10.0)
+    good, bad = score_embedding(mixed, labels, batches=batches), score_embedding(split, labels, batches=batches)
+    for metric in ("batch_asw", "ilisi", "graph_connectivity", "batch_score"):
+        assert 0 <= bad[metric] <= 1 and 0 <= good[metric] <= 1
+    assert good["batch_asw"] > 0.9 > 0.6 > bad["batch_asw"]
+    # scaled iLISI of two random-mixed batches among 15 neighbours is about 0.55, not 1 (finite neighbourhoods)
+    assert good["ilisi"] > 0.4 > 0.1 > bad["ilisi"]  # a split embedding's neighbours are all of its own batch
+    assert good["graph_connectivity"] > 0.95
+    assert bad["graph_connectivity"] < 0.8  # each type falls apart into its two batches
+    assert good["batch_score"] == pytest.approx(
+        np.mean([good[m] for m in ("batch_asw", "ilisi", "graph_connectivity")])
+    )
+    assert "batch_score" not in score_embedding(mixed, labels)
+    with pytest.raises(ValueError, match="two or more batches"):
+        score_embedding(mixed, labels, batches=np.zeros(len(labels)))
+
+
+def test_probe_sets_with_a_batch_key_carry_their_batches(shared_data):
+    cells = load_probe_set(ProbeSet(name="cellbench", dataset="cellbench_3cl", batch_key="batch", max_cells=200))
+    assert set(cells.obs["batch"]) == {"sc_celseq2", "sc_dropseq"}
+    with pytest.raises(ValueError, match="batch_key"):
+        load_probe_set(ProbeSet(name="x", dataset="cellbench_3cl", batch_key="plate"))
+
+
+def test_the_scvi_reference_is_skipped_with_its_reason_when_scvi_tools_is_missing(shared_data, monkeypatch):
+    from sc_foundation.tasks import scvi_baselines
+
+    monkeypatch.setattr(scvi_baselines, "scvi_available", lambda: False)
+    probe = RepresentationProbe(
+        [ProbeSet(name="cellbench", dataset="cellbench_3cl", batch_key="batch", max_cells=150)], scvi=True
+    )
+    assert "scvi-tools is not installed" in probe.skipped["scvi"]
+    assert set(probe.references["cellbench"]) == {"pca"}
+    assert "batch_score" in probe.references["cellbench"]["pca"]
+
+
+def test_reference_embeddings_are_cached_on_disk(shared_data, tmp_path, monkeypatch):
+    from sc_foundation.training import probes
+
+    sets = [ProbeSet(name="cellbench", dataset="cellbench_3cl", max_cells=120, seed=5)]
+    first = RepresentationProbe(sets, cache_dir=tmp_path).references
+    (cached,) = tmp_path.glob("pca-*.npy")
+    monkeypatch.setattr(probes, "_REFERENCE_CACHE", {})  # a new process: only the disk remembers
+    monkeypatch.setattr(probes, "pca_embedding", lambda *a, **k: pytest.fail("recomputed a cached reference"))
+    assert RepresentationProbe(sets, cache_dir=tmp_path).references == first
+    assert cached.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scvi_reference_is_scored_beside_pca(shared_data):
+    pytest.importorskip("scvi")
+    probe = RepresentationProbe(
+        [ProbeSet(name="cellbench", dataset="cellbench_3cl", batch_key="batch", max_cells=200)], scvi=True
+    )
+    scvi = probe.references["cellbench"]["scvi"]
+    assert scvi["knn_accuracy"] > 0.9 and 0 < scvi["batch_score"] <= 1
+
+
 def test_probe_sets_load_labelled_seeded_subsamples(shared_data):
     probe = ProbeSet(name="cellbench", dataset="cellbench_3cl", max_cells=200, seed=3)
     first, again = load_probe_set(probe), load_probe_set(probe)
@@ -127,3 +194,44 @@ def test_a_short_pretraining_run_learns_cells_and_logs_its_probes(tmp_path, shar
     card = (export / "README.md").read_text()
     assert "| pbmc68k |" in card and "Representation probes" in card
     assert json.loads((export / "metrics.json").read_text())["probes"]["pbmc68k"]["ours"]["knn_accuracy"] == end
+
+
+@pytest.mark.slow
+def test_the_batch_robust_switches_raise_the_batch_score_of_a_short_run(tmp_path, shared_data):
+    """CellBench alone, its two protocols as the corpus batches (data.batch_column=batch): the same short run with the
+    adversary and the batch-conditioned decoder on mixes the protocols better in the probe than with them off. The
+    best probe round is exported when asked."""
+    from sc_foundation.training import pretrain
+    from tests.test_train import compose_pretrain
+
+    def run(name, *switches):
+        cfg = compose_pretrain(
+            [
+                "experiment=cpu_pretrain",
+                "data.datasets=[cellbench_3cl]",
+                "data.batch_column=batch",
+                f"paths.cache={tmp_path / 'cache'}",
+                f"output_dir={tmp_path / name}",
+                "data.build_workers=1",
+                "data.panel.n_top_genes=500",
+                "data.tokenizer.min_match_rate=0.01",  # 500 panel genes of CellBench's 28,000
+                "data.tokenizer.context_length=64",
+                "data.loader.batch_size=32",
+                "trainer.max_steps=60",
+                "trainer.val_check_interval=30",
+                "trainer.limit_val_batches=1",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "optim.warmup_steps=5",
+                "probes.select_best=true",
+                "probes.sets=[{name: cellbench, dataset: cellbench_3cl, batch_key: batch, max_cells: 499}]",
+                *switches,
+            ]
+        )
+        result = pretrain.run(cfg)
+        assert (result["best_probe_export"] / "config.json").is_file()
+        return result["probes"].history[-1]["results"]["cellbench"]["ours"]
+
+    off = run("off")
+    on = run("on", "model.adversarial_batch_weight=1.0", "model.reconstruction_batch_conditioned=true")
+    assert on["batch_score"] > off["batch_score"], (on, off)

@@ -147,9 +147,15 @@ class CellBatchSampler(Sampler):
     batches that cannot be shared out evenly are dropped for the epoch, so all ranks run the same number of steps
     and no cell is seen by two ranks.
 
+    With ``weights``, an epoch is instead ``n`` cells drawn with replacement, each with probability proportional to
+    its weight (seeded by the seed and the epoch, the same on every rank), then grouped and cut the same way:
+    balanced sampling across inputs of very different sizes (:func:`source_balance_weights`).
+
     Args:
         indices: (n,) cell indices of this split.
         lengths: (n_store_cells,) tokens per cell of the whole store.
+        weights: (n_store_cells,) non-negative sampling weight of every store cell, or None to take each cell of the
+            split once per epoch.
         num_replicas, rank: DDP world size and rank; by default read from ``torch.distributed`` when initialised.
     """
 
@@ -166,11 +172,18 @@ class CellBatchSampler(Sampler):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        weights: np.ndarray | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.indices = np.asarray(indices, dtype=np.int64)
         self.lengths = np.asarray(lengths)
+        self.probabilities = None
+        if weights is not None:
+            chosen = np.asarray(weights, dtype=np.float64)[self.indices]
+            if (chosen < 0).any() or not np.isfinite(chosen).all() or chosen.sum() <= 0:
+                raise ValueError("sampling weights must be finite, non-negative and not all zero")
+            self.probabilities = chosen / chosen.sum()
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group_by_length = group_by_length
@@ -203,7 +216,10 @@ class CellBatchSampler(Sampler):
     def batches(self) -> list[np.ndarray]:
         """All batches of the current epoch, every rank's, in order."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.indices) if self.shuffle else self.indices
+        if self.probabilities is not None:
+            order = rng.choice(self.indices, size=len(self.indices), replace=True, p=self.probabilities)
+        else:
+            order = rng.permutation(self.indices) if self.shuffle else self.indices
         if self.group_by_length:
             size = self.batch_size * self.mega_batch_factor
             mega = [order[i : i + size] for i in range(0, len(order), size)]
@@ -235,6 +251,19 @@ class CellBatchSampler(Sampler):
             real += int(lengths.sum())
             padded += int(lengths.max()) * len(batch)
         return 1.0 - real / max(padded, 1)
+
+
+def source_balance_weights(sources: Sequence, power: float) -> np.ndarray:
+    """(n_cells,) sampling weight of each cell, ``n_s ** -power`` for a cell of an input (source) of ``n_s`` cells.
+
+    ``power`` 0 samples every cell alike (an input's share of the batches is its share of the cells); 1 gives every
+    input the same share, however small; in between (0.5: shares proportional to ``sqrt(n_s)``) the large inputs
+    still lead without drowning the small ones.
+    """
+    if not 0 <= power <= 1:
+        raise ValueError(f"source_balance must be in [0, 1], got {power}")
+    _, codes, counts = np.unique(np.asarray(sources).astype(str), return_inverse=True, return_counts=True)
+    return counts[codes].astype(np.float64) ** -power
 
 
 @dataclass
@@ -590,6 +619,9 @@ class CorpusDataModule(pl.LightningDataModule):
             instead of ``val_fraction`` and ``split_by``; a ``test`` split gets a ``test_dataloader``.
         token_dropout: share of gene tokens the training batches drop (:class:`TokenDropout`, a fine-tuning
             augmentation); 0 for none. Validation, test and prediction batches keep every token.
+        source_balance: balanced sampling of the training cells across the store's inputs (its ``source``
+            column): each cell is drawn with weight ``n_source ** -source_balance`` (:func:`source_balance_weights`),
+            with replacement, as many cells per epoch as the split holds. 0 (default): each cell once per epoch.
 
     ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which). It and
     ``test_dataloader`` serve evaluation outside the Trainer, on one process: they are not sharded across DDP ranks
@@ -614,8 +646,12 @@ class CorpusDataModule(pl.LightningDataModule):
         per_cell: Mapping[str, np.ndarray] | None = None,
         splits: Mapping[str, np.ndarray] | None = None,
         token_dropout: float = 0.0,
+        source_balance: float = 0.0,
     ):
         super().__init__()
+        if not 0 <= source_balance <= 1:
+            raise ValueError(f"source_balance must be in [0, 1], got {source_balance}")
+        self.source_balance = source_balance
         self.store_path = str(store_path)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -668,6 +704,7 @@ class CorpusDataModule(pl.LightningDataModule):
             )
 
     def _sampler(self, indices: np.ndarray, train: bool, sharded: bool = True) -> CellBatchSampler:
+        balanced = train and self.source_balance > 0
         return CellBatchSampler(
             indices,
             self.store.lengths,
@@ -677,6 +714,7 @@ class CorpusDataModule(pl.LightningDataModule):
             drop_last=train,
             seed=self.seed,
             **({} if sharded else {"num_replicas": 1, "rank": 0}),
+            weights=source_balance_weights(self.store.obs["source"], self.source_balance) if balanced else None,
         )
 
     def _loader(self, indices: np.ndarray, train: bool, sharded: bool = True) -> DataLoader:

@@ -121,6 +121,17 @@ class ScFoundationConfig(PreTrainedConfig):
             pushes other cells' away. Views keep a random share of the detected genes, so the term also teaches
             the embedding to ignore how many genes were detected. 0 builds nothing.
         contrastive_temperature: Temperature of the InfoNCE softmax over cosine similarities.
+        corpus_batch_names: The technical batches of a pretraining corpus (the store's source files, or their
+            ``batch_key`` values), in batch-id order, for the batch-aware pretraining terms below; filled at run time
+            from the store when one of them is on, None otherwise. Kept apart from ``batch_names`` so that a
+            pretrained export never makes a fine-tuning head batch-conditioned.
+        reconstruction_batch_conditioned: The reconstruction decoder of a pretraining head reads a learned embedding
+            of the cell's corpus batch (``batch_embedding_size`` wide) beside the cell embedding (scVI's idea): what
+            is batch-specific in the counts is explained by the batch, so the cell embedding need not carry it. The
+            encoder never sees the batch, so the exported embedding needs none.
+        adversarial_batch_weight: Weight of an adversarial discriminator that predicts the corpus batch from the
+            pretraining head's cell embedding behind a gradient reversal (scGPT's DAB on pretraining): the encoder is
+            pushed to remove what the discriminator can read. 0 builds nothing.
         ecs_weight: Weight of scGPT's elastic cell similarity: cosine similarities between the batch's cells are
             pushed away from ``ecs_threshold``, which sharpens clusters.
         ecs_threshold: The similarity that ECS pushes pairs away from.
@@ -175,6 +186,9 @@ class ScFoundationConfig(PreTrainedConfig):
     contrastive_temperature: float | int = 0.1
     ecs_weight: float | int = 0.0
     ecs_threshold: float | int = 0.6
+    corpus_batch_names: list[str] | None = None
+    reconstruction_batch_conditioned: bool = False
+    adversarial_batch_weight: float | int = 0.0
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2
@@ -257,6 +271,19 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(
                 "reconstruction_weight > 0 decodes the cell's expression, which only the continuous encoding keeps: "
                 f"set data.tokenizer.encoding=continuous (got {self.value_encoding!r})"
+            )
+        if self.adversarial_batch_weight < 0:
+            raise ValueError(f"adversarial_batch_weight must be >= 0, got {self.adversarial_batch_weight}")
+        if self.reconstruction_batch_conditioned and self.reconstruction_weight <= 0:
+            raise ValueError(
+                "reconstruction_batch_conditioned conditions the reconstruction: set reconstruction_weight"
+            )
+        batch_aware = self.reconstruction_batch_conditioned or self.adversarial_batch_weight > 0
+        if batch_aware and (self.corpus_batch_names is None or len(set(self.corpus_batch_names)) < 2):
+            raise ValueError(
+                "the batch-aware pretraining terms (reconstruction_batch_conditioned, adversarial_batch_weight) need "
+                f"corpus_batch_names, two or more distinct batches; got {self.corpus_batch_names}. A corpus of one "
+                "batch has nothing to explain away: turn them off, or pretrain on several inputs."
             )
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}")

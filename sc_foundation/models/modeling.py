@@ -79,8 +79,9 @@ class ScFoundationMaskedValueOutput(ModelOutput):
         predictions: continuous encoding: (M,) or (B, L) predicted log1p values.
         masked_loss: scalar cross-entropy over bins or MSE of the masked values.
         mvc_loss: scalar, the masked-value-from-cell term, when ``mvc_weight > 0`` and ``labels`` are given.
-        reconstruction_loss, contrastive_loss, ecs_loss: scalars of :class:`ScFoundationCellObjectives`, when their
-            weights are positive and ``labels`` are given.
+        reconstruction_loss, contrastive_loss, ecs_loss, adversarial_batch_loss: scalars of
+            :class:`ScFoundationCellObjectives`, when their weights are positive and ``labels`` are given (the
+            adversarial term is the discriminator's cross-entropy, counted in ``loss`` while training only).
         cell_embedding: (n_cells, h).
     """
 
@@ -92,6 +93,7 @@ class ScFoundationMaskedValueOutput(ModelOutput):
     reconstruction_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
     ecs_loss: torch.Tensor | None = None
+    adversarial_batch_loss: torch.Tensor | None = None
     cell_embedding: torch.Tensor | None = None
 
 
@@ -558,8 +560,13 @@ class ScFoundationCellObjectives(nn.Module):
     * contrastive (``config.contrastive_weight``): :func:`info_nce` between the projected embeddings of two views of
       each cell (a SimCLR-style MLP projection, so that the embedding itself keeps what the views do not share).
     * elastic cell similarity (``config.ecs_weight``): :func:`elastic_cell_similarity` of the first view.
+    * batch-aware terms, over the corpus batches ``config.corpus_batch_names`` (``batch_ids`` in the batch):
+      ``config.reconstruction_batch_conditioned`` makes the reconstruction decoder read a learned embedding of the
+      cell's batch beside the cell embedding (scVI's idea: the batch explains its own part of the counts, so the
+      cell embedding need not); ``config.adversarial_batch_weight`` adds a discriminator that predicts the batch from
+      each view's cell embedding behind a gradient reversal (scGPT's DAB), counted in the loss while training only.
 
-    Shapes: ``n`` cells, ``G`` panel genes, ``h`` hidden size.
+    Shapes: ``n`` cells, ``G`` panel genes, ``h`` hidden size, ``e`` batch embedding size, ``K`` corpus batches.
     """
 
     def __init__(self, config: ScFoundationConfig):
@@ -567,6 +574,10 @@ class ScFoundationCellObjectives(nn.Module):
         h = config.hidden_size
         self.config = config
         self.decoder = None
+        n_batches = len(config.corpus_batch_names or ())
+        conditioned = config.reconstruction_batch_conditioned
+        self.batch_embeddings = nn.Embedding(n_batches, config.batch_embedding_size) if conditioned else None
+        cell_size = h + (config.batch_embedding_size if conditioned else 0)
         if config.reconstruction_weight > 0:
             special = {config.pad_token_id, config.cls_token_id, config.mask_token_id}
             panel = config.decoder_gene_ids or [i for i in range(config.vocab_size) if i not in special]
@@ -576,10 +587,11 @@ class ScFoundationCellObjectives(nn.Module):
             self.register_buffer("panel_ids", torch.as_tensor(panel), persistent=False)
             self.register_buffer("panel_column", column, persistent=False)
             if config.reconstruction_decoder == "linear":
-                self.decoder = nn.Linear(h, len(panel))  # GLM-PCA's loadings (G, h) and per-gene offsets
+                self.decoder = nn.Linear(cell_size, len(panel))  # GLM-PCA's loadings (G, h) and per-gene offsets
             else:
-                self.decoder = ScFoundationFeatureDecoder(config, h, len(panel))
+                self.decoder = ScFoundationFeatureDecoder(config, cell_size, len(panel))
         self.projection = _mlp(h, h, h) if config.contrastive_weight > 0 else None
+        self.discriminator = _mlp(h, h, n_batches) if config.adversarial_batch_weight > 0 else None
 
     def panel_expression(self, input_ids: torch.Tensor, log_values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """(B, G) expression (counts per ``target_sum``) over the panel from a padded batch's tokens: input_ids,
@@ -596,6 +608,7 @@ class ScFoundationCellObjectives(nn.Module):
         views: Sequence[torch.Tensor],
         gene_embeddings: nn.Embedding,
         expression: torch.Tensor | None,
+        batch_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The weighted-in terms whose weights are positive.
 
@@ -603,13 +616,20 @@ class ScFoundationCellObjectives(nn.Module):
             views: one or two (n, h) cell embeddings of the same cells; the contrastive term needs two.
             gene_embeddings: the backbone's gene embedding table (the decoder's queries).
             expression: (n, G) expression over the panel, for the reconstruction.
+            batch_ids: (n,) long ids into ``config.corpus_batch_names``, for the batch-aware terms.
         Returns:
-            ``reconstruction_loss``, ``contrastive_loss``, ``ecs_loss`` -> scalar, as configured.
+            ``reconstruction_loss``, ``contrastive_loss``, ``ecs_loss``, ``adversarial_batch_loss`` -> scalar, as
+            configured.
         """
         config, losses = self.config, {}
+        if (self.batch_embeddings is not None or self.discriminator is not None) and batch_ids is None:
+            raise ValueError(
+                "the batch-aware pretraining terms need batch_ids, each cell's corpus batch: pretrain.run adds them "
+                "to the batches (per_cell={'batch_ids': ...} for a CorpusDataModule of your own)"
+            )
         if self.decoder is not None:
             losses["reconstruction_loss"] = torch.stack(
-                [multinomial_nll(self.decode(cells, gene_embeddings), expression) for cells in views]
+                [multinomial_nll(self.decode(cells, gene_embeddings, batch_ids), expression) for cells in views]
             ).mean()
         if self.projection is not None:
             if len(views) != 2:
@@ -619,20 +639,31 @@ class ScFoundationCellObjectives(nn.Module):
             )
         if config.ecs_weight > 0:
             losses["ecs_loss"] = elastic_cell_similarity(views[0], config.ecs_threshold)
+        if self.discriminator is not None:
+            losses["adversarial_batch_loss"] = torch.stack(
+                [F.cross_entropy(self.discriminator(grad_reverse(cells)).float(), batch_ids.long()) for cells in views]
+            ).mean()
         return losses
 
-    def decode(self, cells: torch.Tensor, gene_embeddings: nn.Embedding) -> torch.Tensor:
-        """Panel logits (n, G) from cell embeddings (n, h)."""
+    def decode(
+        self, cells: torch.Tensor, gene_embeddings: nn.Embedding, batch_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Panel logits (n, G) from cell embeddings (n, h) (and, for a batch-conditioned decoder, the cells' (n,)
+        batch ids)."""
+        if self.batch_embeddings is not None:
+            cells = torch.cat([cells, self.batch_embeddings(batch_ids).to(cells.dtype)], dim=-1)  # (n, h + e)
         if isinstance(self.decoder, nn.Linear):
             return self.decoder(cells)
         return self.decoder(cells, gene_embeddings(self.panel_ids))
 
     def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | float:
-        """sum of each term of :meth:`forward` times its config weight."""
+        """sum of each term of :meth:`forward` times its config weight. The adversarial term counts in training mode
+        only: its value rises as the encoder wins, so in a validation loss it would reward nothing."""
         weights = {
             "reconstruction_loss": self.config.reconstruction_weight,
             "contrastive_loss": self.config.contrastive_weight,
             "ecs_loss": self.config.ecs_weight,
+            "adversarial_batch_loss": self.config.adversarial_batch_weight if self.training else 0.0,
         }
         return sum(weights[name] * value for name, value in losses.items())
 
@@ -951,7 +982,12 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         self.sc_foundation = ScFoundationModel(config)
         self.value_head = ScFoundationValueHead(config)
         self.mvc_head = ScFoundationMVCHead(config) if config.mvc_weight > 0 else None
-        has_cell_terms = config.reconstruction_weight > 0 or config.contrastive_weight > 0 or config.ecs_weight > 0
+        has_cell_terms = (
+            config.reconstruction_weight > 0
+            or config.contrastive_weight > 0
+            or config.ecs_weight > 0
+            or config.adversarial_batch_weight > 0
+        )
         self.cell_objectives = ScFoundationCellObjectives(config) if has_cell_terms else None
         self.post_init()
 
@@ -966,11 +1002,13 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         view_masks: torch.Tensor | None = None,
+        batch_ids: torch.Tensor | None = None,
     ) -> ScFoundationMaskedValueOutput:
         """Args as for :meth:`ScFoundationModel.forward`, plus ``labels``: same shape as input_ids, float, the
         true value (bin index or log1p value) at the ``mask`` positions and ignored elsewhere; ``view_masks``:
         (2, B, L) bool, the tokens each of two views of a padded batch keeps (their masked tokens are scored in both
-        views)."""
+        views); ``batch_ids``: (B,) long corpus batch of each cell, for the batch-aware terms (training only: the
+        encoder never reads it)."""
         if labels is not None and mask is None:
             raise ValueError("labels need the mask of the positions to predict")
         if view_masks is not None and (cu_seqlens is not None or mask is None or labels is None):
@@ -986,6 +1024,7 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
                 cu_seqlens,
                 max_seqlen,
                 with_cell_terms=True,
+                batch_ids=batch_ids,
             )
         real = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()
         views = [
@@ -1002,7 +1041,8 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
             output.mvc_loss = torch.stack([view.mvc_loss for view in views]).mean()
             output.loss = output.loss + self.config.mvc_weight * output.mvc_loss
         if self.cell_objectives is not None:
-            self._add_cell_terms(output, [view.cell_embedding for view in views], input_ids, values, real, mask, labels)
+            views = [view.cell_embedding for view in views]
+            self._add_cell_terms(output, views, input_ids, values, real, mask, labels, batch_ids)
         return output
 
     def _forward_view(
@@ -1016,6 +1056,7 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         with_cell_terms: bool = False,
+        batch_ids: torch.Tensor | None = None,
     ) -> ScFoundationMaskedValueOutput:
         """One pass of the encoder and the token-level terms (and, with ``with_cell_terms``, the single-view cell
         terms). Arguments as for :meth:`forward`, ``attention_mask`` first (the order of :func:`keep_tokens`)."""
@@ -1049,17 +1090,17 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
             if cu_seqlens is not None:
                 raise ValueError("the cell-level objectives need padded batches: set data.loader.pack=false")
             real = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()
-            self._add_cell_terms(output, [encoded.cell_embedding], input_ids, values, real, mask, labels)
+            self._add_cell_terms(output, [encoded.cell_embedding], input_ids, values, real, mask, labels, batch_ids)
         return output
 
-    def _add_cell_terms(self, output, views, input_ids, values, real, mask, labels) -> None:
+    def _add_cell_terms(self, output, views, input_ids, values, real, mask, labels, batch_ids=None) -> None:
         """Add the cell-level terms of the embeddings ``views`` (each (B, h)) to ``output``; the reconstruction target
         is the whole cell's expression, masked values restored from ``labels``."""
         expression = None
         if self.cell_objectives.decoder is not None:
             log_values = torch.where(mask, labels, values)  # (B, L): every token's true log1p value
             expression = self.cell_objectives.panel_expression(input_ids, log_values, real)
-        terms = self.cell_objectives(views, self.sc_foundation.embeddings.gene_embeddings, expression)
+        terms = self.cell_objectives(views, self.sc_foundation.embeddings.gene_embeddings, expression, batch_ids)
         for name, value in terms.items():
             setattr(output, name, value)
         output.loss = output.loss + self.cell_objectives.weighted_sum(terms)

@@ -11,19 +11,28 @@ from collections.abc import Mapping
 
 
 def probe_table(results: Mapping[str, dict]) -> str:
-    """A markdown table of probe results (``RepresentationProbe.evaluate``): ours against PCA per set."""
+    """A markdown table of probe results (``RepresentationProbe.evaluate``): per set, ours and each reference (PCA,
+    scVI when scored), bio (kNN accuracy, AvgBIO) and batch mixing (``batch_score``, where the set has batches)."""
     lines = [
-        "| probe set | cells | kNN acc. ours | kNN acc. PCA | ratio | AvgBIO ours | AvgBIO PCA | ratio "
-        "| depth r ours | depth r PCA |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| probe set | cells | embedding | kNN acc. | AvgBIO | batch score | batch ASW | iLISI | graph conn. "
+        "| depth r |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def number(scores: Mapping[str, float], metric: str, digits: int = 3) -> str:
+        return f"{scores[metric]:.{digits}f}" if metric in scores else "-"
+
     for name, r in results.items():
-        ours, pca, ratio = r["ours"], r["pca"], r["ratio"]
-        lines.append(
-            f"| {name} | {r['n_cells']} | {ours['knn_accuracy']:.3f} | {pca['knn_accuracy']:.3f} "
-            f"| {ratio['knn_accuracy']:.3f} | {ours['avg_bio']:.3f} | {pca['avg_bio']:.3f} | {ratio['avg_bio']:.3f} "
-            f"| {ours.get('depth_correlation', float('nan')):.2f} | {pca.get('depth_correlation', float('nan')):.2f} |"
-        )
+        for method in ("ours", "pca", "scvi"):
+            if method not in r:
+                continue
+            scores = r[method]
+            columns = [number(scores, m) for m in ("knn_accuracy", "avg_bio", "batch_score", "batch_asw", "ilisi")]
+            columns += [number(scores, "graph_connectivity"), number(scores, "depth_correlation", 2)]
+            label = {"ours": "**ours**", "pca": "PCA", "scvi": "scVI"}[method]
+            lines.append(f"| {name} | {r['n_cells']} | {label} | " + " | ".join(columns) + " |")
+        for method, reason in r.get("skipped", {}).items():
+            lines.append(f"| {name} | {r['n_cells']} | {method}: skipped ({reason}) |" + " |" * 7)
     return "\n".join(lines)
 
 
@@ -59,10 +68,11 @@ def render_model_card(
         sections.append(
             "## Representation probes\n\n"
             "The embedding `embed` returns, scored against the cell-type labels of each probe set, next to PCA-50 of "
-            "log-normalised, scaled HVGs of the same cells: kNN accuracy (5-fold), AvgBIO = mean(NMI, ARI, label "
-            "ASW), and the largest |r| between log(detected genes) and the embedding's first two principal "
-            "components (lower: less sequencing depth in the embedding). A ratio >= 1 means at least PCA's score.\n\n"
-            + probe_table(probes)
+            "log-normalised, scaled HVGs of the same cells (and scVI's latent trained on them, when scored): kNN "
+            "accuracy (5-fold), AvgBIO = mean(NMI, ARI, label ASW); on sets with a technical batch, the batch score "
+            "= mean(batch ASW, iLISI, graph connectivity) (scib-metrics, higher: better mixed); and the largest |r| "
+            "between log(detected genes) and the embedding's first two principal components (lower: less "
+            "sequencing depth in the embedding).\n\n" + probe_table(probes)
         )
     else:
         sections.append("## Representation probes\n\nThis run had no probe sets.")

@@ -8,12 +8,15 @@ Lightning checkpoints (``<output_dir>/checkpoints/last.ckpt``) only serve resumi
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -28,9 +31,9 @@ from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedGeneModeling, ScFoundationForMaskedValueModeling
 from sc_foundation.training.console import announce, console_callbacks
 from sc_foundation.training.lightning_module import TrainingModule
-from sc_foundation.training.model_card import metrics_json, render_model_card
+from sc_foundation.training.model_card import metrics_json, probe_table, render_model_card
 from sc_foundation.training.probes import ProbeCallback, ProbeSet
-from sc_foundation.training.runs import ExportBest, best_note, export, output_dir, trainer_arguments
+from sc_foundation.training.runs import ExportBest, ExportBestProbe, best_note, export, output_dir, trainer_arguments
 
 
 def build_corpus(cfg: DictConfig, rank: int | None = None, world_size: int | None = None):
@@ -69,9 +72,28 @@ def build_corpus(cfg: DictConfig, rank: int | None = None, world_size: int | Non
     )
 
 
+def batch_aware(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` switches on a batch-aware pretraining term (which needs each cell's corpus batch)."""
+    return bool(cfg.model.get("reconstruction_batch_conditioned")) or cfg.model.get("adversarial_batch_weight", 0) > 0
+
+
+def corpus_batches(store: CorpusStore, column: str) -> tuple[list[str], np.ndarray]:
+    """The corpus batches of the batch-aware terms: the sorted values of the store's obs ``column`` (``source``: the
+    input files; ``batch``: each input's ``batch_key`` values, else its name) and each cell's (n_cells,) int64 id."""
+    if column not in ("source", "batch"):
+        raise ValueError(f"data.batch_column must be 'source' or 'batch', got {column!r}")
+    values = store.obs[column].astype(str)
+    names = sorted(values.unique())
+    return names, pd.Categorical(values, categories=names).codes.astype(np.int64)
+
+
 def build_model(cfg: DictConfig, store: CorpusStore):
-    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer."""
-    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **OmegaConf.to_container(cfg.model, resolve=True))
+    """The pretraining head of the store's value encoding; vocabulary, special ids and encoding from its tokenizer,
+    and the corpus batches (``data.batch_column``) when a batch-aware term is on."""
+    architecture = OmegaConf.to_container(cfg.model, resolve=True)
+    if batch_aware(cfg):
+        architecture["corpus_batch_names"] = corpus_batches(store, cfg.data.get("batch_column", "source"))[0]
+    config = ScFoundationConfig.from_tokenizer(store.tokenizer, **architecture)
     head = ScFoundationForMaskedGeneModeling if config.value_encoding == "rank" else ScFoundationForMaskedValueModeling
     return head(config)
 
@@ -94,7 +116,12 @@ def probe_callback(cfg: DictConfig, tokenizer: GeneTokenizer) -> ProbeCallback |
     if not sets:
         return None
     return ProbeCallback(
-        sets, tokenizer, every_n_validations=cfg.probes.every_n_validations, n_neighbors=cfg.probes.n_neighbors
+        sets,
+        tokenizer,
+        every_n_validations=cfg.probes.every_n_validations,
+        n_neighbors=cfg.probes.n_neighbors,
+        scvi=bool(cfg.probes.get("scvi", False)),
+        cache_dir=Path(cfg.paths.cache) / "probe_references",
     )
 
 
@@ -137,7 +164,13 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     check_config(cfg, "pretrain")  # a bad override fails here, in a second, not after the store build
     report = build_corpus(cfg)
     announce(report.format())
-    datamodule = CorpusDataModule(report.path, seed=cfg.seed, **OmegaConf.to_container(cfg.data.loader, resolve=True))
+    per_cell = None
+    if batch_aware(cfg):
+        names, ids = corpus_batches(CorpusStore(report.path), cfg.data.get("batch_column", "source"))
+        announce(f"batch-aware objectives over {len(names)} corpus batches ({cfg.data.batch_column}): {names}")
+        per_cell = {"batch_ids": ids}
+    loader = OmegaConf.to_container(cfg.data.loader, resolve=True)
+    datamodule = CorpusDataModule(report.path, seed=cfg.seed, per_cell=per_cell, **loader)
     datamodule.setup()
     padding = datamodule.padding_report()
     announce(
@@ -163,15 +196,23 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     )
     best = ExportBest(store.tokenizer, out / "export" / "best")
     probes = probe_callback(cfg, store.tokenizer)
+    best_probe = None
+    if probes is not None and cfg.probes.get("select_best", False):
+        best_probe = ExportBestProbe(probes, store.tokenizer, out / "export" / "best_probe")
     configured = [hydra.utils.instantiate(c) for c in cfg.get("callbacks") or []]
-    extra = [*([probes] if probes else []), *console_callbacks(trainer_kwargs), *configured, *callbacks]
+    extra = [*([probes] if probes else []), *([best_probe] if best_probe else [])]
+    extra += [*console_callbacks(trainer_kwargs), *configured, *callbacks]
     callbacks = [checkpoints, best, *extra]
     trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(out), logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     card = model_card_files(cfg, report, trainer, probes, time.perf_counter() - started)
     final = export(trainer, store.tokenizer, out / "export" / "final", extra_files=card)
     if trainer.is_global_zero:
+        if probes is not None and probes.history:
+            announce(f"probe table at step {probes.history[-1]['step']}:\n{probe_table(probes.history[-1]['results'])}")
         announce(f"exported model: {final.resolve()}{best_note(best.directory)}")
+        if best_probe is not None and best_probe.best > -math.inf:
+            announce(f"best probe score (mean ratio to PCA) {best_probe.best:.3f}: {best_probe.directory.resolve()}")
     return {
         "store": report.path,
         "report": report,
@@ -183,4 +224,5 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         "module": module,
         "datamodule": datamodule,
         "probes": probes,
+        "best_probe_export": best_probe.directory if best_probe is not None else None,
     }

@@ -7,12 +7,16 @@ A probe set is a labelled AnnData of raw counts (a registered dataset or a file,
 
 * **ours**: :func:`sc_foundation.embed` on its counts, exactly the embedding a user gets;
 * **pca**: PCA-50 of log-normalised highly variable genes (scanpy: ``normalize_total`` to 1e4, ``log1p``, 2,000
-  HVGs of the Seurat flavour, ``scale`` clipped at 10, ``pca``), the field's standard baseline, on the same cells.
+  HVGs of the Seurat flavour, ``scale`` clipped at 10, ``pca``), the field's standard baseline, on the same cells;
+* **scvi** (``scvi=True``, the ``baselines`` extra): scVI's latent mean, trained on the probe cells themselves (their
+  batch as scVI's batch covariate when the set has one), the field's standard integration baseline; skipped with
+  the reason recorded when scvi-tools is not installed.
 
-Both are scored by :func:`score_embedding`: kNN accuracy (5-fold, stratified), AvgBIO = mean(NMI, ARI, label ASW)
-(scGPT's convention; scib-metrics computes them) and the depth correlation (how strongly the embedding's leading
+All are scored by :func:`score_embedding`: kNN accuracy (5-fold, stratified), AvgBIO = mean(NMI, ARI, label ASW)
+(scGPT's convention; scib-metrics computes them), the depth correlation (how strongly the embedding's leading
 axes follow the number of detected genes: an embedding that encodes sequencing depth has learnt the protocol, not
-the cell).
+the cell) and, on a set with a known technical batch (``batch_key``: plates, protocols, libraries), the batch
+mixing: ``batch_score`` = mean(batch ASW, iLISI, graph connectivity) (scib-metrics), higher is better mixed.
 
 :class:`ProbeCallback` runs the probes during pretraining every ``every_n_validations`` validations and logs
 ``probe/<set>/<metric>`` (and the ratio to PCA) to the run's loggers (CSV, wandb).
@@ -20,10 +24,13 @@ the cell).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -43,7 +50,11 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("knn_accuracy", "avg_bio", "nmi", "ari", "asw_label", "depth_correlation")
 """What :func:`score_embedding` returns; the first two decide whether an embedding beats PCA."""
-HEADLINE = ("knn_accuracy", "avg_bio")
+BATCH_METRICS = ("batch_score", "batch_asw", "ilisi", "graph_connectivity")
+"""What :func:`score_embedding` adds for a set with batches; ``batch_score`` is their mean."""
+HEADLINE = ("knn_accuracy", "avg_bio", "batch_score")
+"""The scores that decide whether an embedding beats a reference (``batch_score`` only where a set has batches)."""
+REFERENCES = ("pca", "scvi")
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class ProbeSet:
         dataset: a registered dataset (:mod:`sc_foundation.data.datasets`), or None to read ``path``.
         path: a raw-count file (``.h5ad``, 10x, ...), when ``dataset`` is None.
         label_key: the obs column of the cell types.
+        batch_key: the obs column of the technical batch (plate, protocol, library), for the batch-mixing scores;
+            None for a set without one.
         gene_key: the var column of the gene ids (default ``var_names``).
         species: ``"human"``, ``"mouse"`` or ``"auto"``.
         max_cells: a seeded random subsample of at most this many cells (probes run often: keep them cheap).
@@ -65,6 +78,7 @@ class ProbeSet:
     dataset: str | None = None
     path: str | None = None
     label_key: str = "cell_type"
+    batch_key: str | None = None
     gene_key: str | None = None
     species: str = "auto"
     max_cells: int | None = 2000
@@ -77,7 +91,8 @@ class ProbeSet:
 
 def load_probe_set(probe: ProbeSet) -> anndata.AnnData:
     """The probe set's cells: AnnData with float32 CSR raw counts in ``X``, gene ids as ``var_names``, the labels in
-    ``obs["label"]``; cells without a label are dropped."""
+    ``obs["label"]`` and, with ``batch_key``, the batches in ``obs["batch"]``; cells without a label (or batch) are
+    dropped."""
     if probe.dataset is not None:
         from sc_foundation.data.datasets import dataset_inputs
 
@@ -91,13 +106,23 @@ def load_probe_set(probe: ProbeSet) -> anndata.AnnData:
                 f"probe set {probe.name!r} ({path}): no obs column {probe.label_key!r} for the labels; obs columns: "
                 f"{list(source.obs.columns)}. Set label_key."
             )
+        if probe.batch_key is not None and probe.batch_key not in source.obs.columns:
+            raise ValueError(
+                f"probe set {probe.name!r} ({path}): no obs column {probe.batch_key!r} for the batches; obs columns: "
+                f"{list(source.obs.columns)}. Set batch_key, or null for a set without batches."
+            )
         counts = sp.vstack([chunk for _, chunk in source.iter_chunks()]).tocsr().astype(np.float32)
-        adata = anndata.AnnData(counts, obs=source.obs[[probe.label_key]].copy())
+        columns = list(dict.fromkeys([probe.label_key, *([probe.batch_key] if probe.batch_key else [])]))
+        adata = anndata.AnnData(counts, obs=source.obs[columns].copy())
         adata.var_names = [str(g) for g in source.gene_names]
     adata.var_names_make_unique()
-    labels = adata.obs[probe.label_key]
-    adata = adata[labels.notna().to_numpy()].copy()
+    known = adata.obs[columns].notna().all(axis=1).to_numpy()
+    adata = adata[known].copy()
     adata.obs["label"] = adata.obs[probe.label_key].astype(str).astype("category")
+    if probe.batch_key is not None:
+        adata.obs["batch"] = adata.obs[probe.batch_key].astype(str).astype("category")
+        if adata.obs["batch"].nunique() < 2:
+            raise ValueError(f"probe set {probe.name!r}: batch_key {probe.batch_key!r} holds one batch; need two")
     if probe.max_cells is not None and adata.n_obs > probe.max_cells:
         rng = np.random.default_rng(probe.seed)
         adata = adata[np.sort(rng.choice(adata.n_obs, probe.max_cells, replace=False))].copy()
@@ -133,19 +158,21 @@ def score_embedding(
     n_folds: int = 5,
     n_neighbors: int = 15,
     seed: int = 0,
+    batches: Sequence | None = None,
 ) -> dict[str, float]:
-    """Scores of a cell embedding against labels; higher is better except ``depth_correlation``.
+    """Scores of a cell embedding against labels (and batches); higher is better except ``depth_correlation``.
 
     Args:
         embedding: (n_cells, d).
         labels: (n_cells,) cell types.
         depth: (n_cells,) detected genes per cell, for ``depth_correlation``; None leaves it out.
         n_folds: kNN accuracy is the mean over stratified folds of a ``n_neighbors``-NN classifier (Euclidean).
+        batches: (n_cells,) technical batch of each cell, for the batch-mixing scores; None leaves them out.
     Returns:
         ``knn_accuracy``; ``nmi`` and ``ari`` of k-means clusters with k = number of labels (scib-metrics);
         ``asw_label`` (scib-metrics' silhouette, rescaled to [0, 1]); ``avg_bio`` = mean(nmi, ari, asw_label);
         ``depth_correlation``: the largest |Pearson r| between log(detected genes) and each of the embedding's
-        first two principal components.
+        first two principal components; with ``batches``, :func:`batch_scores`.
     """
     x = np.asarray(embedding, dtype=np.float32)
     labels = np.asarray(labels).astype(str)
@@ -174,27 +201,91 @@ def score_embedding(
         scores["depth_correlation"] = float(
             max(abs(np.corrcoef(log_depth, components[:, i])[0, 1]) for i in range(components.shape[1]))
         )
+    if batches is not None:
+        scores.update(batch_scores(x, labels, batches, n_neighbors))
+    return scores
+
+
+def batch_scores(embedding: np.ndarray, labels: Sequence, batches: Sequence, n_neighbors: int = 15) -> dict:
+    """How well the technical batches mix within cell types (scib-metrics' batch-correction scores, in [0, 1]).
+
+    Args:
+        embedding: (n_cells, d).
+        labels: (n_cells,) cell types; mixing is judged within each type, so batches that differ in composition are
+            not penalised for it.
+        batches: (n_cells,) technical batch (plate, protocol, library).
+        n_neighbors: neighbours of the exact Euclidean kNN graph (scikit-learn) that iLISI and graph connectivity
+            read.
+    Returns:
+        ``batch_asw``: 1 - |silhouette| of the batches within each type (1: batches indistinguishable);
+        ``ilisi``: the scaled inverse Simpson's index of batches among each cell's neighbours (1: as mixed as can
+        be); ``graph_connectivity``: the share of each type's cells in its largest connected kNN component;
+        ``batch_score``: their mean.
+    """
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(embedding, dtype=np.float32)
+    labels, batches = np.asarray(labels).astype(str), np.asarray(batches).astype(str)
+    if len(batches) != len(x):
+        raise ValueError(f"{len(x)} embedding rows for {len(batches)} batches")
+    if len(np.unique(batches)) < 2:
+        raise ValueError("batch mixing needs cells of two or more batches")
+    k = min(n_neighbors + 1, len(x))  # the first neighbour of each cell is itself, which scib-metrics expects
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    neighbours = NeighborsResults(indices=indices, distances=distances)
+    scores = {
+        "batch_asw": float(scib_metrics.silhouette_batch(x, labels, batches)),
+        "ilisi": float(scib_metrics.ilisi_knn(neighbours, batches)),
+        "graph_connectivity": float(scib_metrics.graph_connectivity(neighbours, labels)),
+    }
+    scores["batch_score"] = float(np.mean(list(scores.values())))
     return scores
 
 
 class RepresentationProbe:
-    """Probe sets loaded once, with their PCA scores computed once; :meth:`evaluate` scores a model against them.
+    """Probe sets loaded once, with their reference scores (PCA, optionally scVI) computed once per process;
+    :meth:`evaluate` scores a model against them.
 
     Args:
         probe_sets: the sets to probe with (loaded at construction; a set that cannot be loaded is an error).
         n_neighbors, n_folds, seed: see :func:`score_embedding`.
+        scvi: also score scVI's latent, trained on each set's cells (its batches as the covariate): the
+            ``baselines`` extra; without scvi-tools the reference is skipped and :attr:`skipped` says why.
+        cache_dir: a folder where reference embeddings are kept (``<method>-<hash of the set and seed>.npy``), so
+            that scVI trains once per probe set, not once per run; None keeps them in this process only.
     """
 
-    def __init__(self, probe_sets: Sequence[ProbeSet], n_neighbors: int = 15, n_folds: int = 5, seed: int = 0):
+    def __init__(
+        self,
+        probe_sets: Sequence[ProbeSet],
+        n_neighbors: int = 15,
+        n_folds: int = 5,
+        seed: int = 0,
+        scvi: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         if not probe_sets:
             raise ValueError("no probe sets given")
         self.settings = {"n_neighbors": n_neighbors, "n_folds": n_folds, "seed": seed}
         self.sets = {probe.name: load_probe_set(probe) for probe in probe_sets}
-        self.baseline = {
-            name: score_embedding(
-                pca_embedding(adata, seed=seed), adata.obs["label"], detected_genes(adata), **self.settings
-            )
-            for name, adata in self.sets.items()
+        self.skipped: dict[str, str] = {}
+        methods = ["pca"]
+        if scvi:
+            from sc_foundation.tasks.scvi_baselines import scvi_available
+
+            if scvi_available():
+                methods.append("scvi")
+            else:
+                self.skipped["scvi"] = 'scvi-tools is not installed (pip install -e ".[baselines]")'
+                logger.warning("probes: scVI reference skipped: %s", self.skipped["scvi"])
+        # set name -> method -> scores
+        self.references = {
+            probe.name: {
+                method: _reference_scores(probe, self.sets[probe.name], method, self.settings, cache_dir)
+                for method in methods
+            }
+            for probe in probe_sets
         }
 
     def evaluate(self, model, batch_size: int | None = None) -> dict[str, dict]:
@@ -204,8 +295,9 @@ class RepresentationProbe:
             model: a model carrying ``gene_tokenizer`` (what :func:`~sc_foundation.load_pretrained` returns), or an
                 export directory.
         Returns:
-            set name -> ``{"ours": scores, "pca": scores, "ratio": {metric: ours / pca}}`` for the metrics of
-            :data:`HEADLINE`, plus ``n_cells`` and the gene ``match_rate``.
+            set name -> ``{"ours": scores, "pca": scores[, "scvi": scores], "ratio": {metric: ours / pca},
+            "ratio_scvi": {...}}`` for the metrics of :data:`HEADLINE` that the set has, plus ``n_cells``, the gene
+            ``match_rate`` and ``skipped`` (reference -> why it is missing).
         """
         from sc_foundation.inference import embed
 
@@ -215,28 +307,70 @@ class RepresentationProbe:
             embed(cells, model, species=adata.uns["probe"]["species"], batch_size=batch_size, progress=False)
             x = cells.obsm["X_sc_foundation"]
             keep = np.isfinite(x).all(axis=1)  # cells without any vocabulary gene cannot be embedded
+            batches = adata.obs["batch"].to_numpy()[keep] if "batch" in adata.obs else None
             ours = score_embedding(
-                x[keep], adata.obs["label"].to_numpy()[keep], detected_genes(adata)[keep], **self.settings
+                x[keep],
+                adata.obs["label"].to_numpy()[keep],
+                detected_genes(adata)[keep],
+                batches=batches,
+                **self.settings,
             )
-            pca = self.baseline[name]
+            result = {"ours": ours, **self.references[name]}
+            for method in self.references[name]:
+                key = "ratio" if method == "pca" else f"ratio_{method}"
+                result[key] = {m: ours[m] / result[method][m] for m in HEADLINE if m in ours}
             results[name] = {
-                "ours": ours,
-                "pca": pca,
-                "ratio": {metric: ours[metric] / pca[metric] for metric in HEADLINE},
+                **result,
                 "n_cells": int(keep.sum()),
                 "match_rate": float(cells.uns["sc_foundation"]["match_rate"]),
+                "skipped": dict(self.skipped),
             }
         return results
 
 
+_REFERENCE_CACHE: dict[tuple, dict[str, float]] = {}
+"""(probe set, method, settings) -> scores: a reference is computed once per process, however many runs probe."""
+
+
+def _reference_scores(
+    probe: ProbeSet, adata: anndata.AnnData, method: str, settings: Mapping, cache_dir: str | os.PathLike | None
+) -> dict[str, float]:
+    """A reference embedding's scores on a probe set's cells: ``pca`` (:func:`pca_embedding`) or ``scvi``
+    (:func:`sc_foundation.tasks.scvi_baselines.scvi_latent`, the set's batches as covariate)."""
+    key = (probe, method, tuple(sorted(settings.items())))
+    if key not in _REFERENCE_CACHE:
+        batches = adata.obs["batch"].to_numpy() if "batch" in adata.obs else None
+        digest = hashlib.sha256(repr((probe, adata.n_obs, adata.n_vars, settings["seed"])).encode()).hexdigest()
+        path = Path(cache_dir) / f"{method}-{digest[:16]}.npy" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            x = np.load(path)
+        elif method == "pca":
+            x = pca_embedding(adata, seed=settings["seed"])
+        else:
+            from sc_foundation.tasks.scvi_baselines import scvi_latent
+
+            x = scvi_latent(adata, batches, seed=settings["seed"])
+        if path is not None and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
+            np.save(tmp, x)
+            os.replace(tmp, path)  # whole or absent, however many runs write it at once
+        _REFERENCE_CACHE[key] = score_embedding(
+            x, adata.obs["label"], detected_genes(adata), batches=batches, **settings
+        )
+    return _REFERENCE_CACHE[key]
+
+
 def flatten_results(results: Mapping[str, dict]) -> dict[str, float]:
-    """``probe/<set>/<metric>`` (ours), ``probe/<set>/pca_<metric>`` and ``probe/<set>/ratio_<metric>`` -> value."""
+    """``probe/<set>/<metric>`` (ours), ``probe/<set>/pca_<metric>``, ``probe/<set>/scvi_<metric>`` (when scored)
+    and ``probe/<set>/ratio_<metric>`` (to PCA) -> value."""
     flat = {}
     for name, result in results.items():
         for metric, value in result["ours"].items():
             flat[f"probe/{name}/{metric}"] = value
-        for metric, value in result["pca"].items():
-            flat[f"probe/{name}/pca_{metric}"] = value
+        for method in REFERENCES:
+            for metric, value in result.get(method, {}).items():
+                flat[f"probe/{name}/{method}_{metric}"] = value
         for metric, value in result["ratio"].items():
             flat[f"probe/{name}/ratio_{metric}"] = value
     return flat
@@ -297,8 +431,12 @@ class ProbeCallback(pl.Callback):
             each.log_metrics(flat, step=trainer.global_step)
         self.history.append({"step": trainer.global_step, "results": results})
         summary = ", ".join(
-            f"{name} kNN {r['ours']['knn_accuracy']:.3f}/{r['pca']['knn_accuracy']:.3f} "
-            f"AvgBIO {r['ours']['avg_bio']:.3f}/{r['pca']['avg_bio']:.3f}"
+            f"{name} "
+            + " ".join(
+                f"{label} {r['ours'][metric]:.3f}/{r['pca'][metric]:.3f}"
+                for metric, label in (("knn_accuracy", "kNN"), ("avg_bio", "AvgBIO"), ("batch_score", "batch"))
+                if metric in r["ours"]
+            )
             for name, r in results.items()
         )
         announce(f"probes at step {trainer.global_step} (ours/PCA): {summary}", logger)

@@ -92,3 +92,44 @@ class ExportBest(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
+
+
+def probe_score(results: dict) -> float:
+    """One number for a probe round (``RepresentationProbe.evaluate``): the mean, over sets and their headline
+    metrics (kNN accuracy, AvgBIO, and the batch score where a set has batches), of ours over PCA's."""
+    ratios = [value for result in results.values() for value in result["ratio"].values()]
+    return float(sum(ratios) / len(ratios))
+
+
+class ExportBestProbe(pl.Callback):
+    """Exports the model to ``directory`` whenever a probe round reaches a new best :func:`probe_score`.
+
+    Validation loss keeps falling while the embedding can get worse (PBMC's probes peak early in a long run): this
+    keeps the checkpoint by what the embedding is for. It reads the rounds of a :class:`ProbeCallback` placed before
+    it in the Trainer's callbacks; rank 0 decides, every rank exports (FSDP gathers collectively).
+    """
+
+    def __init__(self, probes, tokenizer: GeneTokenizer, directory: Path):
+        self.probes = probes
+        self.tokenizer = tokenizer
+        self.directory = directory
+        self.best = -math.inf
+        self._seen = 0
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        history = self.probes.history
+        score = probe_score(history[-1]["results"]) if trainer.is_global_zero and len(history) > self._seen else None
+        self._seen = len(history)
+        improved = score is not None and score > self.best
+        if trainer.strategy.broadcast(improved, src=0):
+            if trainer.is_global_zero:
+                self.best = score
+            export(trainer, self.tokenizer, self.directory)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "seen": self._seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self._seen = state_dict["best"], state_dict["seen"]
