@@ -153,3 +153,16 @@ def test_facs_reference_and_pbmc68k_share_one_label_set(quality, shared_data, tm
     shift = quality.TASKS["annotation_shift_facs"]
     assert "split.test_groups=[pbmc68k_mapped.h5ad]" in shift["overrides"] and shift["within"] == "annotation"
     assert all(quality.TASKS[spec["within"]] for spec in quality.TASKS.values() if spec.get("within"))
+
+
+def test_top_context_keeps_the_most_expressed_genes_and_counts_the_pushed_out(import_benchmark):
+    import numpy as np
+
+    context_shift = import_benchmark("context_shift")
+    x = np.array([[5.0, 0.0, 3.0, 1.0], [0.0, 2.0, 0.0, 0.0], [1.0, 1.0, 4.0, 2.0]])  # (cells, genes)
+    chosen = context_shift.top_context(x, 2)
+    assert chosen.tolist() == [[True, False, True, False], [False, True, False, False], [False, False, True, True]]
+    shares = context_shift.gene_shares(x, chosen)
+    # gene 0: expressed in cells 0 and 2, in context only in cell 0 -> half pushed out; gene 3 the other way round
+    np.testing.assert_allclose(shares["pushed_out"], [0.5, 0.5, 0.0, 0.5])
+    np.testing.assert_allclose(shares["in_context"], [1 / 3, 1 / 3, 2 / 3, 1 / 3])
