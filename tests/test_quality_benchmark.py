@@ -144,12 +144,15 @@ def test_seed_flags(quality, tmp_path):
 def test_facs_reference_and_pbmc68k_share_one_label_set(quality, shared_data, tmp_path):
     import anndata
 
-    reference, query = (anndata.read_h5ad(f["path"]) for f in quality.facs_to_pbmc68k(shared_data, tmp_path))
+    files = quality.facs_to_pbmc68k(shared_data, tmp_path, reference_cells=None)
+    reference, query = (anndata.read_h5ad(f["path"]) for f in files)
     mapped = set(quality.FACS_TO_PBMC68K.values())
     assert set(reference.obs["cell_type"]) == set(query.obs["cell_type"]) == mapped and len(mapped) == 8
     # every reference cell but the 191 CD4+ helper T cells; every pbmc68k cell but its 240 Dendritic and 13 CD34+
     assert (reference.n_obs, query.n_obs) == (2140 - 191, 700 - 240 - 13)
     assert (reference.obs["cell_type"] == "CD56+ NK").sum() == 769 and (query.obs["cell_type"] == "CD19+ B").sum() == 95
+    capped = anndata.read_h5ad(quality.facs_to_pbmc68k(shared_data, tmp_path / "capped", seed=1)[0]["path"])
+    assert capped.n_obs == 700 and set(capped.obs_names) < set(reference.obs_names)
     shift = quality.TASKS["annotation_shift_facs"]
     assert "split.test_groups=[pbmc68k_mapped.h5ad]" in shift["overrides"] and shift["within"] == "annotation"
     assert all(quality.TASKS[spec["within"]] for spec in quality.TASKS.values() if spec.get("within"))
