@@ -24,19 +24,30 @@ after every task, so an interrupted run leaves the finished tasks readable):
 * PNGs: ``annotation_confusion.png`` (ours beside the HVG logistic regression), ``integration_umap.png`` (UMAPs of
   every embedding in the run's ``embeddings.npz``, coloured by batch and by cell type), ``atac_umap.png`` (the joint
   and RNA-only embeddings of the ATAC task by cell type).
-* ``tasks/<name>/``: each fine-tuning run's own output directory (``metrics.json``, ``splits.json``, export, ...);
-  ``data/``: the seeded cell subsets some tasks train on.
+* ``tasks/<name>/seed<k>/``: each fine-tuning run's own output directory (``metrics.json``, ``splits.json``, export,
+  ...); ``data/``: the seeded cell subsets and relabelled files some tasks train on.
 
 A task that raises is recorded and the others still run; the script then exits with status 1.
 
+Shift rows (``within`` in :data:`TASKS`) test generalisation: trained on one study, protocol or set of libraries and
+tested on another (``split.test_groups``), each reported beside the within-split row it comes from. Annotation rows
+also report calibration (expected calibration error after a validation-fitted temperature) and, with a held-out type
+(``holdout_label``), how many of its cells each classifier refuses, for ours and the HVG logistic regression's
+probabilities on the same cells (``sc_foundation.tasks.calibration``).
+
+Seeds: ``--seeds 0 1 2`` (or ``--full``: ``--seed`` and the next two) runs every task once per seed, each with its
+own splits, subsets, initialisation and baselines (``tasks/<name>/seed<k>``); the tables then hold the mean and the
+standard deviation over seeds, and a verdict counts a gap only when it exceeds the spread (:func:`aggregate`).
+
     python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
-        [--max-epochs N] [--seed 0] [--set KEY=VALUE ...] [--data-dir ../shared/data]
+        [--max-epochs N] [--seed 0 | --seeds 0 1 2 | --full] [--set KEY=VALUE ...] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -211,6 +222,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--full", action="store_true", help="three seeds: --seed, --seed + 1 and --seed + 2")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a task's seed from the quality.json already in --out when it finished there with the same "
+        "overrides (its metrics.json still on disk), instead of fine-tuning it again: add seeds to an earlier run",
+    )
+    parser.add_argument(
         "--set",
         dest="extra",
         action="append",
@@ -275,8 +292,6 @@ def pretrain(out: Path, seed: int) -> dict:
 
 def describe_export(path: Path) -> dict:
     """The architecture and tokenizer of an export (its config.json and gene_tokenizer.json)."""
-    import json
-
     config = json.loads((path / "config.json").read_text())
     keys = (
         "hidden_size",
@@ -400,9 +415,10 @@ def task_overrides(
     return [*overrides, *args.extra]
 
 
-def run_task(name: str, args, pretrained: Path, record: dict, seed: int) -> dict:
+def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier: dict | None = None) -> dict:
     """Fine-tune and score one task at one seed (its splits, subset and initialisation); fills ``record`` as it goes
-    (so a failure keeps what was known)."""
+    (so a failure keeps what was known). ``earlier``: this task and seed's record from an earlier run in the same
+    ``--out`` (``--reuse``), taken instead when it finished with the same overrides."""
     from sc_foundation import tasks
 
     spec = TASKS[name]
@@ -431,6 +447,12 @@ def run_task(name: str, args, pretrained: Path, record: dict, seed: int) -> dict
     files = [f["path"] if len(f) == 1 else f for f in files]
     overrides = task_overrides(name, spec, files, modality_files, args, pretrained, seed)
     record["overrides"] = overrides
+    if earlier and earlier.get("status") == "ok" and earlier.get("overrides") == overrides:
+        metrics_file = Path(earlier["metrics_file"])
+        if metrics_file.exists():
+            record.update({key: value for key, value in earlier.items() if key != "status"})
+            record["reused"] = True
+            return {"metrics": json.loads(metrics_file.read_text()), "output_dir": metrics_file.parent}
     cfg = compose("finetune", overrides)
     started = time.perf_counter()
     result = tasks.run(cfg)
@@ -891,6 +913,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier_file = args.out / "quality.json"
+    previous = json.loads(earlier_file.read_text()) if args.reuse and earlier_file.exists() else {}
     started = time.perf_counter()
     shown = sys.argv[1:] if argv is None else argv
     payload = {
@@ -956,7 +980,8 @@ def main(argv: list[str] | None = None) -> dict:
             seed_started = time.perf_counter()
             print(f"quality: task {name}, seed {seed}", flush=True)
             try:
-                run = run_task(name, args, Path(payload["pretrained"]["path"]), run_record, seed)
+                earlier = previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed))
+                run = run_task(name, args, Path(payload["pretrained"]["path"]), run_record, seed, earlier)
                 run_record["status"] = "ok"
                 tables.append(run_record["comparisons"])
             except Exception as error:
@@ -974,7 +999,8 @@ def main(argv: list[str] | None = None) -> dict:
                     record["figure_traceback"] = traceback.format_exc()
                     traceback.print_exc()
                 record["figures_wall_s"] = time.perf_counter() - figures_started
-            run_record["wall_s"] = time.perf_counter() - seed_started
+            if not run_record.get("reused"):  # a reused run keeps its own wall time
+                run_record["wall_s"] = time.perf_counter() - seed_started
             if i == 0:  # the first seed's run describes the task (data, cells, epochs, files)
                 record.update({key: value for key, value in run_record.items() if key in FIRST_SEED_FIELDS})
             checkpoint()

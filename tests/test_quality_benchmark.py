@@ -87,6 +87,12 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
 
     md = (out / "quality.md").read_text()
     assert "## annotation_cellbench" in md and "## broken" in md and "**FAILED**" in md
+
+    # --reuse takes the finished seed from the quality.json in --out instead of fine-tuning it again
+    again = quality.main([*argv[:5], "annotation_cellbench", *argv[7:], "--reuse"])
+    reused = again["tasks"]["annotation_cellbench"]
+    assert reused["runs"]["1"]["reused"] is True and reused["runs"]["1"]["wall_s"] == task["runs"]["1"]["wall_s"]
+    assert reused["comparisons"] == task["comparisons"] and reused["metrics_file"] == task["metrics_file"]
     assert "| **ours** |" in md and "| hvg_logreg |" in md and "ours beats all baselines? |" in md
     assert f"{metrics['model']['accuracy']:.3f}" in md and str(pretrained.resolve()) in md
 
