@@ -95,6 +95,7 @@ TASKS: dict[str, dict] = {
     "annotation_unseen_type": {
         "task": "annotation",
         "within": "annotation",
+        "kind": "held-out type",
         "description": "pbmc68k_reduced with CD19+ B cells kept out of training and validation: the test split's B "
         "cells score the refusal (unknown), the other test cells the classification",
         "files": ["pbmc68k_reduced/pbmc68k_reduced_counts.h5ad"],
@@ -782,7 +783,7 @@ def shift_markdown(payload: dict) -> list[str]:
             best = max(table["baselines"], key=lambda b: table["values"][b]["macro_f1"] or -1)
             gap = table["values"]["model"]["macro_f1"] - table["values"][best]["macro_f1"]
             mark = VERDICT_MARK[table["verdict"]["model"]["macro_f1"]]
-            kind = "within" if row == within else "shift"
+            kind = "within" if row == within else TASKS.get(row, {}).get("kind", "shift")
             rows.append(
                 f"| {row} ({kind}) | {_mean_std(table, 'model', 'macro_f1')} | {_mean_std(table, best, 'macro_f1')} "
                 f"({best}) | {gap:+.3f} | {mark} |"
