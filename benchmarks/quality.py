@@ -757,8 +757,8 @@ def table_markdown(title: str, table: dict) -> list[str]:
         details = []
         for key in lost:
             best = table["best"][key]
-            winner = "tie" if table["verdict"][primary][key] == "tie" else best
-            details.append(f"{key} (best: {winner})")
+            tied = table["verdict"][primary][key] == "tie"
+            details.append(f"{key} (tie, best: {best})" if tied else f"{key} (best: {best})")
         verdict = f"{who} beats every baseline on every metric: **no** — not on {', '.join(details)}."
     if seeds > 1:
         verdict += (
