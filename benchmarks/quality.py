@@ -24,19 +24,30 @@ after every task, so an interrupted run leaves the finished tasks readable):
 * PNGs: ``annotation_confusion.png`` (ours beside the HVG logistic regression), ``integration_umap.png`` (UMAPs of
   every embedding in the run's ``embeddings.npz``, coloured by batch and by cell type), ``atac_umap.png`` (the joint
   and RNA-only embeddings of the ATAC task by cell type).
-* ``tasks/<name>/``: each fine-tuning run's own output directory (``metrics.json``, ``splits.json``, export, ...);
-  ``data/``: the seeded cell subsets some tasks train on.
+* ``tasks/<name>/seed<k>/``: each fine-tuning run's own output directory (``metrics.json``, ``splits.json``, export,
+  ...); ``data/``: the seeded cell subsets and relabelled files some tasks train on.
 
 A task that raises is recorded and the others still run; the script then exits with status 1.
 
+Shift rows (``within`` in :data:`TASKS`) test generalisation: trained on one study, protocol or set of libraries and
+tested on another (``split.test_groups``), each reported beside the within-split row it comes from. Annotation rows
+also report calibration (expected calibration error after a validation-fitted temperature) and, with a held-out type
+(``holdout_label``), how many of its cells each classifier refuses, for ours and the HVG logistic regression's
+probabilities on the same cells (``sc_foundation.tasks.calibration``).
+
+Seeds: ``--seeds 0 1 2`` (or ``--full``: ``--seed`` and the next two) runs every task once per seed, each with its
+own splits, subsets, initialisation and baselines (``tasks/<name>/seed<k>``); the tables then hold the mean and the
+standard deviation over seeds, and a verdict counts a gap only when it exceeds the spread (:func:`aggregate`).
+
     python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
-        [--max-epochs N] [--seed 0] [--set KEY=VALUE ...] [--data-dir ../shared/data]
+        [--max-epochs N] [--seed 0 | --seeds 0 1 2 | --full] [--set KEY=VALUE ...] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -70,6 +81,51 @@ TASKS: dict[str, dict] = {
         "files": [{"path": "cellbench_3cl/cellbench_3cl.h5ad", "batch_key": "batch"}],
         "subset": None,
         "overrides": ["label_key=cell_type"],
+    },
+    "annotation_shift_facs": {
+        "task": "annotation",
+        "within": "annotation",
+        "description": "Study shift: trained on a seeded 700 cells of the FACS-sorted PBMC reference (Zheng et al., "
+        "mudan_pbmc; 8 sort gates mapped by hand onto pbmc68k_reduced's labels, FACS_TO_PBMC68K), tested on the "
+        "pbmc68k_reduced cells of those 8 types",
+        "prepare": "facs_to_pbmc68k",
+        "subset": None,
+        "overrides": ["label_key=cell_type", "split.split_by=source", "split.test_groups=[pbmc68k_mapped.h5ad]"],
+    },
+    "annotation_unseen_type": {
+        "task": "annotation",
+        "within": "annotation",
+        "kind": "held-out type",
+        "description": "pbmc68k_reduced with CD19+ B cells kept out of training and validation: the test split's B "
+        "cells score the refusal (unknown), the other test cells the classification",
+        "files": ["pbmc68k_reduced/pbmc68k_reduced_counts.h5ad"],
+        "subset": None,
+        "overrides": ["label_key=cell_type", "holdout_label='CD19+ B'"],
+    },
+    "annotation_cellbench_shift": {
+        "task": "annotation",
+        "within": "annotation_cellbench",
+        "description": "Protocol shift: CellBench trained on CEL-seq2, tested on every Drop-seq cell",
+        "files": [{"path": "cellbench_3cl/cellbench_3cl.h5ad", "batch_key": "batch"}],
+        "subset": None,
+        "overrides": ["label_key=cell_type", "split.split_by=batch", "split.test_groups=[sc_dropseq]"],
+    },
+    "annotation_snare": {
+        "task": "annotation",
+        "description": "SNARE-seq mouse cortex RNA, a seeded 2000 cells of 12 libraries, 15 cell types; a stratified "
+        "test split",
+        "files": [SNARE_RNA],
+        "subset": 2000,
+        "overrides": ["label_key=cell_type"],
+    },
+    "annotation_snare_shift": {
+        "task": "annotation",
+        "within": "annotation_snare",
+        "description": "Library shift: the same 2000 SNARE-seq cells, trained on 9 libraries, tested on every cell of "
+        "libraries 09J, 09K and 09L",
+        "files": [SNARE_RNA],
+        "subset": 2000,
+        "overrides": ["label_key=cell_type", "split.split_by=Batch", "split.test_groups=[09J,09K,09L]"],
     },
     "integration": {
         "task": "integration",
@@ -109,6 +165,21 @@ TASKS: dict[str, dict] = {
     },
 }
 
+# The hand-made map of the FACS reference's sort gates (mudan_pbmc/pbmc_facs_reference.h5ad) onto pbmc68k_reduced's
+# labels, which Zheng et al. derived from the same sorted populations. ``thelper`` (CD4+ helper T) has no
+# pbmc68k_reduced label and leaves training; pbmc68k_reduced's Dendritic and CD34+ cells have no gate and leave the
+# test.
+FACS_TO_PBMC68K = {
+    "bcells": "CD19+ B",
+    "monocytes": "CD14+ Monocyte",
+    "nk": "CD56+ NK",
+    "regulatoryt": "CD4+/CD25 T Reg",
+    "memoryt": "CD4+/CD45RO+ Memory",
+    "naivet": "CD4+/CD45RA+/CD25- Naive T",
+    "cytotoxict": "CD8+ Cytotoxic T",
+    "naivecytotoxic": "CD8+/CD45RA+ Naive Cytotoxic",
+}
+
 # Headline metrics per kind of comparison: (key in metrics.json, higher is better).
 HEADLINES = {
     "annotation": [("accuracy", True), ("macro_f1", True)],
@@ -116,8 +187,24 @@ HEADLINES = {
     "imputation": [("median_l1", False), ("pearson", True), ("pearson_log1p", True)],
     "prediction": [("pearson_feature_mean", True), ("pearson_cell_mean", True)],
     "embedding": [("nmi", True), ("ari", True), ("asw_label", True), ("avg_bio", True), ("bio", True)],
+    # annotation probabilities (sc_foundation.tasks.calibration): ECE of the test cells after and before temperature
+    "calibration": [("ece", False), ("ece_uncalibrated", False)],
+    # a held-out type: its test cells refused, known test cells wrongly refused, AUROC of the top probability
+    "refusal": [("unseen_refused", True), ("known_refused", False), ("auroc_unseen", True)],
 }
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# What a task's record takes from its first seed's run (the other seeds' are under ``runs``).
+FIRST_SEED_FIELDS = (
+    "data",
+    "overrides",
+    "finetune_wall_s",
+    "output_dir",
+    "metrics_file",
+    "steps",
+    "epochs",
+    "stopped_early",
+    "n_cells",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,6 +214,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
     parser.add_argument("--max-epochs", type=int, default=None, help="trainer.max_epochs (the budget) of every task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the subsets and the training")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every task once per seed (its splits, subsets and initialisation) and report mean and spread",
+    )
+    parser.add_argument("--full", action="store_true", help="three seeds: --seed, --seed + 1 and --seed + 2")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a task's seed from the quality.json already in --out when it finished there with the same "
+        "overrides (its metrics.json still on disk), instead of fine-tuning it again: add seeds to an earlier run",
+    )
     parser.add_argument(
         "--set",
         dest="extra",
@@ -140,6 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_epochs is not None and args.max_epochs < 1:
         parser.error("--max-epochs must be at least 1")
     args.tasks = list(dict.fromkeys(args.tasks))
+    if args.full and args.seeds:
+        parser.error("--full and --seeds exclude each other")
+    args.seeds = list(dict.fromkeys(args.seeds or ([args.seed + k for k in range(3)] if args.full else [args.seed])))
     return args
 
 
@@ -189,8 +293,6 @@ def pretrain(out: Path, seed: int) -> dict:
 
 def describe_export(path: Path) -> dict:
     """The architecture and tokenizer of an export (its config.json and gene_tokenizer.json)."""
-    import json
-
     config = json.loads((path / "config.json").read_text())
     keys = (
         "hidden_size",
@@ -262,13 +364,47 @@ def hydra_value(spec) -> str:
     return quote(spec)
 
 
-def task_overrides(name: str, spec: dict, files: list, modality_files: list, args, pretrained: Path) -> list[str]:
+def facs_to_pbmc68k(data_dir: Path, out: Path, seed: int = 0, reference_cells: int | None = 700) -> list[dict]:
+    """The FACS reference and pbmc68k_reduced with one label set (:data:`FACS_TO_PBMC68K`), written to ``out``:
+    reference cells of an unmapped gate and pbmc68k cells of a type no gate sorted are left out, and a seeded
+    ``reference_cells`` of the reference kept (None: all 1,949), which keeps the row's fine-tuning within minutes on
+    2 cores. The file names (``facs_reference_mapped.h5ad``, ``pbmc68k_mapped.h5ad``) are the store's ``source``
+    values the split names."""
+    import anndata
+
+    reference = anndata.read_h5ad(data_dir / "mudan_pbmc/pbmc_facs_reference.h5ad")
+    query = anndata.read_h5ad(data_dir / "pbmc68k_reduced/pbmc68k_reduced_counts.h5ad")
+    mapped = reference.obs["cell_type"].astype(str).map(FACS_TO_PBMC68K)
+    reference = reference[mapped.notna().to_numpy()].copy()
+    reference.obs = reference.obs.assign(cell_type=mapped.dropna().to_numpy())
+    if reference_cells is not None and reference_cells < reference.n_obs:
+        rows = np.sort(np.random.default_rng(seed).choice(reference.n_obs, size=reference_cells, replace=False))
+        reference = reference[rows].copy()
+    query = query[query.obs["cell_type"].astype(str).isin(set(FACS_TO_PBMC68K.values())).to_numpy()].copy()
+    query.obs["cell_type"] = query.obs["cell_type"].astype(str)
+    written = []
+    for name, adata in (("facs_reference_mapped", reference), ("pbmc68k_mapped", query)):
+        path = out / f"{name}.h5ad"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.h5ad")
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+        written.append({"path": str(path)})
+    return written
+
+
+PREPARE = {"facs_to_pbmc68k": facs_to_pbmc68k}
+
+
+def task_overrides(
+    name: str, spec: dict, files: list, modality_files: list, args, pretrained: Path, seed: int
+) -> list[str]:
     overrides = [
         f"task={spec['task']}",
         f"pretrained={hydra_value(pretrained)}",
         f"data.files=[{', '.join(map(hydra_value, files))}]",
-        f"output_dir={hydra_value(args.out / 'tasks' / name)}",
-        f"seed={args.seed}",
+        f"output_dir={hydra_value(args.out / 'tasks' / name / f'seed{seed}')}",
+        f"seed={seed}",
         *QUIET,
         *spec["overrides"],
     ]
@@ -280,30 +416,44 @@ def task_overrides(name: str, spec: dict, files: list, modality_files: list, arg
     return [*overrides, *args.extra]
 
 
-def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
-    """Fine-tune and score one task; fills ``record`` as it goes (so a failure keeps what was known)."""
+def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier: dict | None = None) -> dict:
+    """Fine-tune and score one task at one seed (its splits, subset and initialisation); fills ``record`` as it goes
+    (so a failure keeps what was known). ``earlier``: this task and seed's record from an earlier run in the same
+    ``--out`` (``--reuse``), taken instead when it finished with the same overrides."""
     from sc_foundation import tasks
 
     spec = TASKS[name]
-    files = [dict(f) if isinstance(f, dict) else {"path": f} for f in spec["files"]]
+    if spec.get("prepare"):
+        files = PREPARE[spec["prepare"]](args.data_dir, args.out / "data" / f"seed{seed}", seed)
+        record["data"] = {"files": [f["path"] for f in files], "modality_files": [], "prepared": spec["prepare"]}
+    else:
+        files = [dict(f) if isinstance(f, dict) else {"path": f} for f in spec["files"]]
+        record["data"] = {"files": [f["path"] for f in files]}
     modality_files = [{"path": f} for f in spec.get("modality_files", [])]
-    record["data"] = {"files": [f["path"] for f in files], "modality_files": [f["path"] for f in modality_files]}
+    record["data"]["modality_files"] = [f["path"] for f in modality_files]
     if spec.get("subset"):
-        written = subset_files(files + modality_files, args.data_dir, args.out / "data", spec["subset"], args.seed)
+        written = subset_files(files + modality_files, args.data_dir, args.out / "data", spec["subset"], seed)
         files, modality_files = written[: len(files)], written[len(files) :]
         record["data"]["subset"] = {
             "cells": spec["subset"],
-            "seed": args.seed,
+            "seed": seed,
             "written": [f["path"] for f in written],
             "note": "a seeded random subset of the cells (the same cells in every file of the task)",
         }
     else:
-        files = [{**f, "path": str(args.data_dir / f["path"])} for f in files]
+        if not spec.get("prepare"):
+            files = [{**f, "path": str(args.data_dir / f["path"])} for f in files]
         modality_files = [{"path": str(args.data_dir / f["path"])} for f in modality_files]
         record["data"]["subset"] = None
     files = [f["path"] if len(f) == 1 else f for f in files]
-    overrides = task_overrides(name, spec, files, modality_files, args, pretrained)
+    overrides = task_overrides(name, spec, files, modality_files, args, pretrained, seed)
     record["overrides"] = overrides
+    if earlier and earlier.get("status") == "ok" and earlier.get("overrides") == overrides:
+        metrics_file = Path(earlier["metrics_file"])
+        if metrics_file.exists():
+            record.update({key: value for key, value in earlier.items() if key != "status"})
+            record["reused"] = True
+            return {"metrics": json.loads(metrics_file.read_text()), "output_dir": metrics_file.parent}
     cfg = compose("finetune", overrides)
     started = time.perf_counter()
     result = tasks.run(cfg)
@@ -322,6 +472,13 @@ def run_task(name: str, args, pretrained: Path, record: dict) -> dict:
 
 def comparisons(task: str, metrics: dict) -> dict[str, dict]:
     """The headline tables of one run's metrics.json."""
+    if task == "annotation" and "calibration" in metrics:
+        tables = {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}
+        ours, baseline = metrics["calibration"]["model"], {"hvg_logreg": metrics["calibration"]["hvg_logreg"]}
+        tables["calibration"] = compare("calibration", {"model": ours}, baseline, "model")
+        if "unseen_refused" in ours:
+            tables["refusal"] = compare("refusal", {"model": ours}, baseline, "model")
+        return tables
     if task in ("annotation", "integration", "imputation"):
         return {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}
     tables = {
@@ -372,6 +529,69 @@ def compare(kind: str, ours: dict[str, dict], baselines: dict[str, dict], primar
         "best": best,
         "verdict": verdicts,
         "beats_all_baselines": all(v == "win" for v in verdicts[primary].values()),
+    }
+
+
+def aggregate(tables: list[dict]) -> dict:
+    """One table over seeds from the :func:`compare` tables of the same comparison at each seed: ``values`` are the
+    means, ``std`` the standard deviations over seeds (ddof 1; 0 for one seed), ``per_seed`` the values in seed order.
+
+    A row's verdict per metric weighs the gap to the best baseline's mean against the spread (the larger standard
+    deviation of the two): ``win`` when ours is ahead by more than the spread, ``loss`` when behind by more, ``tie``
+    within it; ``at_least_best`` is whether our mean is at least the best baseline's. With one seed the spread is 0,
+    so the verdicts are :func:`compare`'s. A baseline skipped at any seed is left out; a value missing (None) at any
+    seed leaves that mean None.
+    """
+    first = tables[0]
+    headline = [(m["name"], m["higher_is_better"]) for m in first["metrics"]]
+    skipped = {name: reason for table in tables for name, reason in table["skipped_baselines"].items()}
+    baselines = [name for name in first["baselines"] if name not in skipped]
+    names = [*first["ours"], *baselines]
+    per_seed = {name: {key: [t["values"][name][key] for t in tables] for key, _ in headline} for name in names}
+
+    def mean_std(values: list) -> tuple[float | None, float | None]:
+        if any(v is None for v in values):
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    stats = {name: {key: mean_std(values) for key, values in row.items()} for name, row in per_seed.items()}
+    values = {name: {key: m for key, (m, _) in row.items()} for name, row in stats.items()}
+    std = {name: {key: d for key, (_, d) in row.items()} for name, row in stats.items()}
+    best, verdicts, at_least, spreads = {}, {n: {} for n in first["ours"]}, {n: {} for n in first["ours"]}, {}
+    for key, higher in headline:
+        sign = 1 if higher else -1
+        known = {name: values[name][key] for name in names if values[name][key] is not None}
+        best[key] = max(known, key=lambda name: sign * known[name]) if known else None
+        scored = [name for name in baselines if values[name][key] is not None]
+        leader = max(scored, key=lambda name: sign * values[name][key]) if scored else None
+        for name in first["ours"]:
+            mine = values[name][key]
+            if mine is None:
+                verdicts[name][key], at_least[name][key] = "loss", False
+                continue
+            if leader is None:
+                verdicts[name][key], at_least[name][key] = "win", True
+                continue
+            gap = sign * (mine - values[leader][key])
+            spread = max(std[name][key], std[leader][key])
+            spreads[key] = spread
+            verdicts[name][key] = "win" if gap > spread else "loss" if gap < -spread else "tie"
+            at_least[name][key] = gap >= 0
+    return {
+        "metrics": first["metrics"],
+        "ours": first["ours"],
+        "primary": first["primary"],
+        "baselines": baselines,
+        "skipped_baselines": skipped,
+        "n_seeds": len(tables),
+        "values": values,
+        "std": std,
+        "per_seed": per_seed,
+        "best": best,
+        "spread": spreads,
+        "verdict": verdicts,
+        "at_least_best": at_least,
+        "beats_all_baselines": all(v == "win" for v in verdicts[first["primary"]].values()),
     }
 
 
@@ -502,14 +722,24 @@ def _display(name: str, table: dict) -> str:
     return "**ours**" if name == "model" else f"**ours: {name}**"
 
 
+def _mean_std(table: dict, name: str, key: str) -> str:
+    """A value, as ``mean ± sd`` when the table aggregates several seeds."""
+    value = table["values"][name][key]
+    if table.get("n_seeds", 1) > 1 and value is not None:
+        return f"{value:.3f} ± {table['std'][name][key]:.3f}"
+    return _format(value)
+
+
 def table_markdown(title: str, table: dict) -> list[str]:
     keys = [m["name"] for m in table["metrics"]]
     heads = [f"{key} {'↑' if m['higher_is_better'] else '↓'}" for key, m in zip(keys, table["metrics"], strict=True)]
-    lines = [f"**{title}**", "", "| method | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(keys)]
-    for name, row in table["values"].items():
+    seeds = table.get("n_seeds", 1)
+    caption = f"**{title}**" + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else "")
+    lines = [caption, "", "| method | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name in table["values"]:
         cells = []
         for key in keys:
-            text = _format(row[key])
+            text = _mean_std(table, name, key)
             cells.append(f"**{text}** (best)" if table["best"][key] == name else text)
         lines.append(f"| {_display(name, table)} | " + " | ".join(cells) + " |")
     for name in table["ours"]:
@@ -527,10 +757,46 @@ def table_markdown(title: str, table: dict) -> list[str]:
         details = []
         for key in lost:
             best = table["best"][key]
-            winner = "tie" if table["verdict"][primary][key] == "tie" else best
-            details.append(f"{key} (best: {winner})")
+            tied = table["verdict"][primary][key] == "tie"
+            details.append(f"{key} (tie, best: {best})" if tied else f"{key} (best: {best})")
         verdict = f"{who} beats every baseline on every metric: **no** — not on {', '.join(details)}."
+    if seeds > 1:
+        verdict += (
+            " Over seeds, ✓ means ahead of the best baseline's mean by more than the spread (the larger sd), = within "
+            "it, ✗ behind by more."
+        )
     return [*lines, "", verdict, ""]
+
+
+def shift_markdown(payload: dict) -> list[str]:
+    """Each shift row beside the within-split row it comes from: our headline score against the best baseline's."""
+    rows = []
+    for name, record in payload["tasks"].items():
+        within = record.get("within")
+        if not within or "comparisons" not in record:
+            continue
+        for row in (within, name):
+            table = payload["tasks"].get(row, {}).get("comparisons", {}).get("annotation")
+            if table is None:
+                rows.append(f"| {row} | not run | | | |")
+                continue
+            best = max(table["baselines"], key=lambda b: table["values"][b]["macro_f1"] or -1)
+            gap = table["values"]["model"]["macro_f1"] - table["values"][best]["macro_f1"]
+            mark = VERDICT_MARK[table["verdict"]["model"]["macro_f1"]]
+            kind = "within" if row == within else TASKS.get(row, {}).get("kind", "shift")
+            rows.append(
+                f"| {row} ({kind}) | {_mean_std(table, 'model', 'macro_f1')} | {_mean_std(table, best, 'macro_f1')} "
+                f"({best}) | {gap:+.3f} | {mark} |"
+            )
+    if not rows:
+        return []
+    header = [
+        "**Shift rows beside their within-split rows** (macro-F1; mean ± sd when over several seeds)",
+        "",
+        "| row | ours | best baseline | ours - best | verdict |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    return [*header, *rows, ""]
 
 
 def markdown(payload: dict) -> str:
@@ -583,8 +849,15 @@ def markdown(payload: dict) -> str:
             trained += ", stopped early"
         lines.append(f"| {name} | {record['status']} | {mark} | {trained} | {wall} |")
     lines.append("")
+    lines += shift_markdown(payload)
     for name, record in payload["tasks"].items():
         lines += [f"## {name}", "", f"{record['description']}", ""]
+        runs = record.get("runs", {})
+        if len(runs) > 1:
+            walls = ", ".join(
+                f"seed {seed}: {run.get('wall_s', 0):.0f} s ({run['status']})" for seed, run in runs.items()
+            )
+            lines.append(f"- seeds: {walls}")
         data = record.get("data", {})
         if data:
             subset = data.get("subset")
@@ -641,6 +914,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier_file = args.out / "quality.json"
+    previous = json.loads(earlier_file.read_text()) if args.reuse and earlier_file.exists() else {}
     started = time.perf_counter()
     shown = sys.argv[1:] if argv is None else argv
     payload = {
@@ -652,12 +927,18 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": 0.0,
         "machine": machine_info(),
         "seed": args.seed,
+        "seeds": args.seeds,
         "max_epochs_override": args.max_epochs,
         "extra_overrides": args.extra,
         "data_dir": str(args.data_dir),
         "pretrained": {},
         "tasks": {
-            name: {"status": "pending", "task": TASKS[name]["task"], "description": TASKS[name]["description"]}
+            name: {
+                "status": "pending",
+                "task": TASKS[name]["task"],
+                "description": TASKS[name]["description"],
+                "within": TASKS[name].get("within"),
+            }
             for name in args.tasks
         },
         "figures": [],
@@ -690,28 +971,48 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name in args.tasks if not payload["pretrained"].get("error") else []:
         record = payload["tasks"][name]
-        record["status"] = "running"
+        record.update(status="running", seeds=args.seeds, runs={})
         record["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         checkpoint()
         task_started = time.perf_counter()
-        print(f"quality: task {name}", flush=True)
-        try:
-            run = run_task(name, args, Path(payload["pretrained"]["path"]), record)
-            record["status"] = "ok"
-        except Exception as error:
-            record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
-            traceback.print_exc()
-            run = None
-        if run is not None:
-            figures_started = time.perf_counter()
+        tables = []
+        for i, seed in enumerate(args.seeds):
+            run_record = record["runs"][str(seed)] = {"seed": seed, "status": "running"}
+            seed_started = time.perf_counter()
+            print(f"quality: task {name}, seed {seed}", flush=True)
             try:
-                record["figures"] = [str(p) for p in figures_for(name, run, args)]
-                payload["figures"] += record["figures"]
+                earlier = previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed))
+                run = run_task(name, args, Path(payload["pretrained"]["path"]), run_record, seed, earlier)
+                run_record["status"] = "ok"
+                tables.append(run_record["comparisons"])
             except Exception as error:
-                record["figure_error"] = f"{type(error).__name__}: {error}"
-                record["figure_traceback"] = traceback.format_exc()
+                message = f"{type(error).__name__}: {error}"
+                run_record.update(status="error", error=message, traceback=traceback.format_exc())
                 traceback.print_exc()
-            record["figures_wall_s"] = time.perf_counter() - figures_started
+                run = None
+            if run is not None and i == 0:  # figures of the first seed's run
+                figures_started = time.perf_counter()
+                try:
+                    record["figures"] = [str(p) for p in figures_for(name, run, args)]
+                    payload["figures"] += record["figures"]
+                except Exception as error:
+                    record["figure_error"] = f"{type(error).__name__}: {error}"
+                    record["figure_traceback"] = traceback.format_exc()
+                    traceback.print_exc()
+                record["figures_wall_s"] = time.perf_counter() - figures_started
+            if not run_record.get("reused"):  # a reused run keeps its own wall time
+                run_record["wall_s"] = time.perf_counter() - seed_started
+            if i == 0:  # the first seed's run describes the task (data, cells, epochs, files)
+                record.update({key: value for key, value in run_record.items() if key in FIRST_SEED_FIELDS})
+            checkpoint()
+        failed = [run for run in record["runs"].values() if run["status"] == "error"]
+        record["status"] = "error" if failed else "ok"
+        if failed:
+            record["error"] = f"seed {failed[0]['seed']}: {failed[0]['error']}"
+            record["traceback"] = failed[0]["traceback"]
+        if tables:
+            kinds = [kind for kind in tables[0] if all(kind in table for table in tables)]
+            record["comparisons"] = {kind: aggregate([table[kind] for table in tables]) for kind in kinds}
         record["wall_s"] = time.perf_counter() - task_started
         record["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         checkpoint()

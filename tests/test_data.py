@@ -292,6 +292,28 @@ def test_three_way_split_is_seeded_stratified_or_grouped(store):
         split_train_val_test(store, 0.5, 0.5)
 
 
+def test_shift_split_tests_on_named_groups_and_stratifies_the_rest(store):
+    # The store holds a Kang file and CellBench's two protocols as three batches: test on one protocol.
+    batches = store.obs["batch"].astype(str).to_numpy()
+    held_out = sorted(set(batches))[-1]
+    labels = (store.obs["source"].astype(str).to_numpy() == store.obs["source"].astype(str).iloc[0]).astype(np.int64)
+    splits = split_train_val_test(store, 0.2, 0.3, seed=3, labels=labels, group_by="batch", test_groups=[held_out])
+    assert np.array_equal(splits["test"], np.flatnonzero(batches == held_out))
+    assert held_out not in set(batches[splits["train"]]) | set(batches[splits["val"]])
+    rest = np.flatnonzero(batches != held_out)
+    assert np.array_equal(np.sort(np.concatenate([splits["train"], splits["val"]])), rest)
+    assert len(splits["val"]) == pytest.approx(0.2 * len(rest), abs=1)  # test_fraction is unused
+    assert labels[splits["val"]].mean() == pytest.approx(labels[rest].mean(), abs=0.03)
+    other = split_train_val_test(store, 0.2, 0.3, seed=4, labels=labels, group_by="batch", test_groups=[held_out])
+    assert np.array_equal(other["test"], splits["test"]) and not np.array_equal(other["val"], splits["val"])
+    with pytest.raises(ValueError, match=r"\['nope'\] are not values of 'batch'"):
+        split_train_val_test(store, 0.2, 0.2, group_by="batch", test_groups=["nope"])
+    with pytest.raises(ValueError, match="needs split_by"):
+        split_train_val_test(store, 0.2, 0.2, test_groups=[held_out])
+    with pytest.raises(ValueError, match="hold every cell"):
+        split_train_val_test(store, 0.2, 0.2, group_by="batch", test_groups=sorted(set(batches)))
+
+
 def test_stratified_split_takes_classes_too_rare_for_every_split(store):
     labels = store.obs["source"].cat.codes.to_numpy().astype(np.int64)
     labels[[3, 10, 50]] = [7, 8, 8]  # a class of one cell and one of two: scikit-learn alone refuses these

@@ -87,6 +87,12 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
 
     md = (out / "quality.md").read_text()
     assert "## annotation_cellbench" in md and "## broken" in md and "**FAILED**" in md
+
+    # --reuse takes the finished seed from the quality.json in --out instead of fine-tuning it again
+    again = quality.main([*argv[:5], "annotation_cellbench", *argv[7:], "--reuse"])
+    reused = again["tasks"]["annotation_cellbench"]
+    assert reused["runs"]["1"]["reused"] is True and reused["runs"]["1"]["wall_s"] == task["runs"]["1"]["wall_s"]
+    assert reused["comparisons"] == task["comparisons"] and reused["metrics_file"] == task["metrics_file"]
     assert "| **ours** |" in md and "| hvg_logreg |" in md and "ours beats all baselines? |" in md
     assert f"{metrics['model']['accuracy']:.3f}" in md and str(pretrained.resolve()) in md
 
@@ -101,3 +107,71 @@ def test_umap_grid_writes_a_png(quality, tmp_path):
         {"ours": embedding}, {"type": kinds, "batch": np.tile(["x", "y"], 60)}, tmp_path / "u.png", 0
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_aggregate_reports_mean_and_spread_and_weighs_gaps_against_it(quality):
+    def table(ours: float, lr: float, pca: float, skipped: bool = False) -> dict:
+        baselines = {"hvg_logreg": {"accuracy": lr, "macro_f1": lr}, "pca_logreg": {"accuracy": pca, "macro_f1": pca}}
+        if skipped:
+            baselines["pca_logreg"] = {"skipped": "not installed"}
+        return quality.compare("annotation", {"model": {"accuracy": ours, "macro_f1": ours}}, baselines, "model")
+
+    # ours 0.70 ± 0.10 against logistic regression 0.66 ± 0.02: ahead by 0.04, within the spread -> a tie
+    tables = [table(0.6, 0.64, 0.5), table(0.7, 0.66, 0.5), table(0.8, 0.68, 0.5)]
+    merged = quality.aggregate(tables)
+    assert merged["n_seeds"] == 3 and merged["values"]["model"]["macro_f1"] == pytest.approx(0.7)
+    assert merged["std"]["model"]["macro_f1"] == pytest.approx(0.1) and merged["std"]["pca_logreg"]["macro_f1"] == 0
+    assert merged["per_seed"]["hvg_logreg"]["macro_f1"] == [0.64, 0.66, 0.68]
+    assert merged["best"]["macro_f1"] == "model" and merged["spread"]["macro_f1"] == pytest.approx(0.1)
+    assert merged["verdict"]["model"]["macro_f1"] == "tie" and merged["at_least_best"]["model"]["macro_f1"] is True
+    assert merged["beats_all_baselines"] is False
+    # steady seeds: the same gap is now larger than the spread
+    steady = quality.aggregate([table(0.70, 0.66, 0.5), table(0.71, 0.66, 0.5), table(0.69, 0.66, 0.5)])
+    assert steady["verdict"]["model"] == {"accuracy": "win", "macro_f1": "win"} and steady["beats_all_baselines"]
+    behind = quality.aggregate([table(0.5, 0.66, 0.5), table(0.52, 0.66, 0.5)])
+    assert behind["verdict"]["model"]["macro_f1"] == "loss" and not behind["at_least_best"]["model"]["macro_f1"]
+    # one seed: compare's verdicts; a baseline skipped at any seed is left out
+    single = quality.aggregate([tables[0]])
+    assert single["verdict"] == tables[0]["verdict"] and single["std"]["model"]["macro_f1"] == 0
+    partial = quality.aggregate([table(0.6, 0.64, 0.5), table(0.7, 0.66, 0.5, skipped=True)])
+    assert partial["baselines"] == ["hvg_logreg"] and partial["skipped_baselines"] == {"pca_logreg": "not installed"}
+    markdown = "\n".join(quality.table_markdown("annotation", merged))
+    assert "0.700 ± 0.100" in markdown and "mean ± sd over 3 seeds" in markdown and "= (tie)" in markdown
+
+
+def test_seed_flags(quality, tmp_path):
+    assert quality.parse_args(["--out", str(tmp_path)]).seeds == [0]
+    assert quality.parse_args(["--out", str(tmp_path), "--seed", "4", "--full"]).seeds == [4, 5, 6]
+    assert quality.parse_args(["--out", str(tmp_path), "--seeds", "2", "7"]).seeds == [2, 7]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--out", str(tmp_path), "--full", "--seeds", "1"])
+
+
+def test_facs_reference_and_pbmc68k_share_one_label_set(quality, shared_data, tmp_path):
+    import anndata
+
+    files = quality.facs_to_pbmc68k(shared_data, tmp_path, reference_cells=None)
+    reference, query = (anndata.read_h5ad(f["path"]) for f in files)
+    mapped = set(quality.FACS_TO_PBMC68K.values())
+    assert set(reference.obs["cell_type"]) == set(query.obs["cell_type"]) == mapped and len(mapped) == 8
+    # every reference cell but the 191 CD4+ helper T cells; every pbmc68k cell but its 240 Dendritic and 13 CD34+
+    assert (reference.n_obs, query.n_obs) == (2140 - 191, 700 - 240 - 13)
+    assert (reference.obs["cell_type"] == "CD56+ NK").sum() == 769 and (query.obs["cell_type"] == "CD19+ B").sum() == 95
+    capped = anndata.read_h5ad(quality.facs_to_pbmc68k(shared_data, tmp_path / "capped", seed=1)[0]["path"])
+    assert capped.n_obs == 700 and set(capped.obs_names) < set(reference.obs_names)
+    shift = quality.TASKS["annotation_shift_facs"]
+    assert "split.test_groups=[pbmc68k_mapped.h5ad]" in shift["overrides"] and shift["within"] == "annotation"
+    assert all(quality.TASKS[spec["within"]] for spec in quality.TASKS.values() if spec.get("within"))
+
+
+def test_top_context_keeps_the_most_expressed_genes_and_counts_the_pushed_out(import_benchmark):
+    import numpy as np
+
+    context_shift = import_benchmark("context_shift")
+    x = np.array([[5.0, 0.0, 3.0, 1.0], [0.0, 2.0, 0.0, 0.0], [1.0, 1.0, 4.0, 2.0]])  # (cells, genes)
+    chosen = context_shift.top_context(x, 2)
+    assert chosen.tolist() == [[True, False, True, False], [False, True, False, False], [False, False, True, True]]
+    shares = context_shift.gene_shares(x, chosen)
+    # gene 0: expressed in cells 0 and 2, in context only in cell 0 -> half pushed out; gene 3 the other way round
+    np.testing.assert_allclose(shares["pushed_out"], [0.5, 0.5, 0.0, 0.5])
+    np.testing.assert_allclose(shares["in_context"], [1 / 3, 1 / 3, 2 / 3, 1 / 3])

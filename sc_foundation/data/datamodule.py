@@ -93,6 +93,7 @@ def split_train_val_test(
     *,
     labels: np.ndarray | None = None,
     group_by: str | None = None,
+    test_groups: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded three-way split of a store's cells, for fine-tuning and evaluating on held-out cells.
 
@@ -103,9 +104,15 @@ def split_train_val_test(
             cells) are pooled into one stratum, since scikit-learn refuses to stratify a class of one cell.
         group_by: obs column whose groups go whole to one split (the test groups first, then the validation groups
             from the rest, as in :func:`split_cells`); excludes stratification.
+        test_groups: with ``group_by``, the values of that column whose cells form the test split (a shift split:
+            train on one protocol, library or study, test on another); the other cells are split into train and
+            validation by cell (stratified by ``labels`` when given, ``val_fraction`` of those cells), so model
+            selection never sees the shifted cells. ``test_fraction`` is then unused.
     Returns:
         ``{"train", "val", "test"}`` -> sorted int64 store indices.
     """
+    if test_groups is not None:
+        return _shift_split(store, val_fraction, seed, labels, group_by, test_groups)
     if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
         raise ValueError(f"need val_fraction, test_fraction > 0 summing below 1, got {val_fraction}, {test_fraction}")
     cells = np.arange(len(store))
@@ -125,6 +132,41 @@ def split_train_val_test(
         stratify=None if labels is None else _strata(labels[rest], 2),
     )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _shift_split(
+    store: CorpusStore,
+    val_fraction: float,
+    seed: int,
+    labels: np.ndarray | None,
+    group_by: str | None,
+    test_groups: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """:func:`split_train_val_test` with named test groups: the cells of ``test_groups`` (values of ``group_by``) are
+    the test split; the rest are split into train and validation by cell."""
+    if group_by is None:
+        raise ValueError("test_groups needs split_by (the obs column whose values they name), e.g. split_by=batch")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"need 0 < val_fraction < 1, got {val_fraction}")
+    _group_codes(store, group_by)  # refuses a missing column with the columns listed
+    values = store.obs[group_by].astype(str).to_numpy()
+    test_groups = [str(group) for group in test_groups]
+    present = sorted(set(values))
+    unknown = sorted(set(test_groups) - set(present))
+    if unknown:
+        raise ValueError(f"test_groups {unknown} are not values of {group_by!r}; its values: {present}")
+    is_test = np.isin(values, test_groups)
+    if is_test.all():
+        raise ValueError(f"test_groups {test_groups} hold every cell: keep at least one {group_by!r} for training")
+    cells = np.arange(len(store))
+    rest = cells[~is_test]
+    train, val = train_test_split(
+        rest,
+        test_size=val_fraction,
+        random_state=seed,
+        stratify=None if labels is None else _strata(labels[rest], 2),
+    )
+    return {"train": np.sort(train), "val": np.sort(val), "test": cells[is_test]}
 
 
 def _strata(labels: np.ndarray, minimum: int) -> np.ndarray:

@@ -17,11 +17,8 @@ from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForCellClassification,
 )
-from sc_foundation.tasks.evaluation import (
-    classification_metrics,
-    logistic_regression_baselines,
-    store_counts,
-)
+from sc_foundation.tasks.calibration import IGNORE, baseline_calibration, calibration_report, hold_out_label
+from sc_foundation.tasks.evaluation import classification_metrics, fit_logistic_regressions, store_counts
 from sc_foundation.training.console import announce
 from sc_foundation.training.runs import output_dir
 
@@ -37,6 +34,7 @@ from .common import (
     three_way_split,
     tokenize_inputs,
     training_record,
+    write_splits,
 )
 from .convergence import ValidationMacroF1
 
@@ -63,6 +61,9 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     store = CorpusStore(store_path)
     names, labels = category_ids(store, label_key)
     splits = three_way_split(cfg, out, store, labels)
+    if cfg.holdout_label is not None:  # one type kept out of training: its test cells score the refusal
+        names, labels, splits = hold_out_label(names, labels, splits, cfg.holdout_label)
+        write_splits(cfg, out, store, splits)
     datamodule = task_datamodule(cfg, store_path, {"labels": labels}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -81,27 +82,42 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
 
-    # Score the export itself: what users load is what the numbers describe.
-    logits, cells = predict(load_pretrained(best), datamodule.test_dataloader())
+    # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
+    # (label IGNORE) count only in the refusal scores.
+    exported = load_pretrained(best)
+    logits, cells = predict(exported, datamodule.test_dataloader())
+    val_logits, val_cells = predict(exported, datamodule.val_dataloader())
+    known = labels[cells] != IGNORE
     predicted = call_classes(logits, cfg.unknown_threshold)
-    baselines = logistic_regression_baselines(
+    models, features = fit_logistic_regressions(
         store_counts(store, inputs),
         labels,
-        splits,
-        names,
+        splits["train"],
         n_top_genes=cfg.baselines.n_top_genes,
         n_pcs=cfg.baselines.n_pcs,
         seed=cfg.seed,
     )
+    test = splits["test"][labels[splits["test"]] != IGNORE]
+    baselines = {
+        name: classification_metrics(labels[test], baseline.predict(features[test]), names)
+        for name, baseline in models.items()
+    }
+    coverage = cfg.calibration.coverage
+    calibration = {
+        "model": calibration_report(val_logits, labels[val_cells], logits, labels[cells], coverage),
+        "hvg_logreg": baseline_calibration(models["hvg_logreg"], features, labels, splits, len(names), coverage),
+    }
     metrics = {
         "task": "annotation",
         "label_key": label_key,
         "finetune_mode": cfg.finetune.mode,
         "unknown_threshold": cfg.unknown_threshold,
+        "holdout_label": cfg.holdout_label,
         "n_cells": {name: len(rows) for name, rows in splits.items()},
         **training_record(trainer),
-        "model": classification_metrics(labels[cells], predicted, names),
+        "model": classification_metrics(labels[cells][known], predicted[known], names),
         "baselines": baselines,
+        "calibration": calibration,
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]

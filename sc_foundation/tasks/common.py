@@ -189,15 +189,18 @@ def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray]
 
 def three_way_split(cfg: DictConfig, out: Path, store: CorpusStore, labels: np.ndarray | None) -> dict:
     """Seeded train/val/test store rows by ``cfg.split`` (stratified by the (n_cells,) class ids ``labels`` when
-    given, unless split by group), written to ``splits.json``."""
+    given, unless split by random groups), written to ``splits.json``. With ``split.test_groups`` the test cells are
+    those groups of ``split.split_by`` (a shift split), and train/val a split by cell of the rest."""
     split = cfg.split
+    test_groups = split.get("test_groups")
     splits = split_train_val_test(
         store,
         split.val_fraction,
         split.test_fraction,
         split.seed,
-        labels=labels if split.stratify and split.split_by is None else None,
+        labels=labels if split.stratify and (split.split_by is None or test_groups) else None,
         group_by=split.split_by,
+        test_groups=None if test_groups is None else list(test_groups),
     )
     write_splits(cfg, out, store, splits)
     return splits

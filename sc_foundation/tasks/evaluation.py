@@ -101,33 +101,30 @@ def store_counts(store: CorpusStore, inputs: Iterable[str | Mapping | CorpusInpu
     return adata[rows].copy()
 
 
-def logistic_regression_baselines(
+def fit_logistic_regressions(
     counts: anndata.AnnData,
     labels: np.ndarray,
-    splits: Mapping[str, np.ndarray],
-    label_names: Sequence[str],
+    train: np.ndarray,
     *,
     n_top_genes: int = 2000,
     n_pcs: int = 50,
     seed: int = 0,
-) -> dict[str, dict]:
-    """Logistic regression on log-normalised HVGs and on their PCA, trained on ``splits["train"]``, scored on
-    ``splits["test"]``.
+) -> tuple[dict, np.ndarray]:
+    """Logistic regression on log-normalised HVGs (``hvg_logreg``) and on their PCA (``pca_logreg``), fitted on the
+    ``train`` rows.
 
     Per-cell normalisation (total 1e4, log1p) uses no other cell; the HVG selection (scanpy, Seurat flavour), the
-    scaling and the PCA are fitted on the training cells alone, so nothing is learnt from the test cells.
+    scaling and the PCA are fitted on the training cells alone, so nothing is learnt from the other cells.
 
     Args:
-        counts: (n_cells, n_genes) raw counts, rows indexed like ``labels`` and the splits (:func:`store_counts`).
-        labels: (n_cells,) int class ids.
-        splits: ``train`` and ``test`` row indices.
+        counts: (n_cells, n_genes) raw counts, rows indexed like ``labels`` (:func:`store_counts`).
+        labels: (n_cells,) int class ids (only the training rows are read).
     Returns:
-        ``hvg_logreg`` and ``pca_logreg`` -> :func:`classification_metrics` of the test cells.
+        name -> fitted scikit-learn pipeline, and the (n_cells, n_hvg) features they read.
     """
     adata = counts.copy()
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
-    train, test = splits["train"], splits["test"]
     hvg = sc.pp.highly_variable_genes(adata[train], n_top_genes=min(n_top_genes, adata.n_vars), inplace=False)
     x = adata.X[:, hvg["highly_variable"].to_numpy()].toarray()  # (n_cells, n_hvg)
     n_components = min(n_pcs, len(train) - 1, x.shape[1])
@@ -139,8 +136,42 @@ def logistic_regression_baselines(
             LogisticRegression(max_iter=2000, random_state=seed),
         ),
     }
+    return {name: model.fit(x[train], labels[train]) for name, model in models.items()}, x
+
+
+def class_log_probabilities(model, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n, n_classes) log-probabilities of a fitted scikit-learn classifier; a class it never saw in training gets
+    probability 0 (log -inf would break the softmax, so -1e4)."""
+    log_p = np.full((len(x), n_classes), -1e4)
+    log_p[:, model.classes_] = np.maximum(model.predict_log_proba(x), -1e4)
+    return log_p
+
+
+def logistic_regression_baselines(
+    counts: anndata.AnnData,
+    labels: np.ndarray,
+    splits: Mapping[str, np.ndarray],
+    label_names: Sequence[str],
+    *,
+    n_top_genes: int = 2000,
+    n_pcs: int = 50,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """:func:`fit_logistic_regressions` on ``splits["train"]``, scored on ``splits["test"]``.
+
+    Args:
+        counts: (n_cells, n_genes) raw counts, rows indexed like ``labels`` and the splits (:func:`store_counts`).
+        labels: (n_cells,) int class ids.
+        splits: ``train`` and ``test`` row indices.
+    Returns:
+        ``hvg_logreg`` and ``pca_logreg`` -> :func:`classification_metrics` of the test cells.
+    """
+    models, x = fit_logistic_regressions(
+        counts, labels, splits["train"], n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed
+    )
+    test = splits["test"]
     return {
-        name: classification_metrics(labels[test], model.fit(x[train], labels[train]).predict(x[test]), label_names)
+        name: classification_metrics(labels[test], model.predict(x[test]), label_names)
         for name, model in models.items()
     }
 
