@@ -131,7 +131,10 @@ def main_command_export(repo: str | os.PathLike = ".") -> Path:
 
 
 def load_pretrained(
-    path: str | os.PathLike, device: str | torch.device | None = None, **config_overrides
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    adapters: str | os.PathLike | None = None,
+    **config_overrides,
 ) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
@@ -142,6 +145,9 @@ def load_pretrained(
         path: a directory written by :func:`export_pretrained` (``save_pretrained`` plus the tokenizer files), or
             a published scGPT or Geneformer folder.
         device: where to put the model; default CUDA when available, else CPU.
+        adapters: a folder of LoRA adapters exported separately (``finetune.lora.merge=false``) to load on top of
+            ``path``, their base export; an adapter folder given as ``path`` loads on the base it records
+            (:mod:`sc_foundation.models.adapters`).
         config_overrides: config fields that need no other weights, e.g. ``pooling="mean"``, ``pooling_layer=-1``
             or ``normalize_cell_embedding=False`` to read another cell embedding than the model's own.
 
@@ -151,11 +157,16 @@ def load_pretrained(
             or value encoding); a published folder that cannot be converted exactly
             (:class:`~sc_foundation.models.convert.ConversionError`).
     """
+    from sc_foundation.models import adapters as lora
     from sc_foundation.models.convert import convert, detect
 
     path = Path(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if adapters is None and lora.is_adapter_folder(path):
+        path, adapters = lora.recorded_base(path), path
+    if adapters is not None:
+        return lora.load_with_adapters(path, adapters, **config_overrides).to(device)
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
     check_export_files(path)

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.models.adapters import export_state
 from sc_foundation.models.export import export_pretrained
 from sc_foundation.training.lightning_module import TrainingModule
 
@@ -37,6 +38,8 @@ def export(
     if trainer.is_global_zero:
         prefix = "model."
         weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        weights, adapter_files = export_state(module.model, weights)  # LoRA: merged, or the adapters alone
+        extra_files = {**adapter_files, **(extra_files or {})}
         export_pretrained(module.model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
     trainer.strategy.barrier("export")
     return directory
