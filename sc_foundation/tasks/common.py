@@ -29,7 +29,7 @@ from sc_foundation.tasks.scvi_baselines import scvi_available
 from sc_foundation.training.console import announce, console_callbacks
 from sc_foundation.training.hardware import resolve_precision
 from sc_foundation.training.lightning_module import TrainingModule
-from sc_foundation.training.memory import available_memory, plan_training
+from sc_foundation.training.memory import available_memory, plan_training, release_freed_memory
 from sc_foundation.training.runs import ExportBest, export
 
 from .convergence import GradualUnfreezing, LearningCurves
@@ -314,8 +314,12 @@ def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs
         attach_lora(model, settings, cfg.pretrained)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if not cfg.memory.check or trainer_kwargs["accelerator"] not in ("cpu", "auto") or torch.cuda.is_available():
+    if trainer_kwargs["accelerator"] not in ("cpu", "auto") or torch.cuda.is_available():
         return  # the plan is of this process's resident (CPU) memory
+    # Freed activations go back to the system, so the peak is the plan's; about 1.2x slower steps (BENCHMARKS.md).
+    releases = bool(cfg.memory.release_freed_memory) and release_freed_memory()
+    if not cfg.memory.check:
+        return
     datamodule.setup("fit")
     sample = next(iter(datamodule.train_dataloader()))
     length = tokenizer.config.context_length
@@ -334,6 +338,7 @@ def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs
         length=length,
         limit=limit,
         lora_trainable=lora_trainable,
+        releases_freed_memory=releases,
     )
     announce(
         f"memory plan: {cfg.data.batch_size} cells x {length} tokens, peak about {estimate.format()}; "

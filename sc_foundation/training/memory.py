@@ -1,32 +1,48 @@
 """Memory planned before a run: the peak a training run will reach, estimated from the model and the batch shape it
 will see, and a refusal, naming the settings that would fit, when the machine cannot hold it.
 
-The peak resident memory of a training step is estimated as
+The estimate is not a formula: one whole training step (forward, backward, AdamW step) runs under
+``FakeTensorMode``, on a batch of the planned shape, with the weights' real ``requires_grad``, precision (bf16
+autocast traced as it casts) and gradient checkpointing (recomputation traced as it happens). Fake tensors have
+shapes, dtypes and lifetimes but no memory and no arithmetic, so the step costs a few seconds whatever the model's
+size, and a dispatch mode follows every tensor the step creates from its first op to its last reference: the
+largest sum alive at once is the step's tensor peak (activations saved for backward, gradients, optimizer state, and
+the transients in between). The peak resident memory of the run is then
 
     baseline (the process as it stands: libraries, data, the model's weights)
-    + gradients (one fp32 value per trainable weight)
-    + optimizer state (AdamW: two fp32 moments per trainable weight)
-    + activations (what autograd saves for the backward pass, at the planned batch and context)
-    + workspace (one Transformer block's saved activations again: recomputed under checkpointing, or the gradients
-      flowing back through it otherwise)
+    + tensor peak of the step
+    + allowance (ALLOCATOR_ALLOWANCE x the tensor peak: memory the allocator holds beyond live tensors, and kernels'
+      own scratch buffers, which fake tensors do not see; measured with :func:`release_freed_memory` in effect,
+      which fine-tuning sets)
 
-The activations are not guessed from a formula: the model's forward runs once under ``FakeTensorMode`` (shapes and
-dtypes only, no memory, about a second) on a batch of the planned shape, with ``saved_tensors_hooks`` adding up the
-bytes of every tensor saved for backward, block by block; under bf16 autocast the casts are traced as they happen.
+A head whose forward reads tensor values (a data-dependent shape, which fake tensors cannot know) is estimated from
+its saved activations instead, measured on two real cells and scaled to the batch, plus one block's worth of
+transients, the gradients and the optimizer state.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import dataclasses
+import sys
+import weakref
 from collections.abc import Mapping
+from pathlib import Path
 
 import psutil
 import torch
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 GIB = 2**30
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 * 1024
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32, one each per trainable weight
+ALLOCATOR_ALLOWANCE = {True: 0.5, False: 1.5}
+"""Resident memory beyond the live tensors, as a share of the step's tensor peak, with :func:`release_freed_memory`
+in effect (True) or glibc's default (False): measured 0.01 to 0.37 and 0.37 to 1.43 on this project's CPU
+(tests/memory_probe.py, BENCHMARKS.md), rounded up."""
 
 
 class MemoryPlanError(RuntimeError):
@@ -35,31 +51,64 @@ class MemoryPlanError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Estimated peak resident memory of a training step, in bytes, by part (see the module docstring)."""
+    """Estimated peak resident memory of a training run, in bytes (see the module docstring). ``weights``,
+    ``gradients``, ``optimizer`` and ``activations`` (saved for backward) say what the peak is made of."""
 
     baseline: int
+    step_peak: int
     weights: int
     gradients: int
     optimizer: int
     activations: int
-    workspace: int
+    releases_freed_memory: bool = True
+
+    @property
+    def allowance(self) -> int:
+        return int(ALLOCATOR_ALLOWANCE[self.releases_freed_memory] * self.step_peak)
 
     @property
     def total(self) -> int:
         """The peak: the process baseline (which holds the weights) plus what training adds."""
-        return self.baseline + self.gradients + self.optimizer + self.activations + self.workspace
+        return self.baseline + self.added
 
     @property
     def added(self) -> int:
         """What training adds to the process as it stands."""
-        return self.total - self.baseline
+        return self.step_peak + self.allowance
 
     def format(self) -> str:
         parts = ", ".join(
             f"{name} {getattr(self, name) / GIB:.2f}"
-            for name in ("baseline", "gradients", "optimizer", "activations", "workspace")
+            for name in ("baseline", "step_peak", "allowance", "activations", "gradients", "optimizer")
         )
-        return f"{self.total / GIB:.2f} GiB ({parts}; weights {self.weights / GIB:.2f} within the baseline)"
+        return f"{self.total / GIB:.2f} GiB ({parts})"
+
+
+def release_freed_memory() -> bool:
+    """Have glibc's malloc serve every allocation of 128 KiB or more by its own ``mmap``, handed back to the system
+    when freed, instead of raising its threshold as it goes and keeping freed activations in its heap: with its
+    default, a training step's resident peak measured up to 2.4x its live tensors (LoRA, whose small saved tensors pin
+    the heap), against 1.01-1.37x with this. Returns False where the C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def peak_resident() -> int:
+    """The most resident memory this process has held, in bytes: ``VmHWM`` of ``/proc/self/status`` (Linux), the
+    high-water mark of this program's own memory (``ru_maxrss`` would carry over the parent's across fork and exec);
+    ``ru_maxrss`` elsewhere."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -88,69 +137,131 @@ def planned_batch(batch: Mapping[str, torch.Tensor], batch_size: int, length: in
     return planned
 
 
-def saved_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> tuple[int, list[int]]:
-    """Bytes autograd saves for backward in one training forward of ``model`` on ``batch``: (outside the blocks, per
-    block). Traced under ``FakeTensorMode`` (no memory is used, nothing is computed); a head whose forward reads
-    values (a data-dependent shape, which fake tensors cannot know) is run for real on two of the cells and scaled
-    to the batch. Parameters saved as they are are not counted (they are the weights); their bf16 casts under
-    autocast are."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+class _LiveTensors(TorchDispatchMode):
+    """Follows the storage of every tensor an op creates until its last reference dies (PyTorch keeps a tensor's
+    Python object alive as long as autograd holds the tensor, so a finalizer fires when the storage is really free)
+    and records the largest sum alive at once. Views share their base's storage and count once."""
 
-    try:
-        return _trace_saved(model, batch, bf16, fake=True)
-    except (DataDependentOutputException, DynamicOutputShapeException):
-        cells = batch["input_ids"].shape[0]
-        few = planned_batch(batch, min(2, cells), batch["input_ids"].shape[1])
-        outside, per_block = _trace_saved(model, few, bf16, fake=False)
-        scale = cells / few["input_ids"].shape[0]
-        return int(outside * scale), [int(size * scale) for size in per_block]
+    def __init__(self):
+        super().__init__()
+        self.references: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def _follow(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.references:
+            self.references[key] += 1
+        else:
+            self.references[key], self.sizes[key] = 1, storage.nbytes()
+            self.live += self.sizes[key]
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.references[key] -= 1
+        if not self.references[key]:
+            del self.references[key]
+            self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in given:  # in-place ops return their input
+                self._follow(tensor)
+        return out
 
 
-def _trace_saved(model, batch, bf16: bool, fake: bool) -> tuple[int, list[int]]:
+def trace_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> tuple[int, int]:
+    """One training step of ``model`` on ``batch`` (forward, backward, AdamW step) under ``FakeTensorMode``:
+    (the tensor peak of the step beyond the weights, the bytes saved for backward). Gradient checkpointing as the
+    model has it set. Raises ``DataDependentOutputException`` for a forward that reads values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from sc_foundation.training.lightning_module import TrainingModule
 
-    mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    convert = mode.from_tensor if fake else (lambda tensor: tensor)
-    state = {name: convert(p) for name, p in model.named_parameters()}
-    state |= {name: convert(b) for name, b in model.named_buffers()}
-    weights = {id(t) for t in state.values()}
-    inputs = {key: convert(v) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+    mode = FakeTensorMode()
+    weights = {
+        name: torch.nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+        for name, p in model.named_parameters()
+    }
+    state = weights | {name: mode.from_tensor(b) for name, b in model.named_buffers()}
+    inputs = {key: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+    saved, held = [0], {id(t) for t in state.values()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in held:
+            saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    live = _LiveTensors()
+    step = TrainingModule(model)  # its forward drops the batch keys the model does not take
+    was_training = model.training
+    model.train()
+    try:
+        # The fake weights stand in for the real ones through the backward too: checkpointed blocks recompute there.
+        with mode, live, _reparametrize_module(step, {f"model.{name}": value for name, value in state.items()}):
+            optimizer = torch.optim.AdamW([p for p in weights.values() if p.requires_grad], lr=1e-4)
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            ):
+                output = step(inputs)
+            output.loss.backward()
+            del output
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    return live.peak, saved[0]
+
+
+def saved_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> tuple[int, list[int]]:
+    """Bytes autograd saves for backward in a training forward of ``model`` on ``batch``: (outside the blocks, per
+    block), measured by a real forward on two of the cells, scaled to the batch: the fallback for a head whose
+    forward reads values (fake tensors cannot trace it). Parameters saved as they are are not counted (they are the
+    weights); their bf16 casts under autocast are."""
+    cells, length = batch["input_ids"].shape
+    few = planned_batch(batch, min(2, cells), length)
     blocks = list(getattr(model.base_model, "layers", ()))
     per_block, current, outside = [0] * len(blocks), [None], [0]
+    weights = {id(p) for p in model.parameters()}
     handles = []
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i)))
         handles.append(block.register_forward_hook(lambda *_: current.__setitem__(0, None)))
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> None:
         if id(tensor) not in weights:
             size = tensor.numel() * tensor.element_size()
             if current[0] is None:
                 outside[0] += size
             else:
                 per_block[current[0]] += size
-        return None if not fake else tensor  # a real run keeps nothing: no backward follows
+        # nothing is kept: no backward follows
+
+    from sc_foundation.training.lightning_module import TrainingModule
 
     checkpointing = getattr(model.base_model, "gradient_checkpointing", False)
     was_training = model.training
-    step = TrainingModule(model)  # its forward drops the batch keys the model does not take
     try:
-        model.base_model.gradient_checkpointing = False  # trace every block's own saved tensors
+        model.base_model.gradient_checkpointing = False  # every block's own saved tensors
         model.train()
         with (
-            mode,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
         ):
-            functional_call(step, {f"model.{name}": value for name, value in state.items()}, (inputs,))
+            TrainingModule(model)(few)
     finally:
         model.base_model.gradient_checkpointing = checkpointing
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return outside[0], per_block
+    scale = cells / few["input_ids"].shape[0]
+    return int(outside[0] * scale), [int(size * scale) for size in per_block]
 
 
 def estimate_training_memory(
@@ -163,32 +274,47 @@ def estimate_training_memory(
     gradient_checkpointing: bool,
     baseline: int | None = None,
     trainable: int | None = None,
+    releases_freed_memory: bool = True,
 ) -> MemoryEstimate:
     """The peak resident memory of training ``model`` (its parameters' ``requires_grad`` as they will train) with
-    AdamW on batches of ``batch_size`` cells of ``length`` tokens, shaped like the real ``batch``.
+    AdamW on batches of ``batch_size`` cells of ``length`` tokens, shaped like the real ``batch`` (see the module
+    docstring).
 
     Args:
         bf16: under bf16 autocast (``bf16-mixed``): fp32 weights, bf16 matmul activations.
         gradient_checkpointing: blocks keep only their input (B, L, h) and recompute the rest in backward.
         baseline: the process's resident bytes before training; default: now.
-        trainable: trainable weights to plan for instead of the model's own (e.g. LoRA's, before it is attached).
+        trainable: trainable weights to plan for instead of the model's own (LoRA's, before it is attached): their
+            gradients and optimizer state replace the model's own in the peak.
+        releases_freed_memory: whether :func:`release_freed_memory` is in effect (the allocator's allowance).
     """
-    outside, per_block = saved_activations(model, planned_batch(batch, batch_size, length), bf16)
-    trainable = trainable_parameters(model) if trainable is None else trainable
-    largest_block = max(per_block, default=0)
-    if gradient_checkpointing:
-        hidden = model.config.hidden_size
-        activations = outside + len(per_block) * batch_size * length * hidden * 4  # each block's fp32 input
-    else:
-        activations = outside + sum(per_block)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    planned = planned_batch(batch, batch_size, length)
+    own = trainable_parameters(model)
+    trainable = own if trainable is None else trainable
+    checkpointing = getattr(model.base_model, "gradient_checkpointing", False)
+    try:
+        model.base_model.gradient_checkpointing = gradient_checkpointing
+        step_peak, activations = trace_step(model, planned, bf16)
+    except (DataDependentOutputException, DynamicOutputShapeException):
+        outside, per_block = saved_activations(model, planned, bf16)
+        if gradient_checkpointing:  # each block keeps its fp32 input (B, L, h)
+            activations = outside + len(per_block) * batch_size * length * model.config.hidden_size * 4
+        else:
+            activations = outside + sum(per_block)
+        step_peak = activations + max(per_block, default=0) + own * 4 * (1 + ADAMW_STATES)
+    finally:
+        model.base_model.gradient_checkpointing = checkpointing
+    step_peak += (trainable - own) * 4 * (1 + ADAMW_STATES)
     return MemoryEstimate(
         baseline=psutil.Process().memory_info().rss if baseline is None else baseline,
-        weights=weights,
+        step_peak=step_peak,
+        weights=sum(p.numel() * p.element_size() for p in model.parameters()),
         gradients=trainable * 4,
         optimizer=trainable * 4 * ADAMW_STATES,
         activations=activations,
-        workspace=largest_block,
+        releases_freed_memory=releases_freed_memory,
     )
 
 
@@ -201,6 +327,7 @@ def plan_training(
     length: int,
     limit: int,
     lora_trainable: int | None = None,
+    releases_freed_memory: bool = True,
 ) -> MemoryEstimate:
     """The run's estimated peak, or a refusal when it exceeds ``limit`` bytes.
 
@@ -224,6 +351,7 @@ def plan_training(
             gradient_checkpointing=gradient_checkpointing,
             baseline=baseline,
             trainable=lora_trainable if lora and not settings["lora"] else None,
+            releases_freed_memory=releases_freed_memory,
         )
 
     planned = estimate(settings["batch_size"], settings["gradient_checkpointing"], settings["lora"])
