@@ -21,7 +21,13 @@ def main(settings: dict) -> dict:
         release_freed_memory()
     torch.manual_seed(0)
     architecture = dict(
-        vocab_size=2000, num_labels=5, pooling="mean", num_attention_heads=4, **settings.get("architecture", {})
+        **{
+            "vocab_size": 2000,
+            "num_labels": 5,
+            "pooling": "mean",
+            "num_attention_heads": 4,
+            **settings.get("architecture", {}),
+        }
     )
     model = ScFoundationForCellClassification(ScFoundationConfig(**architecture)).train()
     if settings["mode"] == "lora":
