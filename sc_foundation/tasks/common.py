@@ -322,7 +322,8 @@ def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs
         return
     datamodule.setup("fit")
     sample = next(iter(datamodule.train_dataloader()))
-    length = tokenizer.config.context_length
+    # Batches are padded to their longest cell: the longest cell of the data bounds them, the context at most.
+    length = int(min(tokenizer.config.context_length, datamodule.store.lengths.max()))
     run = {
         "batch_size": cfg.data.batch_size,
         "accumulate_grad_batches": trainer_kwargs.get("accumulate_grad_batches", 1),
@@ -341,7 +342,8 @@ def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs
         releases_freed_memory=releases,
     )
     announce(
-        f"memory plan: {cfg.data.batch_size} cells x {length} tokens, peak about {estimate.format()}; "
+        f"memory plan: {cfg.data.batch_size} cells x {length} tokens (the longest cell), peak about "
+        f"{estimate.format()}; "
         f"limit {limit / 2**30:.2f} GiB"
     )
 
