@@ -106,7 +106,6 @@ def test_adapters_on_another_base_are_refused(lora_annotation, tmp_path):
         load_pretrained(base, device="cpu", adapters=lora_annotation["export"])
 
 
-@pytest.mark.slow  # three task runs, about 30 s each on an idle 2-core machine
 @pytest.mark.parametrize("task", ["integration", "imputation", "multimodal"])
 def test_lora_on_every_head(task, pretrained, cellbench, shared_data, tmp_path):
     """One epoch of LoRA on each other task head: the backbone stays, adapters and heads train, and the merged export
