@@ -316,7 +316,7 @@ def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs
         model.activation_checkpointing_enable()
     if trainer_kwargs["accelerator"] not in ("cpu", "auto") or torch.cuda.is_available():
         return  # the plan is of this process's resident (CPU) memory
-    # Freed activations go back to the system, so the peak is the plan's; about 1.2x slower steps (BENCHMARKS.md).
+    # Freed activations go back to the system, so the peak is the plan's; about 1.1x slower steps (BENCHMARKS.md).
     releases = bool(cfg.memory.release_freed_memory) and release_freed_memory()
     if not cfg.memory.check:
         return
