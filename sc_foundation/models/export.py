@@ -168,7 +168,11 @@ def main_command_export(repo: str | os.PathLike = ".") -> Path:
 
 
 def load_pretrained(
-    path: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True, **config_overrides
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    adapters: str | os.PathLike | None = None,
+    verify: bool = True,
+    **config_overrides,
 ) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
@@ -179,6 +183,9 @@ def load_pretrained(
         path: a directory written by :func:`export_pretrained` (``save_pretrained`` plus the tokenizer files), or
             a published scGPT or Geneformer folder.
         device: where to put the model; default CUDA when available, else CPU.
+        adapters: a folder of LoRA adapters exported separately (``finetune.lora.merge=false``) to load on top of
+            ``path``, their base export; an adapter folder given as ``path`` loads on the base it records
+            (:mod:`sc_foundation.models.adapters`).
         verify: check every file against the export's ``checksums.sha256`` first (about 1 s per GB); False skips it
             for speed. An export written before checksums existed has none and loads unchecked.
         config_overrides: config fields that need no other weights, e.g. ``pooling="mean"``, ``pooling_layer=-1``
@@ -190,6 +197,7 @@ def load_pretrained(
             does not fit the model (vocabulary size or value encoding); a published folder that cannot be converted
             exactly (:class:`~sc_foundation.models.convert.ConversionError`).
     """
+    from sc_foundation.models import adapters as lora
     from sc_foundation.models.convert import convert, detect
 
     path = Path(path)
@@ -201,6 +209,10 @@ def load_pretrained(
         )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if adapters is None and lora.is_adapter_folder(path):
+        path, adapters = lora.recorded_base(path), path
+    if adapters is not None:
+        return lora.load_with_adapters(path, adapters, **config_overrides).to(device)
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
     check_export_files(path)

@@ -22,16 +22,18 @@ from sc_foundation.data.genes import _atomic_write_text
 from sc_foundation.data.io import InvalidInputError
 from sc_foundation.data.store import RESERVED_COLUMNS, CorpusInput, CorpusStore, build_store
 from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.models.adapters import LoraSettings, attach_lora, lora_parameter_count
 from sc_foundation.tasks.evaluation import read_counts
 from sc_foundation.tasks.imputation_protocol import choose_panel, panel_shares, vocabulary_counts
 from sc_foundation.tasks.scvi_baselines import scvi_available
 from sc_foundation.training.console import announce, console_callbacks
 from sc_foundation.training.lightning_module import TrainingModule
+from sc_foundation.training.memory import available_memory, plan_training, release_freed_memory
 from sc_foundation.training.runs import ExportBest, export, trainer_arguments
 
 from .convergence import GradualUnfreezing, LearningCurves
 
-MODES = ("full", "frozen", "lower_lr", "gradual")
+MODES = ("full", "frozen", "lower_lr", "gradual", "lora")
 
 
 def check_categories(
@@ -265,6 +267,7 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     if finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
     trainer_kwargs = trainer_arguments(cfg.trainer)
+    prepare_memory(cfg, model, tokenizer, datamodule, trainer_kwargs)
     max_steps = trainer_kwargs.get("max_steps", -1)
     module = TrainingModule(
         model,
@@ -301,6 +304,56 @@ def other_rank_result(out: Path, trainer: pl.Trainer, module, best: Path) -> dic
     alone scores the export, on every test cell once, and writes ``metrics.json``: scored on each rank, each would
     see its share of the cells and write its own file."""
     return {"output_dir": out, "metrics": None, "export": best, "trainer": trainer, "module": module}
+
+
+def lora_settings(cfg: DictConfig) -> LoraSettings:
+    """``finetune.lora`` as :class:`~sc_foundation.models.adapters.LoraSettings`."""
+    lora = OmegaConf.to_container(cfg.finetune.lora, resolve=True)
+    return LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
+
+
+def prepare_memory(cfg: DictConfig, model, tokenizer, datamodule, trainer_kwargs: dict) -> None:
+    """Attach LoRA (``finetune.mode=lora``) and gradient checkpointing (``gradient_checkpointing``), then plan the
+    run's peak memory (:mod:`sc_foundation.training.memory`) and refuse it, naming settings that fit, when it exceeds
+    ``memory.limit_gb`` (default: what the machine has available). ``memory.check=false`` skips the plan."""
+    settings = lora_settings(cfg)
+    lora_trainable = None if cfg.finetune.mode in ("frozen", "lora") else lora_parameter_count(model, settings)
+    if cfg.finetune.mode == "lora":
+        attach_lora(model, settings, cfg.pretrained)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if trainer_kwargs["accelerator"] not in ("cpu", "auto") or torch.cuda.is_available():
+        return  # the plan is of this process's resident (CPU) memory
+    # Freed activations go back to the system, so the peak is the plan's; about 1.1x slower steps (BENCHMARKS.md).
+    releases = bool(cfg.memory.release_freed_memory) and release_freed_memory()
+    if not cfg.memory.check:
+        return
+    datamodule.setup("fit")
+    sample = next(iter(datamodule.train_dataloader()))
+    # Batches are padded to their longest cell: the longest cell of the data bounds them, the context at most.
+    length = int(min(tokenizer.config.context_length, datamodule.store.lengths.max()))
+    run = {
+        "batch_size": cfg.data.batch_size,
+        "accumulate_grad_batches": trainer_kwargs.get("accumulate_grad_batches", 1),
+        "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+        "lora": cfg.finetune.mode == "lora",
+    }
+    limit = available_memory(cfg.memory.limit_gb)
+    estimate = plan_training(
+        model,
+        sample,
+        run,
+        bf16=trainer_kwargs["precision"].startswith("bf16"),
+        length=length,
+        limit=limit,
+        lora_trainable=lora_trainable,
+        releases_freed_memory=releases,
+    )
+    announce(
+        f"memory plan: {cfg.data.batch_size} cells x {length} tokens (the longest cell), peak about "
+        f"{estimate.format()}; "
+        f"limit {limit / 2**30:.2f} GiB"
+    )
 
 
 def training_record(trainer: pl.Trainer) -> dict:

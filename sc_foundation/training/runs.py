@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.models.adapters import export_state
 from sc_foundation.models.export import export_pretrained
 from sc_foundation.training.console import announce
 from sc_foundation.training.hardware import precision_reason, resolve_precision
@@ -50,7 +51,9 @@ def export(
     """Export the trained model. Called on every rank (FSDP gathers the full weights collectively); rank 0 writes."""
     model = gather_model(trainer)
     if trainer.is_global_zero:
-        export_pretrained(model, tokenizer, directory, extra_files=extra_files)
+        weights, adapter_files = export_state(model, model.state_dict())  # LoRA: merged, or the adapters alone
+        extra_files = {**adapter_files, **(extra_files or {})}
+        export_pretrained(model, tokenizer, directory, state_dict=weights, extra_files=extra_files)
     trainer.strategy.barrier("export")
     return directory
 
