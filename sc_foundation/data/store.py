@@ -969,7 +969,7 @@ def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for column in frames[0].columns:
         parts = [frame[column] for frame in frames]
         if all(isinstance(part.dtype, pd.CategoricalDtype) for part in parts):
-            merged[column] = union_categoricals(parts, ignore_order=True)
+            merged[column] = union_categoricals(parts, sort_categories=True, ignore_order=True)
         else:
             merged[column] = np.concatenate([part.to_numpy() for part in parts])
     return pd.DataFrame(merged)
