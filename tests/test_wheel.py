@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -22,14 +23,20 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a checkout holds besides its sources: environments, caches, run outputs and earlier builds.
+NOT_SOURCES = (".git", ".venv", ".cache", ".bench", "build", "outputs", "*.egg-info", "__pycache__", ".*_cache")
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
     """(bin folder, environment) of a new venv holding the installed wheel."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources, and a build/lib left in the
+    # checkout would ship modules that no longer exist in the next wheel.
+    source = root / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(root)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(root)],
         capture_output=True,
         text=True,
     )

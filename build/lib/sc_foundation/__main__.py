@@ -1,5 +1,0 @@
-"""``python -m sc_foundation ...``: the ``sc-foundation`` command."""
-
-from sc_foundation.cli import main
-
-main()
