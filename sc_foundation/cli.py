@@ -190,6 +190,7 @@ def _probe(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     from sc_foundation.conf import compose
+    from sc_foundation.data.genes import _atomic_write_text
     from sc_foundation.models.export import load_pretrained
     from sc_foundation.training.model_card import probe_table
     from sc_foundation.training.probes import ProbeSet, RepresentationProbe
@@ -204,10 +205,7 @@ def _probe(args: argparse.Namespace) -> None:
     results = RepresentationProbe(sets, seed=args.seed, scvi=args.scvi).evaluate(load_pretrained(args.model))
     print(probe_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        _atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(f"scores -> {args.json}")
 
 

@@ -61,32 +61,32 @@ def resolve_cpu_precision(precision: str) -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def runs_on_cuda(accelerator: str) -> bool:
+    """Whether a Lightning ``accelerator`` setting puts the run on CUDA (``gpu``, ``cuda``, or ``auto`` with CUDA)."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """A Lightning precision for ``accelerator``: ``"auto"`` becomes ``"bf16-mixed"`` on CUDA (``gpu``, ``cuda``,
-    or ``auto`` where CUDA is present) and :func:`resolve_cpu_precision`'s choice on a CPU; any other value is
-    returned unchanged."""
+    """A Lightning precision for ``accelerator``: ``"auto"`` becomes ``"bf16-mixed"`` on CUDA
+    (:func:`runs_on_cuda`) and :func:`resolve_cpu_precision`'s choice on a CPU; any other value is returned
+    unchanged."""
     if precision != "auto":
         return precision
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    if runs_on_cuda(accelerator):
         return "bf16-mixed"
     return resolve_cpu_precision(precision)
 
 
 def precision_reason(precision: str, accelerator: str) -> str:
-    """Why :func:`resolve_precision` chose what it did, for the run report: ``"bf16-mixed (auto: CPU with native
-    bf16: avx512_bf16)"`` or ``"32-true (set in the config)"``."""
-    chosen = resolve_precision(precision, accelerator)
+    """Why :func:`resolve_precision` chooses what it does from ``precision``, for the run report:
+    ``"auto: CPU with native bf16: avx512_bf16"`` or ``"set in the config"``."""
     if precision != "auto":
-        why = "set in the config"
-    elif chosen == "bf16-mixed" and not (
-        accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    ):
-        why = "auto: GPU"
-    elif chosen == "bf16-mixed":
-        why = f"auto: CPU with native bf16: {', '.join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))}"
-    else:
-        why = "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
-    return f"{chosen} ({why})"
+        return "set in the config"
+    if runs_on_cuda(accelerator):
+        return "auto: GPU"
+    if cpu_has_fast_bf16():
+        return f"auto: CPU with native bf16: {', '.join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))}"
+    return "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
 
 
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:

@@ -35,8 +35,9 @@ def trainer_arguments(trainer: DictConfig) -> dict:
     a strategy given as a ``{_target_: ...}`` dict (``trainer=fsdp``) instantiated, which Lightning would refuse as an
     unknown name."""
     kwargs = OmegaConf.to_container(trainer, resolve=True)
-    announce(f"precision: {precision_reason(kwargs['precision'], kwargs['accelerator'])}")
-    kwargs["precision"] = resolve_precision(kwargs["precision"], kwargs["accelerator"])
+    requested = kwargs["precision"]
+    kwargs["precision"] = resolve_precision(requested, kwargs["accelerator"])
+    announce(f"precision: {kwargs['precision']} ({precision_reason(requested, kwargs['accelerator'])})")
     if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"])
     return kwargs
