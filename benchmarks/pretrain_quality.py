@@ -146,15 +146,32 @@ def curve_figure(history: list[dict], path: Path) -> Path:
     return path
 
 
+def batch_flops(batch: dict, non_embedding_params: int, num_layers: int, hidden_size: int) -> float:
+    """Estimated training FLOPs of one batch (``training_flops``): the masked pass over every cell plus, with
+    contrastive views (``view_masks``, (2, B, L)), one pass over each view's kept tokens."""
+    from sc_foundation.training.lightning_module import training_flops
+
+    mask = batch["attention_mask"].bool()
+    passes = [mask, *(batch["view_masks"].bool() & mask)] if "view_masks" in batch else [mask]
+    total = 0.0
+    for kept in passes:
+        lengths = kept.sum(dim=1).double()
+        total += training_flops(
+            non_embedding_params, int(lengths.sum()), int((lengths**2).sum()), num_layers, hidden_size
+        )
+    return total
+
+
 def precision_comparison(steps: int, overrides: list[str]) -> dict:
     """Seconds per training step of the recipe's model in fp32 and in bf16 autocast on this CPU, on the same batches,
-    alternating step by step (so that load changes hit both alike); the ratio says whether bf16 pays here."""
+    alternating step by step (so that load changes hit both alike); the ratio says whether bf16 pays here. Also the
+    estimated training FLOPs of a step (:func:`batch_flops`, the mean over the timed batches)."""
     import torch
 
     from sc_foundation.data.datamodule import CorpusDataModule
     from sc_foundation.training import pretrain
     from sc_foundation.training.hardware import cpu_description, resolve_cpu_precision
-    from sc_foundation.training.lightning_module import TrainingModule
+    from sc_foundation.training.lightning_module import TrainingModule, count_non_embedding_parameters
 
     cfg = recipe([*overrides, "probes=null"])
     report = pretrain.build_corpus(cfg)
@@ -182,14 +199,23 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
             if i >= 2:  # two warm-up steps
                 timings[name].append(time.perf_counter() - started)
     fp32, bf16 = (float(np.median(timings[k])) for k in ("fp32", "bf16"))
+    model = modules["fp32"][0].model
+    n_params = count_non_embedding_parameters(model)
+    config = model.config
+    flops = [batch_flops(b, n_params, config.num_hidden_layers, config.hidden_size) for b in batches]
     return {
         "cpu": cpu_description(),
         "steps_timed": steps,
         "batch_size": int(cfg.data.loader.batch_size),
+        "hidden_size": int(config.hidden_size),
+        "non_embedding_params": n_params,
+        "flops_per_step": float(np.mean(flops)),
         "s_per_step_fp32": fp32,
         "s_per_step_bf16": bf16,
         "bf16_speedup": fp32 / bf16,
-        "trainer_precision_chosen": resolve_cpu_precision("auto"),
+        "trainer_precision_chosen": resolve_cpu_precision(
+            "auto", config.hidden_size, config.hidden_size // config.num_attention_heads
+        ),
     }
 
 

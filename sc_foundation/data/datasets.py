@@ -178,6 +178,48 @@ REGISTRY: dict[str, Dataset] = {
                 ),
             ),
         ),
+        Dataset(
+            "pbmc_facs_reference",
+            "10x FACS-sorted PBMC populations (Zheng et al. 2017, v1), 2,140 cells, 9 sort gates in cell_type; symbols",
+            (
+                DatasetFile(
+                    "mudan_pbmc/pbmc_facs_reference.h5ad",
+                    "6ef0a008d91325b7c16a11eb778c7afcf908eb52f29035b41daee86de2f38b3c",
+                ),
+            ),
+        ),
+        Dataset(
+            "pbmc_donor_a",
+            "10x frozen PBMCs of donor A (Zheng et al. 2017, v1), 2,896 cells, unlabelled; symbols",
+            (
+                DatasetFile(
+                    "mudan_pbmc/pbmc_donor_a.h5ad",
+                    "d9ecd2c9d156f41b5d36276f9b711c9d9e226f030b70bc1f67ba509489f3d7ee",
+                ),
+            ),
+        ),
+        Dataset(
+            "mouse_10k",
+            "10x mouse cells, 10,000 cells x the first 1,000 genes in genome order, unlabelled; mouse symbols",
+            (
+                DatasetFile(
+                    "mouse_10k_subset/10x_10k_subset.h5ad",
+                    "818eb04442647c5b04575b0864f5f7973515ee382f458d2e7c4eccb4f25df418",
+                ),
+            ),
+            {"species": "mouse"},
+        ),
+        Dataset(
+            "merfish_mouse_brain",
+            "MERFISH mouse brain (imaging), 1,000 cells x 1,122 genes, 21 cell types; genes in var.feature_name",
+            (
+                DatasetFile(
+                    "merfish_mouse_brain/mouse_val.h5ad",
+                    "f109995258daf776ceae48def5f5fc81cf478e3b4369aee22c394423aa549281",
+                ),
+            ),
+            {"species": "mouse", "gene_key": "feature_name"},
+        ),
     )
 }
 

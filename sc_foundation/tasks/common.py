@@ -266,7 +266,7 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     model.train()  # from_pretrained returns it in eval mode, which Lightning would keep (no dropout)
     if finetune.mode == "frozen":
         model.base_model.requires_grad_(False)
-    trainer_kwargs = trainer_arguments(cfg.trainer)
+    trainer_kwargs = trainer_arguments(cfg.trainer, model.config)
     prepare_memory(cfg, model, tokenizer, datamodule, trainer_kwargs)
     max_steps = trainer_kwargs.get("max_steps", -1)
     module = TrainingModule(

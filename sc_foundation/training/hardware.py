@@ -53,12 +53,26 @@ def cpu_description() -> dict:
     }
 
 
-def resolve_cpu_precision(precision: str) -> str:
-    """A Lightning precision for a CPU run: ``"auto"`` becomes ``"bf16-mixed"`` on a CPU with native bf16 and
-    ``"32-true"`` elsewhere; any other value is returned unchanged (the user's explicit choice)."""
+BF16_CPU_MIN_HIDDEN_SIZE = 128
+BF16_CPU_MIN_HEAD_SIZE = 64
+"""The smallest model for which ``auto`` trains in bf16 on a CPU with native bf16: the matmuls must be large enough
+for bf16 to outweigh its casts. Measured on a 2-core AMD EPYC with AVX512-BF16 (``benchmarks/pretrain_quality.py
+--precision``, the recipe's batches, bf16 autocast against fp32 on the same steps), width x heads of that width:
+64 x 4 heads 0.63x, 64 x 2 heads 0.84x, 128 x 8 heads 0.86x; 128 x 2 heads 1.39x, 256 x 4 1.58x, 512 x 8 2.87x.
+The published models (scGPT, Geneformer) have heads of 64 dimensions."""
+
+
+def resolve_cpu_precision(precision: str, hidden_size: int | None = None, head_size: int | None = None) -> str:
+    """A Lightning precision for a CPU run: ``"auto"`` becomes ``"bf16-mixed"`` on a CPU with native bf16 for a
+    model at least :data:`BF16_CPU_MIN_HIDDEN_SIZE` wide with heads of at least :data:`BF16_CPU_MIN_HEAD_SIZE`
+    dimensions (None: not known, decided by the CPU alone) and ``"32-true"`` elsewhere; any other value is returned
+    unchanged (the user's explicit choice)."""
     if precision != "auto":
         return precision
-    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+    large_enough = (hidden_size is None or hidden_size >= BF16_CPU_MIN_HIDDEN_SIZE) and (
+        head_size is None or head_size >= BF16_CPU_MIN_HEAD_SIZE
+    )
+    return "bf16-mixed" if cpu_has_fast_bf16() and large_enough else "32-true"
 
 
 def runs_on_cuda(accelerator: str) -> bool:
@@ -66,27 +80,37 @@ def runs_on_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
+def resolve_precision(
+    precision: str, accelerator: str, hidden_size: int | None = None, head_size: int | None = None
+) -> str:
     """A Lightning precision for ``accelerator``: ``"auto"`` becomes ``"bf16-mixed"`` on CUDA
-    (:func:`runs_on_cuda`) and :func:`resolve_cpu_precision`'s choice on a CPU; any other value is returned
-    unchanged."""
+    (:func:`runs_on_cuda`) and :func:`resolve_cpu_precision`'s choice for the model's ``hidden_size`` and
+    ``head_size`` on a CPU; any other value is returned unchanged."""
     if precision != "auto":
         return precision
     if runs_on_cuda(accelerator):
         return "bf16-mixed"
-    return resolve_cpu_precision(precision)
+    return resolve_cpu_precision(precision, hidden_size, head_size)
 
 
-def precision_reason(precision: str, accelerator: str) -> str:
+def precision_reason(
+    precision: str, accelerator: str, hidden_size: int | None = None, head_size: int | None = None
+) -> str:
     """Why :func:`resolve_precision` chooses what it does from ``precision``, for the run report:
     ``"auto: CPU with native bf16: avx512_bf16"`` or ``"set in the config"``."""
     if precision != "auto":
         return "set in the config"
     if runs_on_cuda(accelerator):
         return "auto: GPU"
-    if cpu_has_fast_bf16():
-        return f"auto: CPU with native bf16: {', '.join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))}"
-    return "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
+    if not cpu_has_fast_bf16():
+        return "auto: CPU without native bf16 (AMX or AVX512-BF16), where emulated bf16 is slower than fp32"
+    flags = ", ".join(sorted(cpu_flags() & set(BF16_CPU_FLAGS)))
+    if resolve_cpu_precision(precision, hidden_size, head_size) == "32-true":
+        return (
+            f"auto: CPU with native bf16 ({flags}), but a model {hidden_size} wide with heads of {head_size} trains "
+            f"faster in fp32 (bf16 pays from width {BF16_CPU_MIN_HIDDEN_SIZE} with heads of {BF16_CPU_MIN_HEAD_SIZE})"
+        )
+    return f"auto: CPU with native bf16: {flags}"
 
 
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:

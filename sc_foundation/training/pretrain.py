@@ -185,7 +185,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     model = build_model(cfg, store)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    trainer_kwargs = trainer_arguments(cfg.trainer)
+    trainer_kwargs = trainer_arguments(cfg.trainer, model.config)
     module = TrainingModule(model, max_steps=trainer_kwargs["max_steps"], **OmegaConf.to_container(cfg.optim))
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(out)) if cfg.get("logger") else False
     checkpoints = ModelCheckpoint(

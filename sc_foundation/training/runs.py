@@ -29,15 +29,21 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def trainer_arguments(trainer: DictConfig) -> dict:
+def trainer_arguments(trainer: DictConfig, model_config=None) -> dict:
     """``pl.Trainer`` keyword arguments from a ``conf/trainer`` config: precision ``auto`` resolved for the
-    accelerator (:func:`~sc_foundation.training.hardware.resolve_precision`; the run report says what and why), and
-    a strategy given as a ``{_target_: ...}`` dict (``trainer=fsdp``) instantiated, which Lightning would refuse as an
-    unknown name."""
+    accelerator and the size of the model it will train (``model_config``, an HF config; None: unknown)
+    (:func:`~sc_foundation.training.hardware.resolve_precision`; the run report says what and why), and a strategy
+    given as a ``{_target_: ...}`` dict (``trainer=fsdp``) instantiated, which Lightning would refuse as an unknown
+    name."""
     kwargs = OmegaConf.to_container(trainer, resolve=True)
     requested = kwargs["precision"]
-    kwargs["precision"] = resolve_precision(requested, kwargs["accelerator"])
-    announce(f"precision: {kwargs['precision']} ({precision_reason(requested, kwargs['accelerator'])})")
+    sizes = {}
+    if model_config is not None:
+        sizes = {"hidden_size": model_config.hidden_size}
+        sizes["head_size"] = model_config.hidden_size // model_config.num_attention_heads
+    kwargs["precision"] = resolve_precision(requested, kwargs["accelerator"], **sizes)
+    reason = precision_reason(requested, kwargs["accelerator"], **sizes)
+    announce(f"precision: {kwargs['precision']} ({reason})")
     if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"])
     return kwargs
