@@ -51,6 +51,9 @@ UNKNOWN_LABEL = "unknown"
 """The label :func:`annotate` writes for such a cell."""
 
 _CHUNK_SIZE = 4096  # cells tokenized (and length-sorted) at a time: bounds memory, not the result
+_MEMORY_SHARE = 0.25
+"""Share of the memory available when inference starts that one batch's tensors may use (the rest stays for the
+AnnData, the outputs and other processes): long contexts get fewer cells per batch, never more memory."""
 _PROGRESS_MIN_CELLS = 5000  # progress=None shows a bar from this many cells on
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -478,9 +481,12 @@ def _run(
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
             tqdm(total=adata.n_obs, unit="cells", disable=not show) as bar,
         ):
+            token_limit = None
             for start, counts in chunks:
                 cells = tokenizer.encode(counts, match, keys[start : start + counts.shape[0]])
-                for rows, batch in _padded_batches(cells, tokenizer.vocab.pad_id, batch_size):
+                if token_limit is None and len(cells.lengths):
+                    token_limit = _token_limit(module, cells, tokenizer, device, dtype == "bf16")
+                for rows, batch in _padded_batches(cells, tokenizer.vocab.pad_id, batch_size, token_limit):
                     for name, array in (per_cell or {}).items():
                         batch[name] = torch.from_numpy(array[start + rows])
                     result = module(**{name: tensor.to(device) for name, tensor in batch.items()})
@@ -505,17 +511,53 @@ def _run(
     return outputs, match
 
 
+def _memory_budget() -> int:
+    """Bytes one inference batch's tensors may use: :data:`_MEMORY_SHARE` of what this process may grow to now."""
+    from sc_foundation.training.memory import available_memory
+
+    return int(_MEMORY_SHARE * available_memory())
+
+
+def _token_limit(module, cells: TokenizedCells, tokenizer: GeneTokenizer, device, bf16: bool) -> int | None:
+    """Padded tokens per batch within :data:`_MEMORY_SHARE` of the memory available now, planned from a fake-tensor
+    forward at the tokenizer's full context (:func:`~sc_foundation.training.memory.inference_token_limit`); None
+    (no limit but ``batch_size``) on CUDA, whose memory the caller sizes, or for a forward fake tensors cannot
+    trace."""
+    from sc_foundation.training.memory import inference_token_limit
+
+    if device.type != "cpu":
+        return None
+    sample = {
+        name: torch.from_numpy(array) for name, array in pad_cells([cells.cell(0)], tokenizer.vocab.pad_id).items()
+    }
+    budget = _memory_budget()
+    try:
+        limit = inference_token_limit(module, sample, tokenizer.config.context_length, bf16, budget)
+    except RuntimeError as error:  # a data-dependent forward: fake tensors cannot follow it
+        logger.info("no memory plan for inference (%s); batches are capped by batch_size alone", error)
+        return None
+    logger.info("inference batches hold at most %d padded tokens (%.1f GiB budget)", limit, budget / 2**30)
+    return limit
+
+
 def _padded_batches(
-    cells: TokenizedCells, pad_id: int, batch_size: int
+    cells: TokenizedCells, pad_id: int, batch_size: int, token_limit: int | None = None
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """Cut a tokenized chunk into padded batches of similar-length cells.
+    """Cut a tokenized chunk into padded batches of similar-length cells: at most ``batch_size`` cells, and at most
+    ``token_limit`` padded tokens (cells x the batch's longest cell), so that long cells come in smaller batches.
 
     Yields:
         ``rows`` (B,) int64, the chunk rows of the batch's cells (``cells.rows``), and the batch laid out by
         :func:`~sc_foundation.data.tokenization.pad_cells`, as tensors.
     """
     order = np.argsort(cells.lengths, kind="stable")  # similar lengths share a batch: less padding
-    for lo in range(0, len(order), batch_size):
-        index = order[lo : lo + batch_size]
+    lo = 0
+    while lo < len(order):
+        hi = min(lo + batch_size, len(order))
+        if token_limit is not None:  # ascending lengths: the batch's last cell is its longest
+            while hi - lo > 1 and (hi - lo) * cells.lengths[order[hi - 1]] > token_limit:
+                hi = lo + max(1, min(hi - lo - 1, token_limit // max(1, int(cells.lengths[order[hi - 1]]))))
+        index = order[lo:hi]
         batch = pad_cells([cells.cell(i) for i in index], pad_id)
         yield cells.rows[index], {name: torch.from_numpy(array) for name, array in batch.items()}
+        lo = hi

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
+import torch
 
 from sc_foundation import GeneMatchError, InvalidInputError, annotate, embed, load_pretrained, transfer_labels
 from sc_foundation.data.tokenization import GeneTokenizer
@@ -173,3 +174,35 @@ def test_cpu_inference_is_fp32_by_default_and_bf16_stays_close(cells, model, emb
     assert cosine.min() >= 0.999, cosine.min()
     with pytest.raises(ValueError, match="precision must be one of"):
         embed(cells, model, precision="fp16")
+
+
+def test_inference_batches_are_planned_within_a_memory_budget(cells, model, embedded, monkeypatch):
+    """The token limit comes from a fake-tensor forward at the full context and shrinks with the budget; under a
+    budget that admits a few cells per batch, every batch stays within it and the embedding is unchanged."""
+    from sc_foundation import inference
+    from sc_foundation.data.tokenization import pad_cells
+    from sc_foundation.training.memory import inference_token_limit, trace_inference
+
+    tokenizer = model.gene_tokenizer
+    one = {k: torch.from_numpy(v) for k, v in pad_cells([(np.array([5, 6, 7]), None)], tokenizer.vocab.pad_id).items()}
+    length = tokenizer.config.context_length
+    assert trace_inference(model.base_model, one, bf16=False) > 0
+    large, small = (inference_token_limit(model.base_model, one, length, False, budget=b) for b in (2**30, 2**24))
+    assert large > 32 * small  # proportional to the budget
+    seen = []
+    batches = inference._padded_batches
+
+    def recording(cells_, pad_id, batch_size, token_limit=None):
+        for rows, batch in batches(cells_, pad_id, batch_size, token_limit):
+            seen.append((token_limit, *batch["input_ids"].shape))
+            yield rows, batch
+
+    monkeypatch.setattr(inference, "_padded_batches", recording)
+    monkeypatch.setattr(inference, "_memory_budget", lambda: 2**19)
+    planned = embed(cells, model, copy=True).obsm[KEY]
+    np.testing.assert_array_equal(planned, embedded)  # batch composition never changes a cell's embedding
+    limit = seen[0][0]
+    assert limit == inference_token_limit(model.base_model, one, length, False, budget=2**19)
+    assert len(seen) > 2 * -(-cells.n_obs // 64), "the budget split the default batches of 64 cells"
+    # padded to a multiple of 8: at most 7 tokens per cell beyond the longest cell that the limit counts
+    assert all(n == 1 or n * (padded - 7) <= limit for _, n, padded in seen)

@@ -22,6 +22,7 @@ from sc_foundation.training import hardware, pretrain
 ROOT = Path(__file__).parents[1]
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_ROOT / "experiment").glob("*.yaml"))
 TINY_RUN = [
+    "~experiment",  # the bare groups, not the main command's recipe: these tests are about the mechanics
     "data.tokenizer.context_length=256",
     "data.build_workers=1",
     "data.min_cells_per_gene=1",

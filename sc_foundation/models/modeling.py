@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
@@ -956,7 +957,9 @@ class ScFoundationModel(ScFoundationPreTrainedModel):
             longest = max_seqlen
         if config.value_encoding == "rank" and longest > config.max_position_embeddings:
             raise ValueError(f"a cell of {longest} tokens exceeds max_position_embeddings")
-        if config.pooling == "cls":
+        # Reads token values: not under the fake tensors of a memory plan (sc_foundation.training.memory), which
+        # have shapes only.
+        if config.pooling == "cls" and not isinstance(input_ids, FakeTensor):
             first = input_ids[:, 0] if cu_seqlens is None else input_ids[0, cu_seqlens[:-1].long()]
             if not bool((first == config.cls_token_id).all()):
                 raise ValueError("pooling='cls' needs cls_token_id at the start of every cell")

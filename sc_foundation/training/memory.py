@@ -219,6 +219,43 @@ def trace_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: 
     return live.peak, saved[0]
 
 
+def trace_inference(module: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> int:
+    """The tensor peak (bytes, beyond the weights) of one inference forward of ``module`` on ``batch`` under
+    ``FakeTensorMode`` and ``torch.inference_mode``: what :func:`sc_foundation.embed` holds at once for that batch.
+    Raises ``DataDependentOutputException`` for a forward that reads values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    inputs = {key: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+    live = _LiveTensors()
+    was_training = module.training
+    module.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            mode,
+            live,
+            _reparametrize_module(module, state),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
+            module(**inputs)
+    finally:
+        module.train(was_training)
+    return live.peak
+
+
+def inference_token_limit(
+    module: torch.nn.Module, batch: Mapping[str, torch.Tensor], length: int, bf16: bool, budget: int
+) -> int:
+    """Padded tokens (cells x longest cell) an inference batch may hold so that its tensors stay within ``budget``
+    bytes: ``budget`` over the bytes per token of a forward on one cell of ``length`` tokens (the model's full
+    context; attention's cost per token grows with the length, so shorter cells are planned for more than they
+    need). ``batch`` is a real padded batch, tiled to that shape (:func:`planned_batch`)."""
+    per_token = trace_inference(module, planned_batch(batch, 1, length), bf16) / length
+    return max(length, int(budget / (per_token * (1 + ALLOCATOR_ALLOWANCE[False]))))
+
+
 def saved_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> tuple[int, list[int]]:
     """Bytes autograd saves for backward in a training forward of ``model`` on ``batch``: (outside the blocks, per
     block), measured by a real forward on two of the cells, scaled to the batch: the fallback for a head whose
