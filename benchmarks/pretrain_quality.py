@@ -182,6 +182,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
     loader = iter(datamodule._loader(datamodule.train_indices, train=True))
     batches = [next(loader) for _ in range(steps + 2)]
     timings = {"fp32": [], "bf16": []}
+    cpu_times = {"fp32": [], "bf16": []}  # process CPU time: what other jobs on the machine do not inflate
     modules = {}
     for name in timings:
         torch.manual_seed(cfg.seed)
@@ -190,7 +191,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
         modules[name] = (module, optimizer)
     for i, batch in enumerate(batches):
         for name, (module, optimizer) in modules.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
                 loss = module(batch).loss
             loss.backward()
@@ -198,6 +199,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
             optimizer.zero_grad()
             if i >= 2:  # two warm-up steps
                 timings[name].append(time.perf_counter() - started)
+                cpu_times[name].append(time.process_time() - cpu_started)
     fp32, bf16 = (float(np.median(timings[k])) for k in ("fp32", "bf16"))
     model = modules["fp32"][0].model
     n_params = count_non_embedding_parameters(model)
@@ -212,6 +214,8 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
         "flops_per_step": float(np.mean(flops)),
         "s_per_step_fp32": fp32,
         "s_per_step_bf16": bf16,
+        # CPU seconds per step over torch's threads: the wall time of a step on idle cores, whatever the load now
+        **{f"idle_s_per_step_{k}": float(np.median(v)) / torch.get_num_threads() for k, v in cpu_times.items()},
         "bf16_speedup": fp32 / bf16,
         "trainer_precision_chosen": resolve_cpu_precision(
             "auto", config.hidden_size, config.hidden_size // config.num_attention_heads
@@ -279,6 +283,17 @@ def markdown(record: dict) -> str:
             f"{p['s_per_step_fp32']:.3f} s/step fp32, {p['s_per_step_bf16']:.3f} s/step bf16, "
             f"bf16 speed-up {p['bf16_speedup']:.2f}x; `trainer.precision=auto` picks {p['trainer_precision_chosen']}.",
         ]
+    if record.get("precision_by_size"):
+        lines += [
+            "",
+            "| width x heads | s/step fp32 | s/step bf16 | bf16 speed-up | auto picks |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
+        for size, p in record["precision_by_size"].items():
+            lines.append(
+                f"| {size} | {p['s_per_step_fp32']:.3f} | {p['s_per_step_bf16']:.3f} | {p['bf16_speedup']:.2f}x | "
+                f"{p['trainer_precision_chosen']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +315,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         metavar="STEPS",
         help="time this many fp32 and bf16 training steps (0: skip)",
+    )
+    parser.add_argument(
+        "--precision-models",
+        nargs="*",
+        default=[],
+        metavar="WIDTHxHEADS",
+        help="with --precision: time these model sizes too, e.g. 64x4 128x2 512x8 (the tiny model's depth)",
     )
     parser.add_argument(
         "--recipe-overrides", nargs="*", default=[], help="Hydra overrides of the recipe (and of every ablation)"
@@ -343,6 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
             write_json_atomic(args.out / "pretrain_quality.json", record)  # keep what is done if a later run fails
     if args.precision:
         record["precision"] = precision_comparison(args.precision, base)
+        record["precision_by_size"] = {}
+        for size in args.precision_models:
+            width, heads = (int(x) for x in size.split("x"))
+            shape = [f"model.hidden_size={width}", f"model.intermediate_size={4 * width}"]
+            shape.append(f"model.num_attention_heads={heads}")
+            record["precision_by_size"][size] = precision_comparison(args.precision, [*base, *shape])
     record["wall_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(args.out / "pretrain_quality.json", record)
     with atomic_path(args.out / "pretrain_quality.md") as tmp:

@@ -5,7 +5,8 @@ each width of ``--widths`` on the recipe's corpus, and at the first width on eac
 about ``--minutes`` of training on this machine:
 
 1. a short timing run (``pretrain_quality.precision_comparison``) gives the seconds per step at the precision
-   ``trainer.precision=auto`` picks for that width, and the estimated training FLOPs per step
+   ``trainer.precision=auto`` picks for that width, as CPU time over torch's threads (the wall time on idle cores,
+   which other jobs on the machine do not inflate), and the estimated training FLOPs per step
    (``pretrain_quality.batch_flops``: ``6·N·T`` plus attention, over the masked pass and both views);
 2. the run gets ``max_steps = minutes·60 / seconds per step`` (its learning-rate schedule completes), and the probes
    of ``conf/pretrain.yaml`` score it ``--rounds`` times along the way;
@@ -73,7 +74,7 @@ def run_point(
     at ``precision`` (None: what ``trainer.precision=auto`` picks)."""
     timing = precision_comparison(12, overrides)
     chosen = precision or timing["trainer_precision_chosen"]
-    seconds = timing["s_per_step_bf16" if chosen.startswith("bf16") else "s_per_step_fp32"]
+    seconds = timing["idle_s_per_step_bf16" if chosen.startswith("bf16") else "idle_s_per_step_fp32"]
     every = max(1, int((steps / rounds) if steps else minutes * 60 / seconds / rounds))
     steps = every * rounds
     run_overrides = [
@@ -143,7 +144,7 @@ def markdown(record: dict) -> str:
     for name, point in record["points"].items():
         last = point["curve"][-1]
         best = max(point["curve"], key=lambda c: c["probe_score"])
-        seconds = point["timing"]["s_per_step_bf16" if point["precision"].startswith("bf16") else "s_per_step_fp32"]
+        seconds = point["timing"][f"idle_s_per_step_{'bf16' if point['precision'].startswith('bf16') else 'fp32'}"]
         lines.append(
             f"| {name} | {point['precision']} | {seconds:.3f} | {point['steps']} | {last['flops']:.2e} | "
             f"{last['probe_score']:.3f} | {last['worst_ratio']:.3f} | {best['step']}: {best['probe_score']:.3f} |"

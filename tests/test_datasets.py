@@ -78,3 +78,20 @@ def test_pbmc68k_counts_recovered_from_scanpy_match_the_shared_file(tmp_path, mo
     assert derived.shape == reference.shape
     assert abs(derived.X - reference.X).max() == 0
     assert (derived.X.data == np.round(derived.X.data)).all()
+
+
+@pytest.mark.parametrize("name", sorted(datasets.REGISTRY))
+def test_every_registered_file_matches_its_checksum_and_read_settings(name, shared_data):
+    """Each registry entry names a shared file whose SHA-256 is the registry's, and the obs and var columns its read
+    settings name exist there (a typo would otherwise surface as a corpus build that skips the set)."""
+    dataset = datasets.REGISTRY[name]
+    for spec in dataset.files:
+        path = shared_data / spec.shared_path
+        assert datasets.sha256_of(path) == spec.sha256, f"{spec.shared_path} changed"
+        adata = anndata.read_h5ad(path, backed="r")
+        settings = dataset.read_settings
+        if settings.get("batch_key"):  # None: the input's name is its batch
+            assert settings["batch_key"] in adata.obs.columns
+        if settings.get("gene_key"):
+            assert settings["gene_key"] in adata.var.columns
+        adata.file.close()

@@ -176,8 +176,14 @@ CASES: dict[str, Case] = {
             "ours": ours,
             "table_index": list(table.index),
             "table_macro_f1": [float(x) for x in table["macro_f1"]],
+            "macro_f1": float(ours["macro_f1"]),
+            "macro_f1_hvg": float(metrics["baselines"]["hvg_logreg"]["macro_f1"]),
         }""",
         check=_check_annotation,
+        stated={
+            "macro_f1": r"macro-F1 (\d\.\d+) on the held-out",
+            "macro_f1_hvg": r"against (\d\.\d+) for logistic\s+regression",
+        },
     ),
     "03_integration": Case(
         parameters=finetuning_parameters,
@@ -187,8 +193,16 @@ CASES: dict[str, Case] = {
             "table_total": [float(x) for x in table["total"]],
             "obsm_shapes": {key: list(value.shape) for key, value in adata.obsm.items()},
             "embed_difference": float(difference),
+            "total": float(table.loc["sc_foundation", "total"]),
+            "total_pca": float(table.loc["pca", "total"]),
+            "total_harmony": float(table.loc["harmony", "total"]),
         }""",
         check=_check_integration,
+        stated={
+            "total": r"scIB total (\d\.\d+) for the fine-tuned",
+            "total_pca": r"against (\d\.\d+) for the unintegrated",
+            "total_harmony": r"and (\d\.\d+) for Harmony",
+        },
     ),
     "04_rna_to_protein": Case(
         parameters=finetuning_parameters,
@@ -198,9 +212,11 @@ CASES: dict[str, Case] = {
             "obs_names_match": list(predicted.obs_names) == list(test.obs_names),
             "ours": float(ours["pearson_feature_mean"]),
             "table_index": list(table.index),
+            "ridge": float(ridge["pearson_feature_mean"]),
         }""",
         check=_check_protein,
         images=2,
+        stated={"ours": r"held-out cells (\d\.\d+) for the", "ridge": r"against (\d\.\d+) for\s+ridge"},
     ),
     "05_published_checkpoints": Case(
         parameters=published_parameters,

@@ -23,7 +23,9 @@ def test_pretrain_quality_runs_recipe_probes_ablation_and_precision(import_bench
         "probes.sets=[{name: cellbench, dataset: cellbench_3cl, max_cells: 120}]",
     ]
     args = ["--out", str(tmp_path / "out"), "--probe-cells", "150", "--ablations", "no_contrastive"]
-    record = benchmark.main([*args, "--ablation-steps", "2", "--precision", "2", "--recipe-overrides", *small])
+    record = benchmark.main(
+        [*args, "--ablation-steps", "2", "--precision", "2", "--precision-models", "32x2", "--recipe-overrides", *small]
+    )
 
     assert record["recipe"]["steps"] == 6
     assert [h["step"] for h in record["probe_history"]] == [3, 6]
@@ -33,6 +35,9 @@ def test_pretrain_quality_runs_recipe_probes_ablation_and_precision(import_bench
     assert set(record["ablations"]) == {"recipe (same steps)", "no_contrastive"}
     assert record["ablations"]["no_contrastive"]["steps"] == 2
     assert record["precision"]["s_per_step_fp32"] > 0 and record["precision"]["s_per_step_bf16"] > 0
+    narrow = record["precision_by_size"]["32x2"]
+    assert narrow["hidden_size"] == 32 and narrow["trainer_precision_chosen"] == "32-true"  # too narrow for bf16
+    assert 0 < narrow["flops_per_step"] < record["precision"]["flops_per_step"]
     out = tmp_path / "out"
     assert json.loads((out / "pretrain_quality.json").read_text())["probes"]["cellbench"]["n_cells"] == 150
     assert (out / "probe_curve.png").stat().st_size > 0

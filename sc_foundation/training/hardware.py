@@ -57,8 +57,8 @@ BF16_CPU_MIN_HIDDEN_SIZE = 128
 BF16_CPU_MIN_HEAD_SIZE = 64
 """The smallest model for which ``auto`` trains in bf16 on a CPU with native bf16: the matmuls must be large enough
 for bf16 to outweigh its casts. Measured on a 2-core AMD EPYC with AVX512-BF16 (``benchmarks/pretrain_quality.py
---precision``, the recipe's batches, bf16 autocast against fp32 on the same steps), width x heads of that width:
-64 x 4 heads 0.63x, 64 x 2 heads 0.84x, 128 x 8 heads 0.86x; 128 x 2 heads 1.39x, 256 x 4 1.58x, 512 x 8 2.87x.
+--precision 20 --precision-models ...``, the recipe's batches, bf16 autocast against fp32 on alternating steps),
+width x heads: 64 x 4 0.72x, 64 x 2 0.93x, 128 x 8 0.97x; 128 x 2 1.25x, 256 x 4 1.78x, 512 x 8 2.33x.
 The published models (scGPT, Geneformer) have heads of 64 dimensions."""
 
 
