@@ -99,6 +99,24 @@ def test_merged_export_reproduces_the_lora_model(lora_annotation, pretrained, tm
     torch.testing.assert_close(outputs(merged, batch, "logits"), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_adapters_and_their_base_are_verified_against_their_checksums(lora_annotation, pretrained, tmp_path):
+    """A flipped byte in the adapter folder, or in the base export it loads on, is named before anything loads;
+    verify=False skips the check."""
+    import shutil
+
+    adapter_copy = shutil.copytree(lora_annotation["export"], tmp_path / "adapters")
+    base_copy = shutil.copytree(pretrained, tmp_path / "base")
+    for folder in (adapter_copy, base_copy):
+        target = folder / "model.safetensors"
+        original = target.read_bytes()
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(ValueError, match=r"model\.safetensors") as refused:
+            load_pretrained(base_copy, device="cpu", adapters=adapter_copy)
+        assert folder.name in str(refused.value)
+        target.write_bytes(original)
+    assert load_pretrained(base_copy, device="cpu", adapters=adapter_copy, verify=False) is not None
+
+
 def test_adapters_on_another_base_are_refused(lora_annotation, tmp_path):
     other = load_pretrained(lora_annotation["export"], device="cpu")  # a merged backbone: not the base
     base = export_pretrained(other, other.gene_tokenizer, tmp_path / "other_base")

@@ -212,6 +212,9 @@ def load_pretrained(
     if adapters is None and lora.is_adapter_folder(path):
         path, adapters = lora.recorded_base(path), path
     if adapters is not None:
+        if verify:  # both folders: a damaged base corrupts the task model as surely as a damaged adapter
+            verify_checksums(path)
+            verify_checksums(adapters)
         return lora.load_with_adapters(path, adapters, **config_overrides).to(device)
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
