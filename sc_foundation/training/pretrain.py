@@ -147,7 +147,9 @@ def model_card_files(cfg: DictConfig, report, trainer: pl.Trainer, probes: Probe
     recipe = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "masking and views": {k: cfg.data.loader.get(k) for k in ("mask_ratio", "view_keep")},
+        "sampling, masking and views": {
+            k: cfg.data.loader.get(k) for k in ("source_balance", "mask_ratio", "view_keep")
+        },
         "seed": cfg.seed,
     }
     title = cfg.get("name") or "sc_foundation pretraining run"
