@@ -48,7 +48,11 @@ def test_every_packaged_finetuning_config_passes(task):
         (["+trainer.bogus=1"], r"unknown key trainer.bogus \(not a pytorch_lightning.Trainer argument"),
         (["+data.loader.batchsize=8"], r"did you mean data.loader.batch_size\?"),
         (
-            ["data.tokenizer.encoding=rank", "+model.max_position_embeddings=512"],
+            [
+                "data.tokenizer.encoding=rank",
+                "data.tokenizer.context_length=1024",
+                "+model.max_position_embeddings=512",
+            ],
             r"data.tokenizer.context_length=1024 is longer than model.max_position_embeddings=512",
         ),
     ],

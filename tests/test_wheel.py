@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -116,7 +117,7 @@ def test_pretrain_finetune_embed_and_probe_from_the_path(venv, tmp_path, real_sl
     assert "exported model:" in log and "probes at step 6" in log, log[-3000:]
     # Not a terminal: progress comes as whole lines (no carriage-return bar refreshes), and the run says its precision.
     assert "\r" not in log and "step 6/6" in log, log[-3000:]
-    assert "precision: 32-true (set in the config)" in log
+    assert re.search(r"precision: (32-true|bf16-mixed) \((auto|set in the config)", log), log[-3000:]
     assert (tmp_path / "pretrain" / "train.log").read_text().count("step 6/6") == 1
     export = tmp_path / "pretrain" / "export" / "final"
     hidden = json.loads((export / "config.json").read_text())["hidden_size"]
