@@ -162,6 +162,11 @@ def batch_flops(batch: dict, non_embedding_params: int, num_layers: int, hidden_
     return total
 
 
+def model_shape_overrides(width: int, heads: int) -> list[str]:
+    """Hydra overrides for the recipe's model at ``width`` with ``heads`` heads and a 4x MLP (its depth kept)."""
+    return [f"model.hidden_size={width}", f"model.intermediate_size={4 * width}", f"model.num_attention_heads={heads}"]
+
+
 def precision_comparison(steps: int, overrides: list[str]) -> dict:
     """Seconds per training step of the recipe's model in fp32 and in bf16 autocast on this CPU, on the same batches,
     alternating step by step (so that load changes hit both alike); the ratio says whether bf16 pays here. Also the
@@ -170,7 +175,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
 
     from sc_foundation.data.datamodule import CorpusDataModule
     from sc_foundation.training import pretrain
-    from sc_foundation.training.hardware import cpu_description, resolve_cpu_precision
+    from sc_foundation.training.hardware import cpu_description, model_sizes, resolve_cpu_precision
     from sc_foundation.training.lightning_module import TrainingModule, count_non_embedding_parameters
 
     cfg = recipe([*overrides, "probes=null"])
@@ -217,9 +222,7 @@ def precision_comparison(steps: int, overrides: list[str]) -> dict:
         # CPU seconds per step over torch's threads: the wall time of a step on idle cores, whatever the load now
         **{f"idle_s_per_step_{k}": float(np.median(v)) / torch.get_num_threads() for k, v in cpu_times.items()},
         "bf16_speedup": fp32 / bf16,
-        "trainer_precision_chosen": resolve_cpu_precision(
-            "auto", config.hidden_size, config.hidden_size // config.num_attention_heads
-        ),
+        "trainer_precision_chosen": resolve_cpu_precision("auto", **model_sizes(config)),
     }
 
 
@@ -368,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         record["precision_by_size"] = {}
         for size in args.precision_models:
             width, heads = (int(x) for x in size.split("x"))
-            shape = [f"model.hidden_size={width}", f"model.intermediate_size={4 * width}"]
-            shape.append(f"model.num_attention_heads={heads}")
+            shape = model_shape_overrides(width, heads)
             record["precision_by_size"][size] = precision_comparison(args.precision, [*base, *shape])
     record["wall_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(args.out / "pretrain_quality.json", record)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from _corpus import atomic_path, machine_info, write_json_atomic
-from pretrain_quality import precision_comparison, train_run
+from pretrain_quality import model_shape_overrides, precision_comparison, train_run
 
 CORPORA = {
     # the corpus of conf/experiment/cpu_pretrain.yaml before the Zheng 2017, 10x mouse and MERFISH sets joined it
@@ -52,8 +52,7 @@ CORPORA = {
 def width_overrides(width: int) -> list[str]:
     """The tiny model at ``width`` with a 4x MLP: 64 wide as the recipe (4 heads of 16), wider with heads of 64
     dimensions as the published models (and as bf16 on a CPU needs to pay, ``hardware.BF16_CPU_MIN_HEAD_SIZE``)."""
-    heads = 4 if width == 64 else width // 64
-    return [f"model.hidden_size={width}", f"model.intermediate_size={4 * width}", f"model.num_attention_heads={heads}"]
+    return model_shape_overrides(width, 4 if width == 64 else width // 64)
 
 
 def corpus_overrides(corpus: str) -> list[str]:
@@ -103,6 +102,7 @@ def run_point(
     return {
         "overrides": run_overrides,
         "precision": chosen,
+        "s_per_step": seconds,
         "timing": timing,
         "steps": run["steps"],
         "wall_s": run["wall_s"],
@@ -144,9 +144,8 @@ def markdown(record: dict) -> str:
     for name, point in record["points"].items():
         last = point["curve"][-1]
         best = max(point["curve"], key=lambda c: c["probe_score"])
-        seconds = point["timing"][f"idle_s_per_step_{'bf16' if point['precision'].startswith('bf16') else 'fp32'}"]
         lines.append(
-            f"| {name} | {point['precision']} | {seconds:.3f} | {point['steps']} | {last['flops']:.2e} | "
+            f"| {name} | {point['precision']} | {point['s_per_step']:.3f} | {point['steps']} | {last['flops']:.2e} | "
             f"{last['probe_score']:.3f} | {last['worst_ratio']:.3f} | {best['step']}: {best['probe_score']:.3f} |"
         )
     lines += ["", "Ratios to PCA at the last round (kNN / AvgBIO / batch):", ""]

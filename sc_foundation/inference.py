@@ -555,11 +555,11 @@ def _padded_batches(
     order = np.argsort(cells.lengths, kind="stable")  # similar lengths share a batch: less padding
     lo = 0
     while lo < len(order):
-        hi = min(lo + batch_size, len(order))
-        if token_limit is not None:  # ascending lengths: the batch's last cell is its longest
-            while hi - lo > 1 and (hi - lo) * cells.lengths[order[hi - 1]] > token_limit:
-                hi = lo + max(1, min(hi - lo - 1, token_limit // max(1, int(cells.lengths[order[hi - 1]]))))
-        index = order[lo:hi]
+        n = min(batch_size, len(order) - lo)
+        if token_limit is not None:  # ascending lengths: the first k cells pad to k x the k-th length, which grows
+            padded = np.arange(1, n + 1) * cells.lengths[order[lo : lo + n]]
+            n = max(1, int((padded <= token_limit).sum()))
+        index = order[lo : lo + n]
         batch = pad_cells([cells.cell(i) for i in index], pad_id)
         yield cells.rows[index], {name: torch.from_numpy(array) for name, array in batch.items()}
-        lo = hi
+        lo += n

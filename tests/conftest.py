@@ -108,6 +108,20 @@ def import_benchmark():
         sys.path.remove(str(BENCHMARKS))
 
 
+def small_recipe(cache: Path) -> list[str]:
+    """Overrides that shrink ``experiment=cpu_pretrain`` to a smoke run of the pretraining benchmarks: CellBench
+    alone, a 200-gene panel, batches of 16, its store under ``cache``."""
+    return [
+        "data.datasets=[cellbench_3cl]",
+        f"paths.cache={cache}",
+        "data.build_workers=1",
+        "data.panel.n_top_genes=200",
+        "data.tokenizer.min_match_rate=0.0",  # a 200-gene panel is 0.7% of cellbench's detected genes
+        "data.loader.batch_size=16",
+        "trainer.log_every_n_steps=2",
+    ]
+
+
 def assert_positive(record: dict, keys: list[str]) -> None:
     """Each ``record[key]`` is a finite number above zero (a measured figure)."""
     for key in keys:

@@ -5,20 +5,16 @@ import json
 
 import pytest
 
+from tests.conftest import small_recipe
+
 
 def test_pretrain_quality_runs_recipe_probes_ablation_and_precision(import_benchmark, shared_data, tmp_path):
     benchmark = import_benchmark("pretrain_quality")
     small = [
-        "data.datasets=[cellbench_3cl]",
-        f"paths.cache={tmp_path / 'cache'}",
-        "data.build_workers=1",
-        "data.panel.n_top_genes=200",
-        "data.tokenizer.min_match_rate=0.0",  # a 200-gene panel is 0.7% of cellbench's detected genes
-        "data.loader.batch_size=16",
+        *small_recipe(tmp_path / "cache"),
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=2",
         "optim.warmup_steps=1",
         "probes.sets=[{name: cellbench, dataset: cellbench_3cl, max_cells: 120}]",
     ]

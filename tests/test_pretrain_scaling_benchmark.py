@@ -5,18 +5,14 @@ import json
 
 import pytest
 
+from tests.conftest import small_recipe
+
 
 @pytest.mark.slow  # five short trainings and their probes: about a minute on 2 idle cores
 def test_scaling_runs_widths_at_equal_time_and_the_precision_check(import_benchmark, shared_data, tmp_path):
     benchmark = import_benchmark("pretrain_scaling")
     small = [
-        "data.datasets=[cellbench_3cl]",
-        f"paths.cache={tmp_path / 'cache'}",
-        "data.build_workers=1",
-        "data.panel.n_top_genes=200",
-        "data.tokenizer.min_match_rate=0.0",  # a 200-gene panel is 0.7% of cellbench's detected genes
-        "data.loader.batch_size=16",
-        "trainer.log_every_n_steps=2",
+        *small_recipe(tmp_path / "cache"),
         "probes.sets=[{name: cellbench, dataset: cellbench_3cl, label_key: cell_type, batch_key: batch,"
         " max_cells: 120}]",
     ]

@@ -75,6 +75,12 @@ def resolve_cpu_precision(precision: str, hidden_size: int | None = None, head_s
     return "bf16-mixed" if cpu_has_fast_bf16() and large_enough else "32-true"
 
 
+def model_sizes(config) -> dict[str, int]:
+    """``hidden_size`` and ``head_size`` of a model config (an HF config), the sizes :func:`resolve_cpu_precision`
+    decides by."""
+    return {"hidden_size": config.hidden_size, "head_size": config.hidden_size // config.num_attention_heads}
+
+
 def runs_on_cuda(accelerator: str) -> bool:
     """Whether a Lightning ``accelerator`` setting puts the run on CUDA (``gpu``, ``cuda``, or ``auto`` with CUDA)."""
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())

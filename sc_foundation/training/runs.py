@@ -16,7 +16,7 @@ from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.models.adapters import export_state
 from sc_foundation.models.export import export_pretrained
 from sc_foundation.training.console import announce
-from sc_foundation.training.hardware import precision_reason, resolve_precision
+from sc_foundation.training.hardware import model_sizes, precision_reason, resolve_precision
 from sc_foundation.training.sharding import gather_model
 
 
@@ -37,10 +37,7 @@ def trainer_arguments(trainer: DictConfig, model_config=None) -> dict:
     name."""
     kwargs = OmegaConf.to_container(trainer, resolve=True)
     requested = kwargs["precision"]
-    sizes = {}
-    if model_config is not None:
-        sizes = {"hidden_size": model_config.hidden_size}
-        sizes["head_size"] = model_config.hidden_size // model_config.num_attention_heads
+    sizes = {} if model_config is None else model_sizes(model_config)
     kwargs["precision"] = resolve_precision(requested, kwargs["accelerator"], **sizes)
     reason = precision_reason(requested, kwargs["accelerator"], **sizes)
     announce(f"precision: {kwargs['precision']} ({reason})")
