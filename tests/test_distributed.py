@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from sc_foundation import tasks
 from sc_foundation.conf import compose
 from sc_foundation.data.store import CorpusStore, merge_store
+from sc_foundation.models.export import load_pretrained
 from sc_foundation.training import pretrain
 from sc_foundation.training.lightning_module import count_non_embedding_parameters, split_decay_parameters
 from sc_foundation.training.sharding import FullyShardedStrategy
@@ -231,19 +232,36 @@ def test_gradual_annotation_under_ddp_scores_the_whole_test_split(tmp_path, pret
     assert any(not torch.equal(before[key], after[key]) for key in before if key in after)
 
 
-@pytest.mark.slow  # 2 fine-tuning runs on 2 processes: about 2 minutes on 2 busy cores
+@pytest.mark.slow  # 4 fine-tuning runs on 2 processes: about 4 minutes on 2 busy cores
 def test_fine_tuning_under_fsdp(tmp_path, pretrained, shared_data):
     """finetune.py trainer=fsdp: the strategy is instantiated (it was handed to the Trainer as a dict), the model is
-    sharded, the export is gathered whole, and rank 0 scores it on the whole test split."""
+    sharded, the export is gathered whole, and rank 0 scores it on the whole test split. LoRA too: the gathered
+    weights carry peft's keys, and the export is merged (a plain checkpoint) or the adapters alone."""
+    modes = {"full": [], "gradual": [], "lora": [], "lora_separate": ["finetune.lora.merge=false"]}
     cases = {
-        mode: [*task_overrides("annotation", pretrained, shared_data, tmp_path / mode), f"finetune.mode={mode}"]
-        for mode in ("full", "gradual")
+        name: [
+            *task_overrides("annotation", pretrained, shared_data, tmp_path / name),
+            f"finetune.mode={name.split('_')[0]}",
+            *extra,
+        ]
+        for name, extra in modes.items()
     }
     finetune_on_two_processes(cases, tmp_path, trainer="fsdp")
-    for mode in cases:
-        check_scored_once("annotation", tmp_path / mode, tmp_path / "ranks" / mode)
-        config = json.loads((tmp_path / mode / "export" / "best" / "config.json").read_text())
+    for name in cases:
+        check_scored_once("annotation", tmp_path / name, tmp_path / "ranks" / name)
+        config = json.loads((tmp_path / name / "export" / "best" / "config.json").read_text())
         assert config["architectures"] == ["ScFoundationForCellClassification"]
+    base = load_file(Path(pretrained) / "model.safetensors")
+    merged = load_file(tmp_path / "lora" / "export" / "best" / "model.safetensors")
+    assert not any(".lora_" in key or ".base_layer." in key for key in merged), "a merged export is plain"
+    adapted = [key for key in base if key.endswith(".attn.qkv.weight")]
+    assert adapted and all(not torch.equal(merged[key], base[key]) for key in adapted), "the merged update is in"
+    separate = tmp_path / "lora_separate" / "export" / "best"
+    assert (separate / "adapters.json").is_file()
+    adapters = load_file(separate / "model.safetensors")
+    assert any(".lora_A." in key for key in adapters) and not any(key in base for key in adapters)
+    model = load_pretrained(separate)  # on top of the base export that adapters.json records
+    assert type(model).__name__ == "ScFoundationForCellClassification"
 
 
 @pytest.mark.slow  # 16 fine-tuning runs on 2 processes: several minutes on 2 busy cores

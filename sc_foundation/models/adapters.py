@@ -126,6 +126,18 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, base: str | os.P
     return model
 
 
+def attach_lora_like(model: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+    """Give ``model``, a fresh copy of ``source``'s class, the adapters ``source`` carries (same projections, same
+    settings, same base record), so that ``source``'s state dict loads into it: FSDP gathers a sharded LoRA model's
+    weights into such a copy to export it. Returns ``model``."""
+    from peft import inject_adapter_in_model
+
+    settings = source.lora_settings
+    inject_adapter_in_model(settings.peft_config(model.base_model_prefix), model, adapter_name=ADAPTER_NAME)
+    model.lora_settings, model.lora_base = settings, source.lora_base
+    return model
+
+
 def has_lora(model: torch.nn.Module) -> bool:
     return getattr(model, "lora_settings", None) is not None
 

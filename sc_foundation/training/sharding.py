@@ -22,6 +22,8 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from sc_foundation.models.adapters import attach_lora_like, has_lora
+
 
 class FullyShardedStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure FSDP2: one data-parallel group of every process.
@@ -102,5 +104,7 @@ def gather_model(trainer: pl.Trainer) -> nn.Module | None:
     if not trainer.is_global_zero:
         return None
     whole = unsharded_class(model)(model.config)
+    if has_lora(model):  # the gathered keys are peft's (base_layer, lora_A, lora_B): the copy needs the same adapters
+        attach_lora_like(whole, model)
     whole.load_state_dict(weights)
     return whole
