@@ -43,6 +43,10 @@ ALLOCATOR_ALLOWANCE = {True: 0.5, False: 1.5}
 """Resident memory beyond the live tensors, as a share of the step's tensor peak, with :func:`release_freed_memory`
 in effect (True) or glibc's default (False): measured 0.01 to 0.37 and 0.37 to 1.43 on this project's CPU
 (tests/memory_probe.py, BENCHMARKS.md), rounded up."""
+INFERENCE_ALLOWANCE = 0.6
+"""The same for an inference forward (no backward, glibc's default heap): the resident rise was 1.02x to 1.57x the
+traced tensor peak (batches of 100k down to 20k padded tokens; benchmarks/inference_memory.py, a 512-wide model at a
+20,000-token context; BENCHMARKS.md), rounded up. Training's 1.5 made a 2 GiB budget use 0.84 GiB; 0.6 uses 1.25."""
 
 
 class MemoryPlanError(RuntimeError):
@@ -253,7 +257,7 @@ def inference_token_limit(
     context; attention's cost per token grows with the length, so shorter cells are planned for more than they
     need). ``batch`` is a real padded batch, tiled to that shape (:func:`planned_batch`)."""
     per_token = trace_inference(module, planned_batch(batch, 1, length), bf16) / length
-    return max(length, int(budget / (per_token * (1 + ALLOCATOR_ALLOWANCE[False]))))
+    return max(length, int(budget / (per_token * (1 + INFERENCE_ALLOWANCE))))
 
 
 def saved_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], bf16: bool) -> tuple[int, list[int]]:
