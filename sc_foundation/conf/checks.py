@@ -280,14 +280,20 @@ def _finetune_positions(values: dict) -> list[str]:
     return []
 
 
+STORE_GROUP_COLUMNS = ("source", "batch")
+"""Columns the store gives every cell (its input file's name; its ``batch_key`` value or else the file's name): a
+grouped split may name them although no input's obs has them."""
+
+
 def _missing_columns(values: dict) -> list[str]:
     """``label_key``, ``batch_key`` and ``split.split_by`` columns that an ``.h5ad`` input's obs lacks."""
+    split_by = (values.get("split") or {}).get("split_by")
     wanted = {
         key: value
         for key, value in (
             ("label_key", values.get("label_key")),
             ("batch_key", values.get("batch_key")),
-            ("split.split_by", (values.get("split") or {}).get("split_by")),
+            ("split.split_by", None if split_by in STORE_GROUP_COLUMNS else split_by),
         )
         if isinstance(value, str)
     }
