@@ -406,6 +406,35 @@ def test_gene_panel_reads_every_cell_through_the_panel(tmp_path, kang, kang_voca
         encode(GeneTokenizer(kang_vocab, dataclasses.replace(config, gene_panel=(*genes, "NOT_A_GENE"))), kang)
 
 
+def test_panel_library_size_ignores_the_genes_a_file_adds(kang, kang_vocab):
+    """With library_size="panel" a cell's values are log1p of its panel counts per 10k of its panel total, so the
+    same cells read from a file that measures only the panel genes get the same values; with "input" they do not
+    (the whole file's total is the library)."""
+    panel_ids = encode(GeneTokenizer(kang_vocab, TokenizerConfig(min_match_rate=0.0)), kang)[0].token_ids[::5][:60]
+    genes = tuple(kang_vocab.tokens[i] for i in panel_ids)
+    # The same cells from a file that measures only the panel's genes.
+    narrow = kang[:, np.isin(resolve_genes(gene_names(kang)).canonical.astype(str), genes)].copy()
+    values = {}
+    for library in ("input", "panel"):
+        config = TokenizerConfig(
+            encoding="continuous", gene_panel=genes, context_length=61, min_match_rate=0.0, library_size=library
+        )
+        tokenizer = GeneTokenizer(kang_vocab, config)
+        wide_cells, narrow_cells = encode(tokenizer, kang)[1], encode(tokenizer, narrow)[1]
+        assert np.array_equal(wide_cells.rows, narrow_cells.rows)
+        values[library] = (wide_cells.values, narrow_cells.values)
+    wide, narrow_values = values["panel"]
+    np.testing.assert_allclose(wide, narrow_values, rtol=1e-5)
+    panel_counts = token_counts(kang, kang_vocab)[:, panel_ids]
+    rows = panel_counts.sum(axis=1) > 0
+    expected = np.log1p(panel_counts[rows] / panel_counts[rows].sum(axis=1, keepdims=True) * 1e4)
+    ids, cell_values = encode(GeneTokenizer(kang_vocab, config), kang)[1].cell(0)  # config: the "panel" one
+    order = {g: k for k, g in enumerate(panel_ids.tolist())}
+    np.testing.assert_allclose(cell_values[1:], expected[0, [order[g] for g in ids[1:].tolist()]], rtol=1e-5)
+    assert not np.allclose(*values["input"], rtol=1e-2)  # the input library shifts the narrow file's values
+    assert "library size over the panel" in repr(GeneTokenizer(kang_vocab, config))
+
+
 @pytest.mark.parametrize("truncation", ["random", "top"])
 def test_include_zeros_respects_context_length(kang, truncation):
     panel = small_panel(kang)

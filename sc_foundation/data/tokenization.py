@@ -82,6 +82,11 @@ class TokenizerConfig:
             so inference reads new cells the same way).
         bin_edges: ``binned`` only: ``"rank"`` (ours) or ``"quantile"`` (scGPT's ``binning``); see the module
             docstring.
+        library_size: what each cell's counts are normalised by: its total over every input gene (``"input"``, as
+            in pretraining), or over the genes it is read through (``"panel"``: the panel's genes, or the matched
+            vocabulary genes without a panel). With ``"panel"`` a cell's values do not depend on which other genes
+            its file measures, so a reference with 9,000 genes and a query with 765 read the same genes on one
+            scale. Only the ``continuous`` encoding sees it: binned and rank values are per-cell orders.
     """
 
     encoding: Literal["binned", "rank", "continuous"] = "binned"
@@ -99,6 +104,7 @@ class TokenizerConfig:
     cls_value: float = 0.0
     bin_edges: Literal["rank", "quantile"] = "rank"
     gene_panel: tuple[str, ...] | None = None
+    library_size: Literal["input", "panel"] = "input"
 
     def __post_init__(self) -> None:
         if self.gene_panel is not None:  # a list read back from JSON compares equal to the tuple it was
@@ -115,6 +121,8 @@ class TokenizerConfig:
             raise ValueError(f"gene_id_type must be 'ensembl' or 'symbol', got {self.gene_id_type!r}.")
         if self.bin_edges not in ("rank", "quantile"):
             raise ValueError(f"bin_edges must be 'rank' or 'quantile', got {self.bin_edges!r}.")
+        if self.library_size not in ("input", "panel"):
+            raise ValueError(f"library_size must be 'input' or 'panel', got {self.library_size!r}.")
         if self.encoding == "binned" and self.n_bins < 3:
             raise ValueError(f"n_bins must be at least 3 (bin 0 plus two value bins), got {self.n_bins}.")
         if self.context_length < 2 + int(self.add_eos):
@@ -274,6 +282,7 @@ def normalise_counts(
     target_sum: float,
     sort_indices: bool = True,
     dtype: type[np.floating] = np.float32,
+    library: Literal["input", "kept"] = "input",
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts per ``target_sum`` over the columns that ``aggregate`` keeps (see :func:`aggregate_columns`).
 
@@ -282,6 +291,9 @@ def normalise_counts(
         aggregate: (n_input, n_kept) column selector.
         sort_indices: sort column indices within rows (tokenization needs it; statistics do not).
         dtype: of the arithmetic and the results (the rank encoding orders genes in float64, as Geneformer does).
+        library: what a cell's counts are divided by: its total over all input columns (``"input"``, scGPT's and
+            Geneformer's library size), or over the kept columns only (``"kept"``: a value then does not depend on
+            which other genes the file happens to measure).
     Returns:
         (n_cells, n_kept) ``dtype`` CSR without stored zeros, and (n_cells,) ``dtype`` total
         counts over all input columns (the library size, as scGPT and Geneformer define it).
@@ -291,7 +303,8 @@ def normalise_counts(
     kept = (counts @ aggregate).tocsr()
     if sort_indices:
         kept.sort_indices()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    library_sizes = totals if library == "input" else np.asarray(kept.sum(axis=1), dtype=dtype).ravel()
+    scale = np.divide(target_sum, library_sizes, out=np.zeros_like(library_sizes), where=library_sizes > 0)
     kept.data *= np.repeat(scale, np.diff(kept.indptr))
     kept.eliminate_zeros()
     return kept, totals
@@ -536,7 +549,8 @@ class GeneTokenizer:
             return TokenizedCells.concatenate(parts, row_starts=range(0, counts.shape[0], block))
         # The rank encoding's order is its value: computed in float64, so that it is Geneformer's to the last gene.
         dtype = np.float64 if cfg.encoding == "rank" else np.float32
-        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype)
+        library = "input" if cfg.library_size == "input" else "kept"
+        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype, library=library)
         n_cells = norm.shape[0]
         n_expressed = np.diff(norm.indptr).astype(np.int32)
         if cfg.include_zeros:
@@ -702,7 +716,8 @@ class GeneTokenizer:
             f"GeneTokenizer({len(self.vocab):,} tokens, {values}, context {cfg.context_length} ({cfg.truncation} "
             f"truncation{', <cls> first' if cfg.add_cls else ''}"
             f"{'' if cfg.gene_panel is None else f', a panel of {len(cfg.gene_panel):,} genes'}"
-            f"{', zeros included' if cfg.include_zeros else ''}){medians})"
+            f"{', zeros included' if cfg.include_zeros else ''}"
+            f"{', library size over the panel' if cfg.library_size == 'panel' else ''}){medians})"
         )
 
     def __eq__(self, other: object) -> bool:

@@ -40,12 +40,13 @@ from sc_foundation.models.convert import detect, export_converted
 from sc_foundation.training.runs import output_dir
 
 from .annotation import balanced_class_weights, run_annotation
-from .common import MODES, check_categories, check_cells, predict
+from .common import LIBRARY_SIZES, MODES, check_categories, check_cells, predict
 from .imputation import run_imputation
 from .integration import run_integration
 from .multimodal import run_multimodal
 
 __all__ = [
+    "LIBRARY_SIZES",
     "MODES",
     "TASKS",
     "balanced_class_weights",
@@ -82,6 +83,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {cfg.task_name!r}")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune.mode must be one of {MODES}, got {cfg.finetune.mode!r}")
+    if cfg.data.get("library_size", "input") not in LIBRARY_SIZES:
+        raise ValueError(f"data.library_size must be one of {LIBRARY_SIZES}, got {cfg.data.library_size!r}")
     # A published scGPT or Geneformer folder is converted once into our export, which every task then reads.
     if detect(cfg.pretrained) is not None:
         cfg.pretrained = str(export_converted(cfg.pretrained, output_dir(cfg) / "converted"))

@@ -34,6 +34,8 @@ from sc_foundation.training.runs import ExportBest, export, trainer_arguments
 from .convergence import GradualUnfreezing, LearningCurves
 
 MODES = ("full", "frozen", "lower_lr", "gradual", "lora")
+LIBRARY_SIZES = ("input", "panel")
+"""``data.library_size``: what a cell's counts are normalised by (``TokenizerConfig.library_size``)."""
 
 
 def check_categories(
@@ -151,10 +153,15 @@ def panel_tokenizer(
 def tokenize_inputs(cfg: DictConfig, out: Path, inputs: Sequence[CorpusInput], obs_keys: Sequence[str]):
     """The task's tokenizer and the store of the inputs tokenized with it (obs columns ``obs_keys`` kept): the
     pretrained tokenizer, or with ``data.panel_genes`` that tokenizer through the task's gene panel
-    (:func:`panel_tokenizer`)."""
+    (:func:`panel_tokenizer`); ``data.library_size`` sets what the cells' counts are normalised by."""
     tokenizer = GeneTokenizer.from_pretrained(cfg.pretrained)
+    library = cfg.data.get("library_size", "input")
+    if library != tokenizer.config.library_size:
+        config = dataclasses.replace(tokenizer.config, library_size=library)
+        tokenizer = GeneTokenizer(tokenizer.vocab, config, tokenizer.gene_medians)
     if cfg.data.get("panel_genes"):
         tokenizer = panel_tokenizer(tokenizer, inputs, cfg.data.panel_genes, cfg.data.include_zeros)
+    if cfg.data.get("panel_genes") or library != "input":
         announce(f"task tokenizer: {tokenizer}")
     report = build_store(
         inputs,
