@@ -9,6 +9,7 @@ from scipy.special import softmax
 
 from sc_foundation import tasks
 from sc_foundation.data.store import CorpusStore
+from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.tasks.calibration import (
     IGNORE,
     calibration_report,
@@ -83,7 +84,8 @@ def test_hold_out_label_keeps_the_type_out_of_training_only():
 
 def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench, tmp_path):
     """Train on CEL-seq2 without H2228, test on Drop-seq: the test split is every Drop-seq cell, the classifier
-    knows two lines, and the report scores the H2228 cells' refusal beside the known cells' calibration."""
+    knows two lines, and the report scores the H2228 cells' refusal beside the known cells' calibration. The cells
+    are normalised over the panel (data.library_size=panel), and the export keeps that for inference."""
     out = tmp_path / "out"
     cfg = tasks.compose_config(
         [
@@ -94,6 +96,7 @@ def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench,
             "split.split_by=batch",
             "split.test_groups=[sc_dropseq]",
             "holdout_label=H2228",
+            "data.library_size=panel",
             "trainer.max_epochs=3",
             *QUIET,
         ]
@@ -117,3 +120,4 @@ def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench,
             assert 0 <= report[key] <= 1, (name, key, report[key])
         assert report["temperature"] > 0
     assert json.loads((out / "metrics.json").read_text())["calibration"] == metrics["calibration"]
+    assert GeneTokenizer.from_pretrained(out / "export" / "best").config.library_size == "panel"

@@ -406,7 +406,7 @@ def test_gene_panel_reads_every_cell_through_the_panel(tmp_path, kang, kang_voca
         encode(GeneTokenizer(kang_vocab, dataclasses.replace(config, gene_panel=(*genes, "NOT_A_GENE"))), kang)
 
 
-def test_panel_library_size_ignores_the_genes_a_file_adds(kang, kang_vocab):
+def test_panel_library_size_ignores_the_genes_a_file_adds(tmp_path, kang, kang_vocab):
     """With library_size="panel" a cell's values are log1p of its panel counts per 10k of its panel total, so the
     same cells read from a file that measures only the panel genes get the same values; with "input" they do not
     (the whole file's total is the library)."""
@@ -432,7 +432,10 @@ def test_panel_library_size_ignores_the_genes_a_file_adds(kang, kang_vocab):
     order = {g: k for k, g in enumerate(panel_ids.tolist())}
     np.testing.assert_allclose(cell_values[1:], expected[0, [order[g] for g in ids[1:].tolist()]], rtol=1e-5)
     assert not np.allclose(*values["input"], rtol=1e-2)  # the input library shifts the narrow file's values
-    assert "library size over the panel" in repr(GeneTokenizer(kang_vocab, config))
+    tokenizer = GeneTokenizer(kang_vocab, config)
+    assert "library size over the panel" in repr(tokenizer)
+    tokenizer.save(tmp_path)  # the export keeps it: inference reads new cells on the same scale
+    assert GeneTokenizer.from_pretrained(tmp_path).config.library_size == "panel"
 
 
 @pytest.mark.parametrize("truncation", ["random", "top"])
