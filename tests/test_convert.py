@@ -325,14 +325,17 @@ def test_finetune_annotation_on_a_published_folder(published, shared_data, tmp_p
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 6 and 0.0 <= metrics["model"]["macro_f1"] <= 1.0
     model = sc_foundation.load_pretrained(result["export"], device="cpu")
-    # The published tokenizer, read through the task's gene panel (data.panel_genes) and otherwise unchanged.
+    # The published tokenizer, read through the task's gene panel (data.panel_genes, library size over it) and
+    # otherwise unchanged.
     published, tuned = sc_foundation.load_pretrained(folder).gene_tokenizer, model.gene_tokenizer
     assert model.config.id2label and tuned.vocab == published.vocab and tuned.config.gene_panel
+    assert tuned.config.library_size == "panel"
     unpanelled = dataclasses.replace(
         tuned.config,
         gene_panel=None,
         include_zeros=published.config.include_zeros,
         context_length=published.config.context_length,
         truncation=published.config.truncation,
+        library_size=published.config.library_size,
     )
     assert unpanelled == published.config
