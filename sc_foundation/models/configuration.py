@@ -83,6 +83,10 @@ class ScFoundationConfig(PreTrainedConfig):
         dab_weight: Weight of the integration head's adversarial batch discriminator (scGPT's DAB): its
             cross-entropy is added to the loss and its gradient reaches the encoder reversed. 0 disables it and
             builds no parameters for it.
+        cross_batch_weight: Weight of the integration head's cross-batch neighbour attraction: the mean squared
+            distance, while training, between each cell's embedding and its target (the mean embedding of its
+            mutual nearest neighbours in other batches, given per cell as ``cross_batch_targets``; see
+            :mod:`sc_foundation.tasks.cross_batch`). 0 disables it.
         latent_size: An expression head's variational latent (scVI's, on the cell embedding): the decoder reads a
             sample of ``N(mu, sigma^2)`` whose mean and log-variance are linear maps of the cell embedding, with a
             KL term towards ``N(0, I)``; the cell embedding becomes ``mu`` (``latent_size`` wide). The KL pressure
@@ -172,6 +176,7 @@ class ScFoundationConfig(PreTrainedConfig):
     batch_names: list[str] | None = None
     batch_embedding_size: int = 16
     dab_weight: float | int = 0.0
+    cross_batch_weight: float | int = 0.0
     latent_size: int | None = None
     kl_weight: float | int = 1.0
     decoder_gene_ids: list[int] | None = None
@@ -264,7 +269,14 @@ class ScFoundationConfig(PreTrainedConfig):
             raise ValueError(f"latent_size must be positive or None, got {self.latent_size}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
-        for name in ("masked_weight", "reconstruction_weight", "contrastive_weight", "ecs_weight"):
+        loss_weights = (
+            "masked_weight",
+            "reconstruction_weight",
+            "contrastive_weight",
+            "ecs_weight",
+            "cross_batch_weight",
+        )
+        for name in loss_weights:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.reconstruction_weight > 0 and self.value_encoding != "continuous":

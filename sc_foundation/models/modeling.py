@@ -140,6 +140,9 @@ class ScFoundationExpressionOutput(ModelOutput):
         dab_loss: scalar cross-entropy of the batch discriminator, when ``dab_weight > 0`` and counts are given.
         kl_loss: scalar KL divergence of the variational latent from ``N(0, I)`` per count (with
             ``config.latent_size``), when counts are given; ``loss`` adds ``kl_weight`` times it.
+        cross_batch_loss: scalar mean squared distance of the cell embeddings from their cross-batch targets, in
+            training mode when ``cross_batch_weight > 0`` and targets are given; ``loss`` adds ``cross_batch_weight``
+            times it.
         logits: (n_cells, G) scores of the G panel genes (``config.decoder_gene_ids``); their softmax is each gene's
             expected share of the cell's panel counts.
         batch_logits: (n_cells, n_batches) discriminator scores, when ``dab_weight > 0`` and counts are given.
@@ -151,6 +154,7 @@ class ScFoundationExpressionOutput(ModelOutput):
     reconstruction_loss: torch.Tensor | None = None
     dab_loss: torch.Tensor | None = None
     kl_loss: torch.Tensor | None = None
+    cross_batch_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     batch_logits: torch.Tensor | None = None
     cell_embedding: torch.Tensor | None = None
@@ -1233,10 +1237,13 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
         condition_ids: dict[str, torch.Tensor] | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cross_batch_targets: torch.Tensor | None = None,
     ) -> ScFoundationExpressionOutput:
         """Args as for :meth:`ScFoundationModel.forward` (nothing masked), plus ``counts``: (n_cells, G) raw counts
         of the panel genes, the targets; ``batch_ids``: (n_cells,) long ids into ``config.batch_names``, needed by
-        a batch-conditioned decoder. Without ``batch_ids`` such a model returns only the cell embedding."""
+        a batch-conditioned decoder. Without ``batch_ids`` such a model returns only the cell embedding.
+        ``cross_batch_targets``: (n_cells, d) float, where each cell's embedding is pulled while training (NaN rows:
+        no target), read when ``config.cross_batch_weight > 0``."""
         encoded = self.sc_foundation(input_ids, values, attention_mask, None, condition_ids, cu_seqlens, max_seqlen)
         cells = encoded.cell_embedding  # (n_cells, h)
         kl = None
@@ -1271,7 +1278,18 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
             # reconstruction alone, since a falling or rising discriminator loss says nothing of a better model.
             if self.training:
                 output.loss = output.loss + self.config.dab_weight * output.dab_loss
+        if self.training and self.config.cross_batch_weight > 0 and cross_batch_targets is not None:
+            output.cross_batch_loss = _target_distance(output.cell_embedding, cross_batch_targets)
+            output.loss = output.loss + self.config.cross_batch_weight * output.cross_batch_loss
         return output
+
+
+def _target_distance(embedding: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the cells with a target, and over dimensions, of the squared distance of ``embedding`` (n, d)
+    from ``targets`` (n, d; NaN rows have none); 0 (with a gradient path) when no cell has one."""
+    has_target = ~targets.isnan().any(-1)  # (n,)
+    difference = embedding.float()[has_target] - targets.float()[has_target]
+    return (difference**2).mean() if has_target.any() else embedding.sum() * 0.0
 
 
 class ScFoundationForBatchIntegration(ScFoundationForImputation):

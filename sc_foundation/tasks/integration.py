@@ -15,6 +15,7 @@ from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
 )
+from sc_foundation.tasks.cross_batch import CrossBatchTargets, shared_targets
 from sc_foundation.tasks.evaluation import (
     integration_baselines,
     integration_metrics,
@@ -67,7 +68,6 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     counts.obs["batch"] = np.asarray(batch_names)[batch_ids]
     targets, gene_ids = expression_targets(counts, tokenizer, cfg.decoder_genes, inputs[0].species, "batch")
     splits = two_way_split(cfg, out, store)
-    datamodule = task_datamodule(cfg, store_path, {"batch_ids": batch_ids, "counts": targets}, splits)
 
     pl.seed_everything(cfg.seed, workers=True)
     model = ScFoundationForBatchIntegration.from_pretrained(
@@ -81,13 +81,24 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         batch_names=batch_names,
         batch_embedding_size=cfg.batch_embedding_size,
         dab_weight=cfg.dab_weight,
+        cross_batch_weight=cfg.cross_batch_weight,
         latent_size=cfg.latent_size,
         kl_weight=cfg.kl_weight,
         decoder_gene_ids=gene_ids,
         **architecture_overrides(cfg),
     )
     init_panel_decoder(model.decoder, targets[splits["train"]])
-    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, callbacks)
+    per_cell = {"batch_ids": batch_ids, "counts": targets}
+    task_callbacks = list(callbacks)
+    if cfg.cross_batch_weight > 0:
+        # Refreshed each epoch by the callback and read by the loaders: the pull towards mutual neighbours.
+        width = model.config.latent_size or model.config.hidden_size
+        per_cell["cross_batch_targets"] = shared_targets(len(store), width)
+        task_callbacks.append(
+            CrossBatchTargets(per_cell["cross_batch_targets"], batch_ids, splits["train"], cfg.cross_batch_neighbors)
+        )
+    datamodule = task_datamodule(cfg, store_path, per_cell, splits)
+    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, task_callbacks)
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
 
@@ -113,6 +124,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         "label_key": label_key,
         "batches": batch_names,
         "dab_weight": cfg.dab_weight,
+        "cross_batch_weight": cfg.cross_batch_weight,
         "latent_size": cfg.latent_size,
         "finetune_mode": cfg.finetune.mode,
         "scored_cells": "all",
