@@ -35,7 +35,13 @@ def mutual_neighbour_targets(embedding: np.ndarray, batches: np.ndarray, neighbo
         neighbours: k, the neighbours searched on each side.
     Returns:
         (n, d) float32 targets; NaN rows for cells without a mutual neighbour.
+    Raises:
+        ValueError: ``neighbours`` below 1, or fewer than two batches.
     """
+    if neighbours < 1:
+        raise ValueError(f"cross_batch_neighbors must be at least 1, got {neighbours}")
+    if len(np.unique(batches)) < 2:
+        raise ValueError("mutual neighbours across batches need two or more batches")
     x = np.asarray(embedding, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     batches = np.asarray(batches)
