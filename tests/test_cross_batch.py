@@ -7,7 +7,7 @@ import torch
 
 from sc_foundation import tasks
 from sc_foundation.models.configuration import ScFoundationConfig
-from sc_foundation.models.modeling import ScFoundationForBatchIntegration
+from sc_foundation.models.modeling import ScFoundationForBatchIntegration, _target_distance
 from sc_foundation.tasks.cross_batch import mutual_neighbour_targets
 from tests.test_finetune import compose_finetune, overrides
 
@@ -80,11 +80,18 @@ def test_the_attraction_is_a_training_term_over_the_cells_with_a_target():
     targets = torch.randn(3, 8)
     targets[1] = float("nan")  # the second cell has no mutual neighbour
     output = model(**inputs, cross_batch_targets=targets)
-    expected = ((output.cell_embedding[[0, 2]] - targets[[0, 2]]) ** 2).mean()
+    embedding = output.cell_embedding
+    spread = ((embedding - embedding.mean(0)) ** 2).sum(-1).mean()
+    expected = ((embedding[[0, 2]] - targets[[0, 2]]) ** 2).sum(-1).mean() / spread
     torch.testing.assert_close(output.cross_batch_loss, expected)
     torch.testing.assert_close(output.loss, output.reconstruction_loss + 2.0 * output.cross_batch_loss)
     (gradient,) = torch.autograd.grad(output.cross_batch_loss, model.sc_foundation.norm.weight)
     assert gradient.abs().sum() > 0
+    # Relative to the spread: embeddings shrunk towards the origin score worse against the same targets, where an
+    # absolute distance would reward the shrinking (the collapse it caused on CellBench).
+    cells, fixed = torch.randn(6, 4), torch.randn(6, 4)
+    assert _target_distance(0.1 * cells, fixed) > _target_distance(cells, fixed)
+    assert ((0.1 * cells - fixed) ** 2).mean() < ((cells - fixed) ** 2).mean()
     # No cell with a target: a zero term that still back-propagates.
     empty = model(**inputs, cross_batch_targets=torch.full((3, 8), float("nan")))
     assert empty.cross_batch_loss.item() == 0.0 and empty.cross_batch_loss.requires_grad

@@ -83,10 +83,10 @@ class ScFoundationConfig(PreTrainedConfig):
         dab_weight: Weight of the integration head's adversarial batch discriminator (scGPT's DAB): its
             cross-entropy is added to the loss and its gradient reaches the encoder reversed. 0 disables it and
             builds no parameters for it.
-        cross_batch_weight: Weight of the integration head's cross-batch neighbour attraction: the mean squared
-            distance, while training, between each cell's embedding and its target (the mean embedding of its
-            mutual nearest neighbours in other batches, given per cell as ``cross_batch_targets``; see
-            :mod:`sc_foundation.tasks.cross_batch`). 0 disables it.
+        cross_batch_weight: Weight of the integration head's cross-batch neighbour attraction: the squared distance,
+            while training, between each cell's embedding and its target (the mean embedding of its mutual nearest
+            neighbours in other batches, given per cell as ``cross_batch_targets``; see
+            :mod:`sc_foundation.tasks.cross_batch`), relative to the batch's spread. 0 disables it.
         latent_size: An expression head's variational latent (scVI's, on the cell embedding): the decoder reads a
             sample of ``N(mu, sigma^2)`` whose mean and log-variance are linear maps of the cell embedding, with a
             KL term towards ``N(0, I)``; the cell embedding becomes ``mu`` (``latent_size`` wide). The KL pressure
