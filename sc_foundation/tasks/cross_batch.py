@@ -87,15 +87,27 @@ class CrossBatchTargets(pl.Callback):
         batch_ids: (n_store_cells,) each cell's batch.
         train_rows: store rows of the training cells; only they get targets and serve as partners.
         neighbours: k of the mutual-neighbour search.
+        start_epoch: the first epoch with targets; before it every target is NaN (no pull), so that the pairs are
+            first sought in an embedding the decoder and the discriminator have already made less batch-bound.
     """
 
-    def __init__(self, targets: np.ndarray, batch_ids: np.ndarray, train_rows: np.ndarray, neighbours: int):
+    def __init__(
+        self,
+        targets: np.ndarray,
+        batch_ids: np.ndarray,
+        train_rows: np.ndarray,
+        neighbours: int,
+        start_epoch: int = 0,
+    ):
         self.targets = targets
         self.batch_ids = np.asarray(batch_ids)
         self.train_rows = np.sort(np.asarray(train_rows))
         self.neighbours = neighbours
+        self.start_epoch = start_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch < self.start_epoch:
+            return
         model = pl_module.model
         was_training = model.training
         try:

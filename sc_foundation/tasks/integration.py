@@ -94,9 +94,14 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         # Refreshed each epoch by the callback and read by the loaders: the pull towards mutual neighbours.
         width = model.config.latent_size or model.config.hidden_size
         per_cell["cross_batch_targets"] = shared_targets(len(store), width)
-        task_callbacks.append(
-            CrossBatchTargets(per_cell["cross_batch_targets"], batch_ids, splits["train"], cfg.cross_batch_neighbors)
+        pull = CrossBatchTargets(
+            per_cell["cross_batch_targets"],
+            batch_ids,
+            splits["train"],
+            cfg.cross_batch_neighbors,
+            cfg.cross_batch_start_epoch,
         )
+        task_callbacks.append(pull)
     datamodule = task_datamodule(cfg, store_path, per_cell, splits)
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, task_callbacks)
     if not trainer.is_global_zero:
