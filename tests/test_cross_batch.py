@@ -8,7 +8,7 @@ import torch
 from sc_foundation import tasks
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForBatchIntegration, _target_distance
-from sc_foundation.tasks.cross_batch import mutual_neighbour_targets
+from sc_foundation.tasks.cross_batch import CrossBatchTargets, mutual_neighbour_targets, shared_targets
 from tests.test_finetune import compose_finetune, overrides
 
 
@@ -56,6 +56,14 @@ def test_targets_are_found_between_every_pair_of_batches():
         mutual_neighbour_targets(cells, batches, neighbours=0)
     with pytest.raises(ValueError, match="two or more batches"):
         mutual_neighbour_targets(cells, np.zeros(len(cells)), neighbours=5)
+
+
+def test_no_targets_before_the_start_epoch():
+    targets = shared_targets(6, 4)
+    pull = CrossBatchTargets(targets, np.array([0, 0, 0, 1, 1, 1]), np.arange(6), neighbours=2, start_epoch=3)
+    trainer = type("Trainer", (), {"current_epoch": 2})()
+    pull.on_train_epoch_start(trainer, None)  # returns before it embeds anything
+    assert np.isnan(targets).all()
 
 
 def tiny_integration_model(weight: float) -> ScFoundationForBatchIntegration:
