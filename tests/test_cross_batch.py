@@ -120,6 +120,7 @@ def integration_run(pretrained, cellbench, out, *extra):
             "label_key=cell_type",
             "trainer.max_epochs=3",
             "dab_weight=0",  # the attraction alone against none
+            "cross_batch_start_epoch=0",  # from the first epoch: these runs are a few epochs long
             "baselines.n_pcs=20",
             "baselines.scvi=false",
             *extra,
@@ -143,6 +144,7 @@ def test_a_short_run_mixes_the_batches_better_with_the_attraction(pretrained, ce
     """Three epochs from the same start: with the attraction the protocols mix better (iLISI, batch score) than
     without."""
     plain = integration_run(pretrained, cellbench, tmp_path / "plain")["metrics"]["model"]
-    pulled = integration_run(pretrained, cellbench, tmp_path / "pulled", "cross_batch_weight=5")["metrics"]["model"]
+    extra = ("cross_batch_weight=5", "cross_batch_neighbors=10")
+    pulled = integration_run(pretrained, cellbench, tmp_path / "pulled", *extra)["metrics"]["model"]
     assert pulled["ilisi"] > plain["ilisi"]
     assert pulled["batch"] > plain["batch"]
