@@ -1298,11 +1298,13 @@ def _target_distance(embedding: torch.Tensor, targets: torch.Tensor) -> torch.Te
         scalar; 0 (with a gradient path) when no cell has a target or the batch has a single cell.
     """
     embedding = embedding.float()
-    has_target = ~targets.isnan().any(-1)  # (n,)
-    if not has_target.any() or len(embedding) < 2:
+    if len(embedding) < 2:
         return embedding.sum() * 0.0
+    # No data-dependent branch: the memory plan traces this under fake tensors, which cannot read a value.
+    has_target = ~targets.isnan().any(-1, keepdim=True)  # (n, 1)
+    aimed = torch.where(has_target, targets.float(), embedding.detach())  # a cell without a target is its own
     spread = ((embedding - embedding.mean(0)) ** 2).sum(-1).mean().clamp(min=1e-8)
-    distance = ((embedding[has_target] - targets.float()[has_target]) ** 2).sum(-1).mean()
+    distance = ((embedding - aimed) ** 2).sum(-1).sum() / has_target.sum().clamp(min=1)
     return distance / spread
 
 
