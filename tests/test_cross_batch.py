@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sc_foundation import tasks
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForBatchIntegration, _target_distance
 from sc_foundation.tasks.cross_batch import CrossBatchTargets, mutual_neighbour_targets, shared_targets
-from tests.test_finetune import compose_finetune, overrides
+from tests.test_integration import run_cellbench_integration
 
 
 def shifted_batches(seed: int = 0):
@@ -110,23 +109,15 @@ def test_the_attraction_is_a_training_term_over_the_cells_with_a_target():
 
 
 def integration_run(pretrained, cellbench, out, *extra):
-    cfg = compose_finetune(
-        overrides(
-            pretrained,
-            f"[{cellbench}]",
-            out,
-            "task=integration",
-            "batch_key=batch",
-            "label_key=cell_type",
-            "trainer.max_epochs=3",
-            "dab_weight=0",  # the attraction alone against none
-            "cross_batch_start_epoch=0",  # from the first epoch: these runs are a few epochs long
-            "baselines.n_pcs=20",
-            "baselines.scvi=false",
-            *extra,
-        )
+    return run_cellbench_integration(
+        pretrained,
+        cellbench,
+        out,
+        "trainer.max_epochs=3",
+        "dab_weight=0",  # the attraction alone against none
+        "cross_batch_start_epoch=0",  # from the first epoch: these runs are a few epochs long
+        *extra,
     )
-    return tasks.run(cfg)
 
 
 def test_a_run_with_the_attraction_gives_targets_to_training_cells_only(pretrained, cellbench, tmp_path):

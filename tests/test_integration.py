@@ -18,9 +18,8 @@ SCORES = ("nmi", "ari", "asw_label", "isolated_labels", "clisi", "asw_batch", "i
 SUMMARIES = ("bio", "batch", "total", "avg_bio")
 
 
-@pytest.fixture(scope="module")
-def integration(pretrained, cellbench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("integration")
+def run_cellbench_integration(pretrained, cellbench, out, *extra) -> dict:
+    """``task=integration`` on CellBench's protocols with the test budget; ``extra`` overrides come last and win."""
     cfg = compose_finetune(
         overrides(
             pretrained,
@@ -32,9 +31,15 @@ def integration(pretrained, cellbench, tmp_path_factory):
             "trainer.max_epochs=2",
             "baselines.n_pcs=20",
             "baselines.scvi=false",  # scVI has its own tests (tests/test_scvi_baselines.py); it takes minutes here
+            *extra,
         )
     )
     return tasks.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def integration(pretrained, cellbench, tmp_path_factory):
+    return run_cellbench_integration(pretrained, cellbench, tmp_path_factory.mktemp("integration"))
 
 
 def test_gradient_reversal_negates_and_scales_the_gradient():
