@@ -189,7 +189,7 @@ HEADLINES = {
     "embedding": [("nmi", True), ("ari", True), ("asw_label", True), ("avg_bio", True), ("bio", True)],
     # annotation probabilities (sc_foundation.tasks.calibration): ECE of the test cells after and before temperature
     "calibration": [("ece", False), ("ece_uncalibrated", False)],
-    # a held-out type: its test cells refused, known test cells wrongly refused, AUROC of the top probability
+    # a held-out type: its test cells refused, known test cells wrongly refused, AUROC of the refusal's score
     "refusal": [("unseen_refused", True), ("known_refused", False), ("auroc_unseen", True)],
 }
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -474,10 +474,17 @@ def comparisons(task: str, metrics: dict) -> dict[str, dict]:
     """The headline tables of one run's metrics.json."""
     if task == "annotation" and "calibration" in metrics:
         tables = {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}
-        ours, baseline = metrics["calibration"]["model"], {"hvg_logreg": metrics["calibration"]["hvg_logreg"]}
+        calibration = metrics["calibration"]
+        ours, baseline = calibration["model"], {"hvg_logreg": calibration["hvg_logreg"]}
         tables["calibration"] = compare("calibration", {"model": ours}, baseline, "model")
         if "unseen_refused" in ours:
-            tables["refusal"] = compare("refusal", {"model": ours}, baseline, "model")
+            # two refusals each: by the top probability, and by novelty (the distance to the training cells) in
+            # our embedding and in the PCA logistic regression's input; novelty is the one annotate() offers
+            refusals, peers = {"model": ours}, dict(baseline)
+            if "novelty" in ours:
+                refusals = {"model_novelty": ours["novelty"], **refusals}
+                peers["pca_novelty"] = calibration["pca_novelty"]
+            tables["refusal"] = compare("refusal", refusals, peers, next(iter(refusals)))
         return tables
     if task in ("annotation", "integration", "imputation"):
         return {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}

@@ -161,7 +161,14 @@ def _annotate(args: argparse.Namespace) -> None:
     from sc_foundation.inference import annotate
 
     adata = _read(args.input)
-    annotate(adata, args.model, key_added=args.key_added, unknown_threshold=args.unknown_threshold, **_common(args))
+    annotate(
+        adata,
+        args.model,
+        key_added=args.key_added,
+        unknown_threshold=args.unknown_threshold,
+        refuse_novel=args.refuse_novel,
+        **_common(args),
+    )
     counts = adata.obs[args.key_added].value_counts()
     top = ", ".join(f"{label} {n:,}" for label, n in counts.head(5).items())
     _write(adata, args, f"obs[{args.key_added!r}]: {top}{', ...' if len(counts) > 5 else ''}")
@@ -232,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--key-added", default="sc_foundation", help="the obs column (default sc_foundation)")
     annotate.add_argument(
         "--unknown-threshold", type=float, help="label cells whose top probability is below this 'unknown'"
+    )
+    annotate.add_argument(
+        "--refuse-novel",
+        action="store_true",
+        help="label cells farther from the training cells than the model's novelty threshold 'unknown' (a cell type "
+        "the model never saw)",
     )
     annotate.set_defaults(handler=_annotate)
 

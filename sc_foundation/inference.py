@@ -40,6 +40,7 @@ from sc_foundation.models.modeling import (
     ScFoundationForMultimodal,
     ScFoundationPreTrainedModel,
 )
+from sc_foundation.models.novelty import NOVELTY_FILE
 
 __all__ = ["UNKNOWN", "annotate", "call_classes", "embed", "impute", "predict_modality", "transfer_labels"]
 
@@ -146,6 +147,7 @@ def annotate(
     *,
     key_added: str = "sc_foundation",
     unknown_threshold: float | None = None,
+    refuse_novel: bool = False,
     layer: str | None = None,
     gene_key: str | None = None,
     use_raw: bool = False,
@@ -159,15 +161,22 @@ def annotate(
 
     Writes ``obs[f"{key_added}_label"]`` (categorical over ``config.id2label`` plus ``"unknown"``; missing for cells
     without matched counts), ``obs[f"{key_added}_probability"]`` (the top class probability, in [0, 1]) and the
-    cell embedding into ``obsm[f"X_{key_added}"]`` from the same forward pass.
+    cell embedding into ``obsm[f"X_{key_added}"]`` from the same forward pass. When the export holds a novelty
+    reference (fine-tuning stores one), ``obs[f"{key_added}_novelty"]`` is each cell's distance to its k-th nearest
+    training cell and ``uns["sc_foundation"]["novelty_threshold"]`` the distance that the validation cells stayed
+    within, all but ``1 - coverage`` of them (5% by default; :mod:`sc_foundation.models.novelty`).
 
     Args:
         model: an exported :class:`~sc_foundation.models.modeling.ScFoundationForCellClassification` directory or model.
         unknown_threshold: cells whose top probability is below it are labelled ``"unknown"``; None labels all.
+        refuse_novel: label cells beyond the novelty threshold ``"unknown"``: the way to refuse a cell type the model
+            never saw, which the top probability often calls confidently as the nearest known type.
         Others: as for :func:`embed`.
 
     Raises:
         TypeError: the model is not a cell classifier.
+        ValueError: ``refuse_novel`` with a model that holds no novelty reference (fine-tuned before references
+            existed, or loaded with config overrides).
         Others: as for :func:`embed`.
     """
     need = (
@@ -175,6 +184,13 @@ def annotate(
         "embed() gives any model's cell embedding)"
     )
     model = _load(model, ScFoundationForCellClassification, need)
+    reference = getattr(model, "novelty_reference", None)
+    if refuse_novel and reference is None:
+        raise ValueError(
+            "refuse_novel=True needs the novelty reference that annotation fine-tuning stores in its export "
+            f"({NOVELTY_FILE}); this model has none: re-run finetune.py task=annotation, or load the export without "
+            "config overrides"
+        )
     adata = adata.copy() if copy else adata
     fields = ("logits", "cell_embedding")
     outputs, _ = _run(
@@ -189,6 +205,12 @@ def annotate(
         predicted = call_classes(logits[embedded], unknown_threshold)
         codes[embedded] = np.where(predicted == UNKNOWN, len(names), predicted)
         probability[embedded] = torch.from_numpy(logits[embedded]).softmax(-1).max(-1).values.numpy()
+    if reference is not None:
+        novelty = reference.scores(outputs["cell_embedding"])  # (n_obs,), NaN for cells without an embedding
+        if refuse_novel:
+            codes[novelty > reference.threshold] = len(names)
+        adata.obs[f"{key_added}_novelty"] = novelty.astype(np.float32)
+        adata.uns["sc_foundation"]["novelty_threshold"] = reference.threshold
     adata.obs[f"{key_added}_label"] = pd.Categorical.from_codes(codes, categories=[*names, UNKNOWN_LABEL])
     adata.obs[f"{key_added}_probability"] = probability
     adata.obsm[f"X_{key_added}"] = outputs["cell_embedding"]

@@ -10,6 +10,9 @@ from scipy.special import softmax
 from sc_foundation import tasks
 from sc_foundation.data.store import CorpusStore
 from sc_foundation.data.tokenization import GeneTokenizer
+from sc_foundation.models.checksums import read_checksums, verify_checksums
+from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.novelty import NOVELTY_FILE
 from sc_foundation.tasks.calibration import (
     IGNORE,
     calibration_report,
@@ -120,4 +123,12 @@ def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench,
             assert 0 <= report[key] <= 1, (name, key, report[key])
         assert report["temperature"] > 0
     assert json.loads((out / "metrics.json").read_text())["calibration"] == metrics["calibration"]
+    # the refusal by novelty: scored for ours and in the PCA baseline's space, its reference kept in the export
+    for report in (metrics["calibration"]["model"]["novelty"], metrics["calibration"]["pca_novelty"]):
+        assert report["n_unseen"] == unseen and report["n_reference"] == len(splits["train"]["store_index"])
+        assert 0 <= report["auroc_unseen"] <= 1 and report["neighbors"] == 5 and report["threshold"] > 0
+    export = out / "export" / "best"
+    assert verify_checksums(export) and NOVELTY_FILE in read_checksums(export)
+    reference = load_pretrained(export, device="cpu").novelty_reference
+    assert reference.threshold == metrics["calibration"]["model"]["novelty"]["threshold"]
     assert GeneTokenizer.from_pretrained(out / "export" / "best").config.library_size == "panel"

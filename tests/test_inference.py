@@ -11,6 +11,7 @@ from sc_foundation import GeneMatchError, InvalidInputError, annotate, embed, lo
 from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.models.export import export_pretrained
 from sc_foundation.models.modeling import ScFoundationForCellClassification
+from sc_foundation.models.novelty import NoveltyReference
 
 from .conftest import CELLBENCH
 
@@ -133,6 +134,30 @@ def test_annotate(cells, classifier, model):
     assert (cells.obs["strict_label"] == "unknown").all()
     with pytest.raises(TypeError, match="ScFoundationForCellClassification"):
         annotate(cells, model)
+
+
+def test_annotate_refuses_novel_cells(cells, classifier):
+    """The export's novelty reference (here the first 100 cells, the threshold at the other cells' median distance)
+    scores every cell, and ``refuse_novel`` labels unknown exactly the cells beyond the threshold."""
+    assert (
+        classifier.novelty_reference is None
+        and "sc_foundation_novelty" not in annotate(cells, classifier, copy=True).obs
+    )
+    with pytest.raises(ValueError, match="needs the novelty reference"):
+        annotate(cells, classifier, refuse_novel=True)
+    embedding = embed(cells, classifier, copy=True).obsm[KEY]
+    first = NoveltyReference(embedding[:100], 3, np.inf, 0.5)
+    threshold = float(np.median(first.scores(embedding[100:])))
+    classifier.novelty_reference = NoveltyReference(embedding[:100], 3, threshold, 0.5)
+    try:
+        annotate(cells, classifier, refuse_novel=True)
+    finally:
+        classifier.novelty_reference = None
+    novelty = cells.obs["sc_foundation_novelty"].to_numpy()
+    assert novelty == pytest.approx(first.scores(embedding), abs=1e-4)
+    refused = (cells.obs["sc_foundation_label"] == "unknown").to_numpy()
+    assert np.array_equal(refused, novelty > threshold) and refused[100:].sum() == 50  # above the median
+    assert cells.uns["sc_foundation"]["novelty_threshold"] == threshold
 
 
 def test_transfer_labels_recovers_cell_lines(cells):

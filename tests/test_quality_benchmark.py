@@ -175,3 +175,29 @@ def test_top_context_keeps_the_most_expressed_genes_and_counts_the_pushed_out(im
     # gene 0: expressed in cells 0 and 2, in context only in cell 0 -> half pushed out; gene 3 the other way round
     np.testing.assert_allclose(shares["pushed_out"], [0.5, 0.5, 0.0, 0.5])
     np.testing.assert_allclose(shares["in_context"], [1 / 3, 1 / 3, 2 / 3, 1 / 3])
+
+
+def test_refusal_table_leads_with_novelty_beside_both_baselines(quality):
+    def refusal(unseen, known, auroc):
+        return {"unseen_refused": unseen, "known_refused": known, "auroc_unseen": auroc}
+
+    metrics = {
+        "model": {"accuracy": 0.9, "macro_f1": 0.8},
+        "baselines": {"hvg_logreg": {"accuracy": 0.9, "macro_f1": 0.8}},
+        "calibration": {
+            "model": {
+                "ece": 0.1,
+                "ece_uncalibrated": 0.2,
+                **refusal(0.1, 0.05, 0.7),
+                "novelty": refusal(0.9, 0.04, 0.98),
+            },
+            "hvg_logreg": {"ece": 0.1, "ece_uncalibrated": 0.1, **refusal(0.2, 0.05, 0.8)},
+            "pca_novelty": refusal(0.8, 0.06, 0.97),
+        },
+    }
+    table = quality.comparisons("annotation", metrics)["refusal"]
+    assert table["ours"] == ["model_novelty", "model"] and table["primary"] == "model_novelty"
+    assert table["baselines"] == ["hvg_logreg", "pca_novelty"] and table["beats_all_baselines"] is True
+    assert table["verdict"]["model"] == {"unseen_refused": "loss", "known_refused": "tie", "auroc_unseen": "loss"}
+    markdown = "\n".join(quality.table_markdown("refusal", table))
+    assert "**ours: model_novelty**" in markdown and "ours (model_novelty) beats every baseline" in markdown

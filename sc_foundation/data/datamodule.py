@@ -665,9 +665,10 @@ class CorpusDataModule(pl.LightningDataModule):
             column): each cell is drawn with weight ``n_source ** -source_balance`` (:func:`source_balance_weights`),
             with replacement, as many cells per epoch as the split holds. 0 (default): each cell once per epoch.
 
-    ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which). It and
-    ``test_dataloader`` serve evaluation outside the Trainer, on one process: they are not sharded across DDP ranks
-    (each rank that asks gets every cell), while the training and validation loaders are.
+    ``predict_dataloader`` yields every store cell once, whatever the splits (``cell_index`` says which), and
+    ``cells_dataloader`` the cells asked for. They and ``test_dataloader`` serve evaluation outside the Trainer, on
+    one process: they are not sharded across DDP ranks (each rank that asks gets every cell), while the training
+    and validation loaders are.
     """
 
     def __init__(
@@ -791,7 +792,12 @@ class CorpusDataModule(pl.LightningDataModule):
         return self._loader(self.test_indices, train=False, sharded=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(np.arange(len(self.store)), train=False, sharded=False)
+        return self.cells_dataloader(np.arange(len(self.store)))
+
+    def cells_dataloader(self, indices: np.ndarray) -> DataLoader:
+        """An evaluation loader (every token kept, not sharded) over the given (n,) store indices, in batches
+        grouped by length like the validation loader's (``cell_index`` says which cell each row is)."""
+        return self._loader(np.asarray(indices, dtype=np.int64), train=False, sharded=False)
 
     def padding_report(self) -> dict[str, float]:
         """Padded share of token slots in one training epoch, with and without length grouping."""

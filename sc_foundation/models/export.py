@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from sc_foundation.data.tokenization import TOKENIZER_FILE, GeneTokenizer
 from sc_foundation.models import modeling
 from sc_foundation.models.checksums import verify_checksums, write_checksums
 from sc_foundation.models.modeling import ScFoundationPreTrainedModel, transformers_quiet
+from sc_foundation.models.novelty import NoveltyReference
 
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_FILES = ("config.json", WEIGHTS_FILE, VOCAB_FILE, TOKENIZER_FILE)
@@ -71,6 +72,27 @@ def export_pretrained(
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     return directory
+
+
+def add_export_file(directory: str | os.PathLike, name: str, write: Callable[[Path], object]) -> Path:
+    """Add (or replace) the file ``name`` of an existing export and record it in the checksums.
+
+    The export is verified first (a damaged export is never re-signed); ``write(path)`` writes the file to a
+    temporary path beside its place, which is then renamed into place, and the manifest is rewritten atomically
+    last. Meant for the run that wrote the export, before anybody loads it: in between the two renames a loader
+    would find a file its manifest does not list yet.
+    """
+    directory = Path(directory)
+    verify_checksums(directory)
+    target = directory / name
+    staging = target.with_name(f".{name}.tmp-{_OWNER}")
+    try:
+        write(staging)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    write_checksums(directory)
+    return target
 
 
 _OWNER = f"{os.getpid()}@{socket.gethostname()}"
@@ -176,7 +198,9 @@ def load_pretrained(
 ) -> ScFoundationPreTrainedModel:
     """Load an exported directory: the saved head class (strictly), in eval mode, carrying its tokenizer.
 
-    The tokenizer is ``model.gene_tokenizer``: everything that feeds the model AnnData takes it from there. A
+    The tokenizer is ``model.gene_tokenizer``: everything that feeds the model AnnData takes it from there. An
+    annotation export's novelty reference (:mod:`sc_foundation.models.novelty`) is ``model.novelty_reference``
+    (None for other exports, and when ``config_overrides`` are given: they may change the cell embedding). A
     published scGPT or Geneformer folder is converted on the fly (see :mod:`sc_foundation.models.convert`).
 
     Args:
@@ -215,7 +239,8 @@ def load_pretrained(
         if verify:  # both folders: a damaged base corrupts the task model as surely as a damaged adapter
             verify_checksums(path)
             verify_checksums(adapters)
-        return lora.load_with_adapters(path, adapters, **config_overrides).to(device)
+        model = lora.load_with_adapters(path, adapters, **config_overrides).to(device)
+        return _attach_novelty(model, adapters, config_overrides)
     if detect(path) is not None:
         return convert(path, **config_overrides).model.to(device)
     check_export_files(path)
@@ -235,4 +260,13 @@ def load_pretrained(
     model = model_class.from_pretrained(path, **config_overrides).to(device)
     model.eval()
     model.gene_tokenizer = tokenizer
+    return _attach_novelty(model, path, config_overrides)
+
+
+def _attach_novelty(
+    model: ScFoundationPreTrainedModel, folder: Path, config_overrides: Mapping
+) -> ScFoundationPreTrainedModel:
+    """Give ``model`` the novelty reference its export folder holds as ``model.novelty_reference`` (None when it
+    holds none, or when ``config_overrides`` may change the cell embedding the reference was computed with)."""
+    model.novelty_reference = None if config_overrides else NoveltyReference.load(folder)
     return model

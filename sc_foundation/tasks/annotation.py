@@ -13,11 +13,18 @@ from omegaconf import DictConfig
 from sc_foundation.data.genes import _atomic_write_text
 from sc_foundation.data.store import CorpusStore
 from sc_foundation.inference import call_classes
-from sc_foundation.models.export import load_pretrained
+from sc_foundation.models.export import add_export_file, load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForCellClassification,
 )
-from sc_foundation.tasks.calibration import IGNORE, baseline_calibration, calibration_report, hold_out_label
+from sc_foundation.models.novelty import NOVELTY_FILE, NoveltyReference, reference_choice
+from sc_foundation.tasks.calibration import (
+    IGNORE,
+    baseline_calibration,
+    calibration_report,
+    hold_out_label,
+    novelty_report,
+)
 from sc_foundation.tasks.evaluation import classification_metrics, fit_logistic_regressions, store_counts
 from sc_foundation.training.console import announce
 from sc_foundation.training.runs import output_dir
@@ -29,6 +36,7 @@ from .common import (
     fit,
     other_rank_result,
     predict,
+    predict_fields,
     read_inputs,
     task_datamodule,
     three_way_split,
@@ -46,6 +54,29 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
     """
     counts = np.bincount(labels, minlength=n_classes)
     return [len(labels) / (n_classes * c) if c else 1.0 for c in counts.tolist()]
+
+
+def novelty_settings(cfg: DictConfig) -> dict:
+    """:meth:`NoveltyReference.fit`'s settings from the task's ``calibration`` section."""
+    calibration = cfg.calibration
+    return {
+        "neighbors": calibration.novelty_neighbors,
+        "coverage": calibration.coverage,
+        "max_cells": calibration.novelty_reference_cells,
+        "seed": cfg.seed,
+    }
+
+
+def novelty_reference(
+    cfg: DictConfig, model, datamodule, train_rows: np.ndarray, val_embedding: np.ndarray
+) -> NoveltyReference:
+    """The fine-tuned model's novelty reference: the embeddings of (a seeded choice of at most
+    ``calibration.novelty_reference_cells``) training cells, read in evaluation mode, and the threshold from the
+    (n_val, h) validation embeddings."""
+    settings = novelty_settings(cfg)
+    rows = np.asarray(train_rows)[reference_choice(len(train_rows), settings["max_cells"], settings["seed"])]
+    train_embedding, _ = predict(model, datamodule.cells_dataloader(rows), "cell_embedding")
+    return NoveltyReference.fit(train_embedding, val_embedding, **settings)
 
 
 def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
@@ -85,8 +116,10 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
     # (label IGNORE) count only in the refusal scores.
     exported = load_pretrained(best)
-    logits, cells = predict(exported, datamodule.test_dataloader())
-    val_logits, val_cells = predict(exported, datamodule.val_dataloader())
+    fields = ("logits", "cell_embedding")
+    test_out, cells = predict_fields(exported, datamodule.test_dataloader(), fields)
+    val_out, val_cells = predict_fields(exported, datamodule.val_dataloader(), fields)
+    logits, val_logits = test_out["logits"], val_out["logits"]
     known = labels[cells] != IGNORE
     predicted = call_classes(logits, cfg.unknown_threshold)
     models, features = fit_logistic_regressions(
@@ -103,9 +136,15 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         for name, baseline in models.items()
     }
     coverage = cfg.calibration.coverage
+    reference = novelty_reference(cfg, exported, datamodule, splits["train"], val_out["cell_embedding"])
+    add_export_file(best, NOVELTY_FILE, reference.save)  # annotate() refuses novel cells with it
+    pca_space = models["pca_logreg"][:-1].transform(features)  # (n_cells, n_pcs): the PCA logistic regression's input
+    pca_reference = NoveltyReference.fit(pca_space[splits["train"]], pca_space[splits["val"]], **novelty_settings(cfg))
     calibration = {
-        "model": calibration_report(val_logits, labels[val_cells], logits, labels[cells], coverage),
+        "model": calibration_report(val_logits, labels[val_cells], logits, labels[cells], coverage)
+        | {"novelty": novelty_report(reference, test_out["cell_embedding"], labels[cells])},
         "hvg_logreg": baseline_calibration(models["hvg_logreg"], features, labels, splits, len(names), coverage),
+        "pca_novelty": novelty_report(pca_reference, pca_space[splits["test"]], labels[splits["test"]]),
     }
     metrics = {
         "task": "annotation",

@@ -11,8 +11,12 @@
   split, where they carry the label :data:`IGNORE`; the report says how many of them are refused, how many known
   test cells are wrongly refused, and the AUROC of the top probability at telling the two apart.
 
-The same report is made for the logistic regression baseline's probabilities on the same cells (log-probabilities
-serve as its logits), so the two are compared like for like.
+- Refusal by novelty (:func:`novelty_report`): a cell farther from the training cells than the validation cells'
+  ``coverage`` quantile, in the classifier's own feature space, is called unknown (:mod:`sc_foundation.models.novelty`:
+  it tells a type the classifier never saw from the known ones far better than the top probability does).
+
+The same reports are made for the logistic regression baseline on the same cells: its probabilities
+(log-probabilities serve as its logits), and novelty in its PCA space, so the two are compared like for like.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import roc_auc_score
 
+from sc_foundation.models.novelty import NoveltyReference
 from sc_foundation.tasks.evaluation import class_log_probabilities
 
 # Label of a test cell whose type was held out of training (PyTorch's ignore_index: the loss skips it).
@@ -86,20 +91,29 @@ def calibration_report(
     Returns:
         ``temperature``, ``ece_uncalibrated`` and ``ece`` (calibrated) of the known test cells, ``threshold``,
         ``known_refused`` (share of known test cells called unknown) and, when the test split holds held-out cells,
-        ``n_unseen``, ``unseen_refused`` (share of them called unknown) and ``auroc_unseen`` (1 - top probability as a
-        score of being unseen).
+        ``n_unseen``, ``unseen_refused`` (share of them called unknown) and ``auroc_unseen`` (minus the top probability
+        as a score of being unseen).
     """
     temperature = fit_temperature(val_logits, val_labels)
     threshold = refusal_threshold(softmax(val_logits / temperature, axis=1), coverage)
     probabilities = softmax(test_logits / temperature, axis=1)  # (n_test, C)
     known = test_labels != IGNORE
-    refused = probabilities.max(axis=1) < threshold
     report = {
         "temperature": temperature,
         "coverage": coverage,
         "threshold": threshold,
         "ece_uncalibrated": expected_calibration_error(softmax(test_logits[known], axis=1), test_labels[known]),
         "ece": expected_calibration_error(probabilities[known], test_labels[known]),
+    }
+    return report | refusal_scores(-probabilities.max(axis=1), -threshold, known)  # refused: below the threshold
+
+
+def refusal_scores(score: np.ndarray, threshold: float, known: np.ndarray) -> dict:
+    """How a refusal of the (n,) test cells whose ``score`` exceeds ``threshold`` treats the (n,) bool ``known``
+    cells and the others (a held-out type's): ``known_refused`` and ``n_known``, and when there are unseen cells
+    ``n_unseen``, ``unseen_refused`` and ``auroc_unseen`` (the score's AUROC at telling unseen from known)."""
+    refused = score > threshold
+    report = {
         "known_refused": float(refused[known].mean()) if known.any() else float("nan"),
         "n_known": int(known.sum()),
     }
@@ -107,8 +121,21 @@ def calibration_report(
         report["n_unseen"] = int((~known).sum())
         report["unseen_refused"] = float(refused[~known].mean())
         if known.any():
-            report["auroc_unseen"] = float(roc_auc_score(~known, 1 - probabilities.max(axis=1)))
+            report["auroc_unseen"] = float(roc_auc_score(~known, score))
     return report
+
+
+def novelty_report(reference: NoveltyReference, test_features: np.ndarray, test_labels: np.ndarray) -> dict:
+    """The refusal by novelty (:mod:`sc_foundation.models.novelty`) of the (n_test, h) test cells, whose
+    (n_test,) ``test_labels`` are :data:`IGNORE` for a held-out type: :func:`refusal_scores` plus the reference's
+    ``threshold``, ``neighbors``, ``coverage`` and ``n_reference`` cells."""
+    settings = {
+        "threshold": reference.threshold,
+        "neighbors": reference.neighbors,
+        "coverage": reference.coverage,
+        "n_reference": len(reference.embeddings),
+    }
+    return settings | refusal_scores(reference.scores(test_features), reference.threshold, test_labels != IGNORE)
 
 
 def hold_out_label(

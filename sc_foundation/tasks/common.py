@@ -83,17 +83,27 @@ def with_batch_key(inputs: Sequence, batch_key: str) -> list[CorpusInput]:
     return specs
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, loader, field: str = "logits", **forward_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """The output ``field`` (n, ...) (e.g. ``logits`` (n, C), ``cell_embedding`` (n, h)) and the store indices (n,)
     of every cell the loader yields, with the model in eval mode; ``forward_kwargs`` go to every forward call."""
+    outputs, cells = predict_fields(model, loader, (field,), **forward_kwargs)
+    return outputs[field], cells
+
+
+@torch.no_grad()
+def predict_fields(
+    model: torch.nn.Module, loader, fields: Sequence[str], **forward_kwargs
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Several output fields from one pass, as :func:`predict`: ``{field: (n, ...)}`` and the (n,) store indices."""
     step = TrainingModule(model).eval()  # its forward drops batch keys the model does not take
-    outputs, cells = [], []
+    outputs, cells = {field: [] for field in fields}, []
     for batch in loader:
         batch = {key: value.to(model.device) for key, value in batch.items()}
-        outputs.append(getattr(step(batch | forward_kwargs), field).float().cpu())
+        output = step(batch | forward_kwargs)
+        for field in fields:
+            outputs[field].append(getattr(output, field).float().cpu())
         cells.append(batch["cell_index"].cpu())
-    return torch.cat(outputs).numpy(), torch.cat(cells).numpy()
+    return {field: torch.cat(parts).numpy() for field, parts in outputs.items()}, torch.cat(cells).numpy()
 
 
 def read_inputs(cfg: DictConfig) -> list[CorpusInput]:

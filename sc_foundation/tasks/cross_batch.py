@@ -112,11 +112,11 @@ class CrossBatchTargets(pl.Callback):
         was_training = model.training
         try:
             with torch.no_grad():
-                embedding, cells = predict(model, trainer.datamodule.predict_dataloader(), "cell_embedding")
+                loader = trainer.datamodule.cells_dataloader(self.train_rows)
+                embedding, cells = predict(model, loader, "cell_embedding")
         finally:
             model.train(was_training)
-        order = np.argsort(cells)
-        embedding = embedding[order][self.train_rows]  # (n_train, d)
+        embedding = embedding[np.argsort(cells)]  # (n_train, d), in the order of the sorted train_rows
         self.targets[:] = np.nan
         self.targets[self.train_rows] = mutual_neighbour_targets(
             embedding, self.batch_ids[self.train_rows], self.neighbours

@@ -1,0 +1,106 @@
+"""Refusal by novelty (sc_foundation.models.novelty): the reference, its threshold, its file in the export, and
+annotate() labelling novel cells unknown."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from sc_foundation.models.checksums import ChecksumError, read_checksums, verify_checksums
+from sc_foundation.models.export import add_export_file, load_pretrained
+from sc_foundation.models.novelty import NOVELTY_FILE, NoveltyReference, reference_choice
+from sc_foundation.tasks.calibration import IGNORE, novelty_report
+
+
+def clusters(rng, centres: np.ndarray, n: int) -> np.ndarray:
+    """(n, d) cells scattered (sd 1) around centres drawn in turn from the (k, d) ``centres``."""
+    return centres[np.arange(n) % len(centres)] + rng.normal(0, 1, (n, centres.shape[1]))
+
+
+@pytest.fixture
+def tiny_export(pretrained, tmp_path):
+    """A copy of the session's tiny pretrained export, free to change."""
+    return shutil.copytree(pretrained, tmp_path / "export")
+
+
+@pytest.fixture
+def known_and_unseen():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 8))  # three known types, far apart
+    far = centres.mean(0) + 30.0  # a type the classifier never saw, far from all three
+    return rng, centres, clusters(rng, far[None], 50)
+
+
+def test_threshold_accepts_the_coverage_of_validation_cells_and_refuses_a_far_type(known_and_unseen):
+    rng, centres, unseen = known_and_unseen
+    train, val, test = clusters(rng, centres, 600), clusters(rng, centres, 400), clusters(rng, centres, 300)
+    reference = NoveltyReference.fit(train, val, neighbors=5, coverage=0.9)
+    assert np.mean(reference.scores(val) <= reference.threshold) == pytest.approx(0.9, abs=0.005)
+    report = novelty_report(reference, np.concatenate([test, unseen]), np.r_[np.zeros(300, int), np.full(50, IGNORE)])
+    assert report["unseen_refused"] == 1.0 and report["auroc_unseen"] == 1.0
+    assert 0.03 < report["known_refused"] < 0.2  # new known cells are refused about as often as validation cells
+    assert report["n_known"] == 300 and report["n_unseen"] == 50 and report["n_reference"] == 600
+
+
+def test_scores_are_the_distance_to_the_kth_nearest_reference_cell_and_nan_without_an_embedding():
+    reference = NoveltyReference(np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32), 2, 1.5, 0.95)
+    scores = reference.scores(np.array([[0.0, 0.0], [10.0, 0.0], [np.nan, 0.0]]))
+    assert scores[:2] == pytest.approx([1.0, 9.0]) and np.isnan(scores[2])
+    assert reference.novel(np.array([[0.0, 0.0], [10.0, 0.0], [np.nan, 0.0]])).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="do not match the novelty reference's width 2"):
+        reference.scores(np.zeros((1, 3)))
+
+
+def test_reference_keeps_a_seeded_choice_of_at_most_max_cells(known_and_unseen):
+    rng, centres, _ = known_and_unseen
+    train, val = clusters(rng, centres, 500), clusters(rng, centres, 100)
+    first = NoveltyReference.fit(train, val, max_cells=120, seed=3)
+    again = NoveltyReference.fit(train, val, max_cells=120, seed=3)
+    assert first.embeddings.shape == (120, 8) and np.array_equal(first.embeddings, again.embeddings)
+    assert np.array_equal(reference_choice(50, 120, 0), np.arange(50))
+    assert not np.array_equal(reference_choice(500, 120, 3), reference_choice(500, 120, 4))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"coverage": 0.0}, r"coverage must lie in \(0, 1\]"),
+        ({"max_cells": 0}, "novelty_reference_cells must be at least 1"),
+        ({"neighbors": 11}, "1 <= neighbors <= n_ref"),
+    ],
+)
+def test_fit_refuses_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        NoveltyReference.fit(np.zeros((10, 2)), np.zeros((4, 2)), **settings)
+
+
+def test_fit_refuses_empty_validation_and_non_finite_embeddings():
+    with pytest.raises(ValueError, match="validation split is empty"):
+        NoveltyReference.fit(np.zeros((10, 2)), np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        NoveltyReference.fit(np.full((10, 2), np.nan), np.zeros((4, 2)))
+
+
+def test_reference_round_trips_through_the_export_and_its_checksums(known_and_unseen, tiny_export, tmp_path):
+    rng, centres, _ = known_and_unseen
+    reference = NoveltyReference.fit(clusters(rng, centres, 60), clusters(rng, centres, 30), coverage=0.8)
+    assert NoveltyReference.load(tiny_export) is None
+    add_export_file(tiny_export, NOVELTY_FILE, reference.save)
+    assert NOVELTY_FILE in read_checksums(tiny_export) and verify_checksums(tiny_export)
+    loaded = NoveltyReference.load(tiny_export)
+    assert np.array_equal(loaded.embeddings, reference.embeddings)
+    assert (loaded.neighbors, loaded.threshold, loaded.coverage) == (5, reference.threshold, 0.8)
+    assert not list(tiny_export.glob(".*tmp*"))  # no staging file left behind
+    assert load_pretrained(tiny_export).novelty_reference.threshold == reference.threshold
+    assert load_pretrained(tiny_export, pooling="cls").novelty_reference is None  # another embedding than its own
+
+
+def test_a_damaged_export_is_not_re_signed(tiny_export):
+    weights = tiny_export / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    reference = NoveltyReference(np.zeros((5, 2), np.float32), 1, 1.0, 0.95)
+    with pytest.raises(ChecksumError, match=r"model\.safetensors is corrupt"):
+        add_export_file(tiny_export, NOVELTY_FILE, reference.save)
+    assert not (tiny_export / NOVELTY_FILE).exists()
