@@ -127,6 +127,16 @@ TASKS: dict[str, dict] = {
         "subset": 2000,
         "overrides": ["label_key=cell_type", "split.split_by=Batch", "split.test_groups=[09J,09K,09L]"],
     },
+    "annotation_snare_unseen_type": {
+        "task": "annotation",
+        "within": "annotation_snare",
+        "kind": "held-out type",
+        "description": "The same 2000 SNARE-seq cells with the astrocytes kept out of training and validation: the "
+        "test split's astrocytes score the refusal (unknown), the other test cells the classification",
+        "files": [SNARE_RNA],
+        "subset": 2000,
+        "overrides": ["label_key=cell_type", "holdout_label=Astro"],
+    },
     "integration": {
         "task": "integration",
         "description": "CellBench: protocols (CEL-seq2 / Drop-seq) as batches, 3 cell lines; all cells scored",
