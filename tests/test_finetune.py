@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForSequenceClassification
@@ -18,7 +19,7 @@ from sc_foundation.inference import call_classes
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import ScFoundationForCellClassification
-from sc_foundation.tasks.convergence import GradualUnfreezing
+from sc_foundation.tasks.convergence import EarlyStoppingFrom, GradualUnfreezing
 from tests.conftest import CELLBENCH, TINY_ARCHITECTURE
 
 ROOT = Path(__file__).parents[1]
@@ -108,6 +109,43 @@ def test_gradual_mode_freezes_the_backbone_for_its_first_epochs():
     assert any(g is not None and g.abs().sum() > 0 for g in backbone) and all(g is not None for g in head)
     with pytest.raises(ValueError, match="unfreeze_epoch"):
         GradualUnfreezing(0)
+
+
+class _WorseningEveryEpoch(pl.LightningModule):
+    """A one-weight module whose validation metric grows with the epoch: early stopping fires after patience."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/metric", float(self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("start_epoch", "epochs_run"), [(0, 3), (5, 8)])
+def test_early_stopping_counts_patience_from_its_start_epoch(start_epoch, epochs_run):
+    """Patience 2 on a metric that only worsens: stopped after epoch 2 from the start, after epoch 7 when the
+    checks begin at epoch 5 (its value there is the best the callback has seen)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4)), batch_size=2)
+    stopping = EarlyStoppingFrom(start_epoch, monitor="val/metric", mode="min", patience=2)
+    trainer = pl.Trainer(
+        max_epochs=20,
+        callbacks=[stopping],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_WorseningEveryEpoch(), loader, loader)
+    assert trainer.current_epoch == epochs_run and stopping.stopped_epoch == epochs_run - 1
+    with pytest.raises(ValueError, match="start_epoch must be 0 or more"):
+        EarlyStoppingFrom(-1, monitor="val/metric")
 
 
 def test_label_smoothing_and_backbone_dropout_reach_the_model():

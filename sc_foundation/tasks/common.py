@@ -14,7 +14,6 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping
 
 from sc_foundation.data.datamodule import CorpusDataModule, split_cells, split_train_val_test
 from sc_foundation.data.datasets import corpus_inputs
@@ -31,7 +30,7 @@ from sc_foundation.training.lightning_module import TrainingModule
 from sc_foundation.training.memory import available_memory, plan_training, release_freed_memory
 from sc_foundation.training.runs import ExportBest, export, trainer_arguments
 
-from .convergence import GradualUnfreezing, LearningCurves
+from .convergence import EarlyStoppingFrom, GradualUnfreezing, LearningCurves
 
 MODES = ("full", "frozen", "lower_lr", "gradual", "lora")
 LIBRARY_SIZES = ("input", "panel")
@@ -298,7 +297,9 @@ def fit(cfg: DictConfig, out: Path, model, tokenizer, datamodule, callbacks: Seq
     callbacks = [
         *callbacks,  # first: a task's metric callback logs what the next ones read
         best,
-        EarlyStopping(monitor=stopping.monitor, mode=stopping.mode, patience=stopping.patience),
+        EarlyStoppingFrom(
+            stopping.start_epoch, monitor=stopping.monitor, mode=stopping.mode, patience=stopping.patience
+        ),
         LearningCurves(out, stopping.monitor),
         *([GradualUnfreezing(finetune.unfreeze_epoch)] if finetune.mode == "gradual" else []),
         *console_callbacks(trainer_kwargs),

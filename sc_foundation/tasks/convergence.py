@@ -3,7 +3,8 @@
 A fine-tuning run is budgeted in epochs over the training cells (``trainer.max_epochs``); the learning-rate schedule
 spans that budget, and early stopping ends it once the task's own validation metric (``early_stopping.monitor``:
 ``val/macro_f1`` for annotation, the likelihood ``val/loss`` for the decoding tasks) has not improved for
-``early_stopping.patience`` epochs. These callbacks supply the metric, record the curves and unfreeze the backbone.
+``early_stopping.patience`` epochs (counted from ``early_stopping.start_epoch``). These callbacks supply the metric,
+stop the run, record the curves and unfreeze the backbone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from sklearn.metrics import f1_score
 
 from sc_foundation.data.genes import _atomic_write_text
@@ -61,6 +63,29 @@ class ValidationMacroF1(pl.Callback):
         module.log("val/macro_f1", score, prog_bar=True)
         loss = losses / len(true)  # the mean validation loss per cell, as val/loss
         module.log("val/macro_f1_then_loss", score - TIE_BREAK * min(loss, 100.0))
+
+
+class EarlyStoppingFrom(EarlyStopping):
+    """Lightning's early stopping, silent before ``start_epoch``: patience counts from that epoch's validation on.
+
+    Why: a task whose loss rises for a while by design stops inside that rise with ordinary patience. Integration is
+    one: its discriminator takes hold around epochs 8-13 and the reconstruction loss climbs before it falls again.
+    The best weights are still chosen over every epoch (the export callback watches them all).
+    """
+
+    def __init__(self, start_epoch: int = 0, **kwargs):
+        if start_epoch < 0:
+            raise ValueError(f"early_stopping.start_epoch must be 0 or more, got {start_epoch}")
+        super().__init__(**kwargs)
+        self.start_epoch = start_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self.start_epoch:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self.start_epoch:
+            super().on_validation_end(trainer, pl_module)
 
 
 class LearningCurves(pl.Callback):
