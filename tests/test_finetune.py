@@ -49,6 +49,9 @@ def test_conf_composes():
     assert cfg.label_key == "cell_type" and cfg.class_weights == "balanced" and cfg.unknown_threshold is None
     assert cfg.early_stopping.patience > 0 and cfg.trainer.max_epochs > 0 and cfg.trainer.accelerator == "cpu"
     assert (cfg.early_stopping.monitor, cfg.early_stopping.mode) == ("val/macro_f1_then_loss", "max")
+    assert cfg.early_stopping.start_epoch == 0
+    integration = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=integration", "batch_key=b"])
+    assert integration.early_stopping.start_epoch == 30  # the task's own, not overridden by finetune.yaml
 
 
 def test_annotates_cellbench_cell_lines(annotation):
