@@ -60,6 +60,7 @@ import numpy as np
 from _corpus import DEFAULT_DATA, atomic_path, machine_info, write_json_atomic
 
 from sc_foundation.conf import CONFIG_ROOT, compose
+from sc_foundation.data.io import write_h5ad_atomic
 
 SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_atac.h5ad"
 
@@ -146,6 +147,14 @@ TASKS: dict[str, dict] = {
             "batch_key=batch",
             "label_key=cell_type",
         ],
+    },
+    "integration_thinned": {
+        "task": "integration",
+        "description": "CellBench with a composition shift: H2228 thinned to 15% in CEL-seq2 and H1975 to 15% in "
+        "Drop-seq (seeded), protocols as batches; all cells scored",
+        "prepare": "thinned_cellbench",
+        "subset": None,
+        "overrides": ["batch_key=batch", "label_key=cell_type"],
     },
     "imputation": {
         "task": "imputation",
@@ -356,9 +365,7 @@ def subset_files(relative: list, data_dir: Path, out: Path, n_cells: int, seed: 
         finally:
             backed.file.close()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.h5ad")
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        write_h5ad_atomic(adata, path)
         written.append({**spec, "path": str(path)})
     return written
 
@@ -396,14 +403,34 @@ def facs_to_pbmc68k(data_dir: Path, out: Path, seed: int = 0, reference_cells: i
     for name, adata in (("facs_reference_mapped", reference), ("pbmc68k_mapped", query)):
         path = out / f"{name}.h5ad"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.h5ad")
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        write_h5ad_atomic(adata, path)
         written.append({"path": str(path)})
     return written
 
 
-PREPARE = {"facs_to_pbmc68k": facs_to_pbmc68k}
+# The composition shift of ``integration_thinned``: in each protocol one cell line (a different one) is thinned.
+THINNED_LINES = {"sc_celseq2": "H2228", "sc_dropseq": "H1975"}
+
+
+def thinned_cellbench(data_dir: Path, out: Path, seed: int = 0, share: float = 0.15) -> list[dict]:
+    """CellBench with :data:`THINNED_LINES`: a seeded ``share`` (rounded up) of that line's cells kept in that
+    protocol, every other cell kept; written to ``out/cellbench_thinned.h5ad``. The protocols then differ in
+    composition (one line abundant in one, rare in the other), as batches of real samples do."""
+    import anndata
+
+    adata = anndata.read_h5ad(data_dir / "cellbench_3cl/cellbench_3cl.h5ad")
+    rng = np.random.default_rng(seed)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for batch, line in THINNED_LINES.items():
+        rows = np.flatnonzero((adata.obs["batch"] == batch).to_numpy() & (adata.obs["cell_type"] == line).to_numpy())
+        keep[rows] = False
+        keep[rng.choice(rows, size=math.ceil(share * len(rows)), replace=False)] = True
+    path = out / "cellbench_thinned.h5ad"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [{"path": str(write_h5ad_atomic(adata[keep].copy(), path))}]
+
+
+PREPARE = {"facs_to_pbmc68k": facs_to_pbmc68k, "thinned_cellbench": thinned_cellbench}
 
 
 def task_overrides(

@@ -164,6 +164,20 @@ def test_facs_reference_and_pbmc68k_share_one_label_set(quality, shared_data, tm
     assert all(quality.TASKS[spec["within"]] for spec in quality.TASKS.values() if spec.get("within"))
 
 
+def test_thinned_cellbench_makes_one_line_rare_in_each_protocol(quality, shared_data, tmp_path):
+    import anndata
+    import pandas as pd
+
+    thinned = anndata.read_h5ad(quality.thinned_cellbench(shared_data, tmp_path / "s0", seed=0)[0]["path"])
+    counts = pd.crosstab(thinned.obs["batch"], thinned.obs["cell_type"])
+    # CellBench holds 112 / 81 / 81 cells of H1975 / H2228 / HCC827 in CEL-seq2 and 86 / 69 / 70 in Drop-seq
+    assert counts.loc["sc_celseq2"].tolist() == [112, 13, 81] and counts.loc["sc_dropseq"].tolist() == [13, 69, 70]
+    again = anndata.read_h5ad(quality.thinned_cellbench(shared_data, tmp_path / "again", seed=0)[0]["path"])
+    other = anndata.read_h5ad(quality.thinned_cellbench(shared_data, tmp_path / "s1", seed=1)[0]["path"])
+    assert list(again.obs_names) == list(thinned.obs_names) and set(other.obs_names) != set(thinned.obs_names)
+    assert quality.TASKS["integration_thinned"]["prepare"] == "thinned_cellbench"
+
+
 def test_top_context_keeps_the_most_expressed_genes_and_counts_the_pushed_out(import_benchmark):
     import numpy as np
 
