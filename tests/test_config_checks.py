@@ -104,15 +104,6 @@ def test_a_panel_longer_than_a_rank_models_positions_is_refused(tmp_path):
     check_config(fits, "finetune")
 
 
-def test_a_cross_batch_attraction_that_would_never_start_is_refused():
-    base = ["pretrained=model", "data.files=[cells.h5ad]", "task=integration", "batch_key=batch"]
-    late = ["cross_batch_weight=0.1", "cross_batch_start_epoch=20", "trainer.max_epochs=10"]
-    with pytest.raises(ConfigError, match=r"cross_batch_start_epoch=20 is not before the last epoch.*below 10"):
-        check_config(compose("finetune", base + late), "finetune")
-    check_config(compose("finetune", base + late[1:]), "finetune")  # no attraction: nothing to start
-    check_config(compose("finetune", base + late[:2] + ["trainer.max_epochs=30"]), "finetune")
-
-
 def test_types_follow_the_packaged_yaml_without_an_edit(tmp_path, monkeypatch):
     """A key added to a packaged YAML file (as other issues add them) is typed by its default at once."""
     conf = tmp_path / "conf"

@@ -8,6 +8,8 @@ import torch
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForBatchIntegration, _target_distance
 from sc_foundation.tasks.cross_batch import CrossBatchTargets, mutual_neighbour_targets, shared_targets
+from sc_foundation.tasks.integration import cross_batch_runs
+from tests.test_finetune import compose_finetune
 from tests.test_integration import run_cellbench_integration
 
 
@@ -108,6 +110,15 @@ def test_the_attraction_is_a_training_term_over_the_cells_with_a_target():
     torch.testing.assert_close(evaluated.loss, evaluated.reconstruction_loss)
 
 
+def test_a_run_shorter_than_the_start_epoch_trains_without_the_attraction():
+    base = ["pretrained=model", "data.files=[cells.h5ad]", "task=integration", "batch_key=batch"]
+    cfg = compose_finetune(base)
+    assert cfg.cross_batch_weight == 0.1 and cfg.cross_batch_start_epoch == 20 and cross_batch_runs(cfg)
+    assert not cross_batch_runs(compose_finetune([*base, "trainer.max_epochs=20"]))
+    assert cross_batch_runs(compose_finetune([*base, "trainer.max_epochs=21"]))
+    assert not cross_batch_runs(compose_finetune([*base, "cross_batch_weight=0"]))
+
+
 def integration_run(pretrained, cellbench, out, *extra):
     return run_cellbench_integration(
         pretrained,
@@ -122,7 +133,7 @@ def integration_run(pretrained, cellbench, out, *extra):
 
 def test_a_run_with_the_attraction_gives_targets_to_training_cells_only(pretrained, cellbench, tmp_path):
     result = integration_run(pretrained, cellbench, tmp_path / "run", "trainer.max_epochs=1", "cross_batch_weight=1")
-    assert result["metrics"]["cross_batch_weight"] == 1
+    assert result["metrics"]["cross_batch_weight"] == 1 and result["metrics"]["cross_batch_epochs"] == 1
     targets = result["datamodule"].per_cell["cross_batch_targets"]  # as the last epoch's start left them
     paired = ~np.isnan(targets).any(axis=1)
     assert targets.shape == (499, 16)  # the variational latent's width
@@ -134,7 +145,7 @@ def test_a_run_with_the_attraction_gives_targets_to_training_cells_only(pretrain
 def test_a_short_run_mixes_the_batches_better_with_the_attraction(pretrained, cellbench, tmp_path):
     """Three epochs from the same start: with the attraction the protocols mix better (iLISI, batch score) than
     without."""
-    plain = integration_run(pretrained, cellbench, tmp_path / "plain")["metrics"]["model"]
+    plain = integration_run(pretrained, cellbench, tmp_path / "plain", "cross_batch_weight=0")["metrics"]["model"]
     extra = ("cross_batch_weight=5", "cross_batch_neighbors=10")
     pulled = integration_run(pretrained, cellbench, tmp_path / "pulled", *extra)["metrics"]["model"]
     assert pulled["ilisi"] > plain["ilisi"]

@@ -212,7 +212,7 @@ def _impossible(values: dict, config_name: str) -> list[str]:
     if config_name == "pretrain":
         problems += _pretrain_positions(values)
     else:
-        problems += _finetune_positions(values) + _missing_columns(values) + _cross_batch_start(values)
+        problems += _finetune_positions(values) + _missing_columns(values)
     return problems
 
 
@@ -278,18 +278,6 @@ def _finetune_positions(values: dict) -> list[str]:
             "lower, or data.panel_genes=null"
         ]
     return []
-
-
-def _cross_batch_start(values: dict) -> list[str]:
-    """An integration run whose cross-batch attraction would start after its last epoch."""
-    weight, start = values.get("cross_batch_weight"), values.get("cross_batch_start_epoch")
-    epochs = (values.get("trainer") or {}).get("max_epochs")
-    if not weight or not isinstance(start, int) or not isinstance(epochs, int) or start < epochs:
-        return []
-    return [
-        f"cross_batch_start_epoch={start} is not before the last epoch (trainer.max_epochs={epochs}): the cross-batch "
-        f"attraction would never run; set cross_batch_start_epoch below {epochs}, or cross_batch_weight=0"
-    ]
 
 
 STORE_GROUP_COLUMNS = ("source", "batch")

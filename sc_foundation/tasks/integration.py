@@ -47,6 +47,22 @@ from .common import (
 )
 
 
+def cross_batch_runs(cfg: DictConfig) -> bool:
+    """Whether the run gets the cross-batch attraction: a positive ``cross_batch_weight`` and a start within the
+    epoch budget. A start after the last epoch (a short run, e.g. ``trainer.max_epochs=3``) is announced: the run
+    goes on without it."""
+    if cfg.cross_batch_weight <= 0:
+        return False
+    epochs, start = cfg.trainer.get("max_epochs"), cfg.cross_batch_start_epoch
+    if isinstance(epochs, int) and 0 <= epochs <= start:
+        announce(
+            f"no cross-batch attraction in this run: it starts at epoch {start} (cross_batch_start_epoch), after the "
+            f"run's {epochs} epochs (trainer.max_epochs)"
+        )
+        return False
+    return True
+
+
 def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """``task=integration``: see the module docstring.
 
@@ -90,7 +106,8 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     init_panel_decoder(model.decoder, targets[splits["train"]])
     per_cell = {"batch_ids": batch_ids, "counts": targets}
     task_callbacks = list(callbacks)
-    if cfg.cross_batch_weight > 0:
+    attracted = cross_batch_runs(cfg)
+    if attracted:
         # Refreshed each epoch by the callback and read by the loaders: the pull towards mutual neighbours.
         width = model.config.latent_size or model.config.hidden_size
         per_cell["cross_batch_targets"] = shared_targets(len(store), width)
@@ -130,6 +147,8 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         "batches": batch_names,
         "dab_weight": cfg.dab_weight,
         "cross_batch_weight": cfg.cross_batch_weight,
+        # epochs trained with the attraction: 0 when it is off, or starts after the run's last epoch
+        "cross_batch_epochs": max(0, trainer.current_epoch - cfg.cross_batch_start_epoch) if attracted else 0,
         "latent_size": cfg.latent_size,
         "finetune_mode": cfg.finetune.mode,
         "scored_cells": "all",
