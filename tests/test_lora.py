@@ -73,6 +73,8 @@ def test_separate_export_is_small_and_loads_on_its_base(lora_annotation, pretrai
     on_given_base = load_pretrained(pretrained, device="cpu", adapters=best)
     assert type(on_recorded_base).__name__ == "ScFoundationForCellClassification"
     assert not adapters._lora_layers(on_recorded_base)  # merged into plain layers
+    # the novelty reference travels in the adapter folder, which the run scored
+    assert on_recorded_base.novelty_reference is not None and on_given_base.novelty_reference is not None
     assert on_recorded_base.gene_tokenizer.config == GeneTokenizer.from_pretrained(best).config  # the task's panel
     logits = outputs(on_recorded_base, batch, "logits")
     torch.testing.assert_close(logits, outputs(on_given_base, batch, "logits"), rtol=0, atol=0)
