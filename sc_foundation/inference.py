@@ -170,7 +170,8 @@ def annotate(
         model: an exported :class:`~sc_foundation.models.modeling.ScFoundationForCellClassification` directory or model.
         unknown_threshold: cells whose top probability is below it are labelled ``"unknown"``; None labels all.
         refuse_novel: label cells beyond the novelty threshold ``"unknown"``: the way to refuse a cell type the model
-            never saw, which the top probability often calls confidently as the nearest known type.
+            never saw, which the top probability often calls confidently as the nearest known type. For queries
+            measured like the training cells: across protocols known cells lie far too (half refused on CellBench).
         Others: as for :func:`embed`.
 
     Raises:
