@@ -46,26 +46,25 @@ def test_scores_are_the_distance_to_the_kth_nearest_reference_cell_and_nan_witho
     reference = NoveltyReference(np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32), 2, 1.5, 0.95)
     scores = reference.scores(np.array([[0.0, 0.0], [10.0, 0.0], [np.nan, 0.0]]))
     assert scores[:2] == pytest.approx([1.0, 9.0]) and np.isnan(scores[2])
-    assert reference.novel(np.array([[0.0, 0.0], [10.0, 0.0], [np.nan, 0.0]])).tolist() == [False, True, False]
+    assert (scores > reference.threshold).tolist() == [False, True, False]  # annotate's refusal: NaN is not novel
     with pytest.raises(ValueError, match="do not match the novelty reference's width 2"):
         reference.scores(np.zeros((1, 3)))
 
 
-def test_reference_keeps_a_seeded_choice_of_at_most_max_cells(known_and_unseen):
-    rng, centres, _ = known_and_unseen
-    train, val = clusters(rng, centres, 500), clusters(rng, centres, 100)
-    first = NoveltyReference.fit(train, val, max_cells=120, seed=3)
-    again = NoveltyReference.fit(train, val, max_cells=120, seed=3)
-    assert first.embeddings.shape == (120, 8) and np.array_equal(first.embeddings, again.embeddings)
+def test_reference_keeps_a_seeded_choice_of_at_most_max_cells():
+    first, again = reference_choice(500, 120, 3), reference_choice(500, 120, 3)
+    assert len(first) == 120 and len(np.unique(first)) == 120 and np.array_equal(first, again)
+    assert np.array_equal(first, np.sort(first)) and first.max() < 500
     assert np.array_equal(reference_choice(50, 120, 0), np.arange(50))
     assert not np.array_equal(reference_choice(500, 120, 3), reference_choice(500, 120, 4))
+    with pytest.raises(ValueError, match="novelty_reference_cells must be at least 1"):
+        reference_choice(10, 0, 0)
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"coverage": 0.0}, r"coverage must lie in \(0, 1\]"),
-        ({"max_cells": 0}, "novelty_reference_cells must be at least 1"),
         ({"neighbors": 11}, "1 <= neighbors <= n_ref"),
     ],
 )

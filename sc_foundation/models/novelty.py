@@ -17,7 +17,7 @@ them. Annotation fine-tuning stores it in its export (:data:`NOVELTY_FILE`, cove
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,24 +53,16 @@ class NoveltyReference:
 
     @classmethod
     def fit(
-        cls,
-        train_embedding: np.ndarray,
-        val_embedding: np.ndarray,
-        *,
-        neighbors: int = 5,
-        coverage: float = 0.95,
-        max_cells: int = 10_000,
-        seed: int = 0,
+        cls, train_embedding: np.ndarray, val_embedding: np.ndarray, *, neighbors: int = 5, coverage: float = 0.95
     ) -> NoveltyReference:
-        """The reference of a classifier from its (n_train, h) training and (n_val, h) validation cell embeddings.
-
-        At most ``max_cells`` training cells (a seeded random choice) are kept: the reference travels in the export,
-        and a query's cost grows with it. The threshold is the ``coverage`` quantile of the validation cells'
-        novelty; no validation cell is a reference cell, so it measures how far new cells of the known types lie.
+        """The reference of a classifier from the (n_ref, h) embeddings of the training cells it keeps (chosen with
+        :func:`reference_choice`) and its (n_val, h) validation cells. The threshold is the ``coverage`` quantile of
+        the validation cells' novelty; no validation cell is a reference cell, so it measures how far new cells of the
+        known types lie.
 
         Raises:
-            ValueError: ``coverage`` outside (0, 1], ``max_cells`` < 1, fewer kept training cells than ``neighbors``, no
-                validation cells, or non-finite embeddings.
+            ValueError: ``coverage`` outside (0, 1], fewer training cells than ``neighbors``, no validation cells, or
+                non-finite embeddings.
         """
         if not 0 < coverage <= 1:
             raise ValueError(f"calibration.coverage must lie in (0, 1], got {coverage}")
@@ -78,10 +70,8 @@ class NoveltyReference:
             raise ValueError("a novelty threshold needs validation cells; the validation split is empty")
         if not (np.isfinite(train_embedding).all() and np.isfinite(val_embedding).all()):
             raise ValueError("the cell embeddings of the novelty reference hold NaN or infinite values")
-        train_embedding = train_embedding[reference_choice(len(train_embedding), max_cells, seed)]
-        reference = cls(np.ascontiguousarray(train_embedding, dtype=np.float32), neighbors, np.inf, coverage)
-        threshold = float(np.quantile(reference.scores(val_embedding), coverage))
-        return cls(reference.embeddings, neighbors, threshold, coverage)
+        unset = cls(np.ascontiguousarray(train_embedding, dtype=np.float32), neighbors, np.inf, coverage)
+        return replace(unset, threshold=float(np.quantile(unset.scores(val_embedding), coverage)))
 
     def scores(self, embedding: np.ndarray) -> np.ndarray:
         """(n,) novelty of (n, h) cell embeddings: the distance to the ``neighbors``-th nearest reference cell; NaN
@@ -99,11 +89,6 @@ class NoveltyReference:
             distances, _ = index.kneighbors(embedding[finite])  # (n_finite, neighbors), ascending
             scores[finite] = distances[:, -1]
         return scores
-
-    def novel(self, embedding: np.ndarray) -> np.ndarray:
-        """(n,) bool: cells whose novelty exceeds the threshold (False for cells without an embedding)."""
-        with np.errstate(invalid="ignore"):
-            return self.scores(embedding) > self.threshold
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the reference to the safetensors file ``path`` (settings in its metadata)."""
@@ -134,7 +119,7 @@ class NoveltyReference:
 
 def reference_choice(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
     """The sorted rows of ``n_cells`` training cells a reference keeps: all of them, or a seeded random
-    ``max_cells`` of them."""
+    ``max_cells`` of them (the reference travels in the export, and a query's cost grows with it)."""
     if max_cells < 1:
         raise ValueError(f"calibration.novelty_reference_cells must be at least 1, got {max_cells}")
     if n_cells <= max_cells:

@@ -56,27 +56,22 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
     return [len(labels) / (n_classes * c) if c else 1.0 for c in counts.tolist()]
 
 
-def novelty_settings(cfg: DictConfig) -> dict:
-    """:meth:`NoveltyReference.fit`'s settings from the task's ``calibration`` section."""
+def novelty_references(
+    cfg: DictConfig, model, datamodule, splits: dict, val_embedding: np.ndarray, pca_space: np.ndarray
+) -> tuple[NoveltyReference, NoveltyReference]:
+    """The novelty references of the fine-tuned model and of the PCA baseline, over the same training cells (a
+    seeded choice of at most ``calibration.novelty_reference_cells``): the model's from their embeddings, read in
+    evaluation mode, with the threshold from the (n_val, h) validation embeddings; the baseline's in the (n_cells,
+    n_pcs) ``pca_space``."""
     calibration = cfg.calibration
-    return {
-        "neighbors": calibration.novelty_neighbors,
-        "coverage": calibration.coverage,
-        "max_cells": calibration.novelty_reference_cells,
-        "seed": cfg.seed,
-    }
-
-
-def novelty_reference(
-    cfg: DictConfig, model, datamodule, train_rows: np.ndarray, val_embedding: np.ndarray
-) -> NoveltyReference:
-    """The fine-tuned model's novelty reference: the embeddings of (a seeded choice of at most
-    ``calibration.novelty_reference_cells``) training cells, read in evaluation mode, and the threshold from the
-    (n_val, h) validation embeddings."""
-    settings = novelty_settings(cfg)
-    rows = np.asarray(train_rows)[reference_choice(len(train_rows), settings["max_cells"], settings["seed"])]
+    train = splits["train"]
+    rows = train[reference_choice(len(train), calibration.novelty_reference_cells, cfg.seed)]
     train_embedding, _ = predict(model, datamodule.cells_dataloader(rows), "cell_embedding")
-    return NoveltyReference.fit(train_embedding, val_embedding, **settings)
+    settings = {"neighbors": calibration.novelty_neighbors, "coverage": calibration.coverage}
+    return (
+        NoveltyReference.fit(train_embedding, val_embedding, **settings),
+        NoveltyReference.fit(pca_space[rows], pca_space[splits["val"]], **settings),
+    )
 
 
 def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
@@ -136,10 +131,11 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         for name, baseline in models.items()
     }
     coverage = cfg.calibration.coverage
-    reference = novelty_reference(cfg, exported, datamodule, splits["train"], val_out["cell_embedding"])
-    add_export_file(best, NOVELTY_FILE, reference.save)  # annotate() refuses novel cells with it
     pca_space = models["pca_logreg"][:-1].transform(features)  # (n_cells, n_pcs): the PCA logistic regression's input
-    pca_reference = NoveltyReference.fit(pca_space[splits["train"]], pca_space[splits["val"]], **novelty_settings(cfg))
+    reference, pca_reference = novelty_references(
+        cfg, exported, datamodule, splits, val_out["cell_embedding"], pca_space
+    )
+    add_export_file(best, NOVELTY_FILE, reference.save)  # annotate() refuses novel cells with it
     calibration = {
         "model": calibration_report(val_logits, labels[val_cells], logits, labels[cells], coverage)
         | {"novelty": novelty_report(reference, test_out["cell_embedding"], labels[cells])},
