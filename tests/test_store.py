@@ -669,3 +669,20 @@ def test_rank_store_keeps_no_values_and_a_negative_cls_value_fits_int8(slices, t
     scgpt = GeneTokenizer(store.vocab, TokenizerConfig(cls_value=-2.0))
     assert [str(t) for t in token_types(scgpt)] == ["uint16", "int8"]
     assert [str(t) for t in token_types(store.tokenizer)] == ["uint16", "None"]
+
+
+def test_relative_truncation_store_keeps_the_corpus_medians_and_reads_cells_by_them(slices, tmp_path):
+    config = TokenizerConfig(encoding="continuous", context_length=CONTEXT, truncation="relative")
+    build(slices, tmp_path / "relative", tokenizer_config=config)
+    store = CorpusStore(tmp_path / "relative")
+    medians = store.tokenizer.gene_medians
+    assert medians is not None and np.isfinite(np.delete(medians, store.vocab.special_ids)).all()
+    # The saved tokenizer reproduces the stored cells of a file, cell for cell.
+    adata = anndata.read_h5ad(slices["kang.h5ad"])
+    match = store.tokenizer.match_genes(adata.var_names.tolist())
+    cells = store.tokenizer.encode(sp.csr_matrix(adata.X, dtype=np.float32), match, cell_keys(adata.obs_names))
+    assert (cells.lengths[:5] == CONTEXT).sum() >= 3  # most of these cells are cut: the choice matters
+    stored = store.get_batch(list(range(5)))
+    for i in range(5):
+        ids = stored["input_ids"][i][stored["attention_mask"][i]]
+        np.testing.assert_array_equal(ids, cells.cell(i)[0])

@@ -297,6 +297,50 @@ def test_top_truncation_keeps_the_highest_values(kang, kang_vocab):
         np.testing.assert_array_equal(values[1:], full_values[1:][kept])
 
 
+def test_relative_truncation_keeps_the_genes_highest_against_their_median(kang, kang_vocab):
+    medians = random_medians(kang_vocab)
+    full = GeneTokenizer(kang_vocab, TokenizerConfig(encoding="continuous", context_length=30_000))
+    config = TokenizerConfig(encoding="continuous", context_length=64, truncation="relative")
+    relative = GeneTokenizer(kang_vocab, config, medians)
+    top = GeneTokenizer(kang_vocab, dataclasses.replace(config, truncation="top"))
+    _, all_cells = encode(full, kang)
+    _, cut = encode(relative, kang)
+    _, by_value = encode(top, kang)
+    assert np.all(cut.lengths == np.minimum(all_cells.lengths, 64))
+    truncated = np.flatnonzero(all_cells.lengths > 64)
+    assert len(truncated) > 50
+    differs_from_top = 0
+    for i in range(len(cut)):
+        ids, values = cut.cell(i)
+        full_ids, full_values = all_cells.cell(i)
+        kept = np.isin(full_ids[1:], ids[1:])
+        # Values stay the encoding's (log1p of counts per 10k), genes in vocabulary order.
+        np.testing.assert_array_equal(values[1:], full_values[1:][kept])
+        assert np.all(np.diff(ids[1:]) > 0)
+        if not kept.all():
+            # The order by value / median is the order by log1p(value) - log(median): monotone in the value.
+            score = np.expm1(full_values[1:].astype(np.float64)) / medians[full_ids[1:]]
+            assert score[kept].min() >= score[~kept].max() * (1 - 1e-5)
+        differs_from_top += not np.array_equal(ids, by_value.cell(i)[0])
+    assert differs_from_top >= len(truncated) // 2  # a different choice from the highest values, not a relabelling
+
+
+def test_relative_truncation_needs_medians_and_gives_genes_without_one_the_typical_median(kang, kang_vocab):
+    config = TokenizerConfig(encoding="continuous", context_length=64, truncation="relative")
+    with pytest.raises(ValueError, match="truncation='relative' needs gene_medians"):
+        GeneTokenizer(kang_vocab, config)
+    medians = random_medians(kang_vocab)
+    gapdh = kang_vocab["ENSG00000111640"]
+    medians[gapdh] = np.nan
+    with_nan = GeneTokenizer(kang_vocab, config, medians)
+    typical = medians.copy()
+    typical[gapdh] = np.median(medians[np.isfinite(medians) & (medians > 0)])
+    _, a = encode(with_nan, kang)
+    _, b = encode(GeneTokenizer(kang_vocab, config, typical), kang)
+    assert np.array_equal(a.gene_ids, b.gene_ids) and np.array_equal(a.offsets, b.offsets)
+    assert np.isin(gapdh, a.gene_ids)  # still read: an unknown median neither hides the gene nor favours it
+
+
 @pytest.mark.parametrize("encoding", ["binned", "continuous"])
 def test_random_truncation_is_seeded_subset(kang, kang_vocab, encoding):
     def run(seed, context=64):
@@ -322,9 +366,10 @@ def test_random_truncation_is_seeded_subset(kang, kang_vocab, encoding):
     assert not_top == truncated  # a random subset, not the first genes in vocabulary order
 
 
-@pytest.mark.parametrize("truncation", ["random", "top"])
+@pytest.mark.parametrize("truncation", ["random", "top", "relative"])
 def test_cell_tokens_do_not_depend_on_chunking_or_neighbours(kang, kang_vocab, truncation):
-    tokenizer = GeneTokenizer(kang_vocab, TokenizerConfig(context_length=48, truncation=truncation, seed=7))
+    config = TokenizerConfig(context_length=48, truncation=truncation, seed=7)
+    tokenizer = GeneTokenizer(kang_vocab, config, random_medians(kang_vocab) if config.needs_medians else None)
     match = tokenizer.match_genes(gene_names(kang))
     counts = sp.csr_matrix(kang.X, dtype=np.float32)
     keys = cell_keys(kang.obs_names)

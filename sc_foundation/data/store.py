@@ -670,8 +670,8 @@ def build_store(
             _discard_if_failed(out) if rank is None else contextlib.nullcontext(),
             _worker_pool(num_workers, len(mine)) as run,
         ):
-            # Pass 1: gene statistics, when a vocabulary must be built or the rank encoding needs medians.
-            if tokenizer is None and (fixed_vocab is None or config.encoding == "rank"):
+            # Pass 1: gene statistics, when a vocabulary must be built or the tokenizer needs medians.
+            if tokenizer is None and (fixed_vocab is None or config.needs_medians):
                 (out / "stats").mkdir(exist_ok=True)
                 todo = [
                     (specs[p.input], p, config.target_sum, chunk_size, str(out / "stats" / f"{p.name}.npz"))
@@ -688,7 +688,7 @@ def build_store(
             if tokenizer is None:
                 built = fixed_vocab is None
                 vocabulary = _build_vocabulary(stats, min_cells_per_gene, specs) if built else fixed_vocab
-                medians = stats.medians_for(vocabulary) if config.encoding == "rank" else None
+                medians = stats.medians_for(vocabulary) if config.needs_medians else None
                 tokenizer = GeneTokenizer(vocabulary, config, medians)
             saved = (out / "gene_tokenizer.json").exists() and GeneTokenizer.from_pretrained(out) == tokenizer
             if not saved:

@@ -8,7 +8,8 @@
   ordered by that value, highest first. The value is kept, but the order is what the model sees.
 * ``continuous``: log1p of counts per ``target_sum``.
 
-A cell longer than the context keeps its top genes or a seeded random subset. The random subset of a cell depends
+A cell longer than the context keeps its top genes (highest values, or highest relative to each gene's corpus non-zero
+median: ``truncation="relative"``) or a seeded random subset. The random subset of a cell depends
 only on the seed, the cell's key (a hash of its id) and the gene, never on the other cells in its chunk, so
 tokenizing a file in chunks, in another order or one cell at a time gives the same tokens.
 
@@ -62,8 +63,11 @@ class TokenizerConfig:
         encoding: ``"binned"``, ``"rank"`` or ``"continuous"``.
         n_bins: number of value tokens for ``binned``, including bin 0 (zero expression).
         context_length: tokens per cell, the CLS token included.
-        truncation: for cells with more genes than fit: ``"top"`` keeps the highest values, ``"random"`` a seeded
-            random subset. ``rank`` always keeps the top of its ranking.
+        truncation: for cells with more genes than fit: ``"top"`` keeps the highest values; ``"relative"`` the genes
+            highest relative to their non-zero median over the corpus (Geneformer's normalisation, applied to the
+            choice only: the values stay the encoding's), so that genes every cell expresses highly do not crowd the
+            context and a cell is read through what sets it apart; ``"random"`` a seeded random subset. ``rank``
+            always keeps the top of its ranking.
         include_zeros: also offer genes with zero counts (value 0) as tokens, as scGPT does for HVG panels.
         add_cls: put a ``<cls>`` token (value 0) first; its output is the cell embedding.
         target_sum: counts per cell after normalisation.
@@ -92,7 +96,7 @@ class TokenizerConfig:
     encoding: Literal["binned", "rank", "continuous"] = "binned"
     n_bins: int = 51
     context_length: int = 2048
-    truncation: Literal["random", "top"] = "random"
+    truncation: Literal["random", "top", "relative"] = "random"
     include_zeros: bool = False
     add_cls: bool = True
     target_sum: float = 1e4
@@ -113,8 +117,8 @@ class TokenizerConfig:
                 raise ValueError("gene_panel is empty: give the panel's genes, or None for every vocabulary gene.")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}.")
-        if self.truncation not in ("random", "top"):
-            raise ValueError(f"truncation must be 'random' or 'top', got {self.truncation!r}.")
+        if self.truncation not in ("random", "top", "relative"):
+            raise ValueError(f"truncation must be 'random', 'top' or 'relative', got {self.truncation!r}.")
         if self.duplicates not in ("sum", "error"):
             raise ValueError(f"duplicates must be 'sum' or 'error', got {self.duplicates!r}.")
         if self.gene_id_type not in ("ensembl", "symbol"):
@@ -129,6 +133,12 @@ class TokenizerConfig:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}.")
         if not 0.0 <= self.min_match_rate <= 1.0:
             raise ValueError(f"min_match_rate must lie in [0, 1], got {self.min_match_rate}.")
+
+    @property
+    def needs_medians(self) -> bool:
+        """Whether the tokenizer needs each gene's corpus non-zero median (the ``rank`` encoding, ``relative``
+        truncation)."""
+        return self.encoding == "rank" or self.truncation == "relative"
 
     @property
     def max_genes(self) -> int:
@@ -378,13 +388,15 @@ class GeneTokenizer:
         vocab: the gene vocabulary.
         config: the settings.
         gene_medians: (len(vocab),) float64 non-zero median of normalised counts per token id, NaN where unknown;
-            required by the ``rank`` encoding (see :class:`sc_foundation.data.gene_statistics.GeneStatistics`).
+            required by the ``rank`` encoding and ``relative`` truncation (see
+            :class:`sc_foundation.data.gene_statistics.GeneStatistics`).
     """
 
     def __init__(self, vocab: GeneVocab, config: TokenizerConfig, gene_medians: np.ndarray | None = None):
-        if config.encoding == "rank":
+        if config.needs_medians:
             if gene_medians is None:
-                raise ValueError("The rank encoding needs gene_medians: compute them over the corpus first.")
+                what = "The rank encoding" if config.encoding == "rank" else "truncation='relative'"
+                raise ValueError(f"{what} needs gene_medians: compute them over the corpus first.")
             gene_medians = np.asarray(gene_medians, dtype=np.float64)
             if gene_medians.shape != (len(vocab),):
                 raise ValueError(f"gene_medians has shape {gene_medians.shape}, expected ({len(vocab)},).")
@@ -581,6 +593,8 @@ class GeneTokenizer:
                 idx = np.flatnonzero(too_long[rows])
                 if cfg.truncation == "top":
                     priority = _descending(values[idx])
+                elif cfg.truncation == "relative":
+                    priority = _descending(raw[idx] / self._choice_medians[genes[idx]])
                 else:
                     draw = hash_uniform(np.uint64(cfg.seed), keys[rows[idx]], genes[idx].astype(np.uint64))
                     priority = (draw * 2.0**32).astype(np.uint64)
@@ -613,6 +627,14 @@ class GeneTokenizer:
             n_counts=totals[kept_rows].astype(np.float32),
             n_expressed=n_expressed[kept_rows],
         )
+
+    @functools.cached_property
+    def _choice_medians(self) -> np.ndarray:
+        """(len(vocab),) float32 medians that ``relative`` truncation divides by: a gene without a corpus median (a
+        vocabulary gene the corpus never detected) takes the median of the known ones, neither favoured nor hidden."""
+        medians = self.gene_medians
+        known = np.isfinite(medians) & (medians > 0)
+        return np.where(known, medians, np.median(medians[known]) if known.any() else 1.0).astype(np.float32)
 
     def _first_per_row(self, rows: np.ndarray, n_cells: int) -> np.ndarray:
         """(n,) bool: True for the first ``max_genes`` entries of each cell, for entries sorted by cell."""
