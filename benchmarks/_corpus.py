@@ -63,6 +63,15 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
     return Path(path)
 
 
+def write_report(out: str | os.PathLike, name: str, record: dict, text: str) -> None:
+    """A benchmark's results: ``record`` as ``<out>/<name>.json`` and its markdown ``text`` as ``<out>/<name>.md``
+    (each through :func:`atomic_path`), and ``text`` on stdout."""
+    write_json_atomic(Path(out) / f"{name}.json", record)
+    with atomic_path(Path(out) / f"{name}.md") as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
 def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()

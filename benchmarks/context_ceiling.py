@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from _corpus import atomic_path, machine_info, write_json_atomic
+from _corpus import machine_info, write_report
 from pretrain_quality import probe_sets
 from sklearn.decomposition import PCA
 
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     record = run(args)
     record["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out / "context_ceiling.json", record)
-    with atomic_path(args.out / "context_ceiling.md") as tmp:
-        tmp.write_text(markdown(record))
-    print(markdown(record))
+    write_report(args.out, "context_ceiling", record, markdown(record))
     return record
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _corpus import DEFAULT_DATA, atomic_path, machine_info, write_json_atomic
+from _corpus import DEFAULT_DATA, machine_info, write_report
 
 # Canonical PBMC type markers (T, CD8 T, NK, B, monocytes, DCs, platelets), the genes a classifier of these types
 # leans on; those outside the panel are reported as such.
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "result": result,
         "wall_s": time.perf_counter() - started,
     }
-    write_json_atomic(args.out / "context_shift.json", payload)
-    with atomic_path(args.out / "context_shift.md") as tmp:
-        tmp.write_text(markdown(payload))
-    print(markdown(payload))
+    write_report(args.out, "context_shift", payload, markdown(payload))
     return payload
 
 

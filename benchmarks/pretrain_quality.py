@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _corpus import atomic_path, machine_info, write_json_atomic
+from _corpus import atomic_path, machine_info, write_json_atomic, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -374,10 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
             shape = model_shape_overrides(width, heads)
             record["precision_by_size"][size] = precision_comparison(args.precision, [*base, *shape])
     record["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out / "pretrain_quality.json", record)
-    with atomic_path(args.out / "pretrain_quality.md") as tmp:
-        tmp.write_text(markdown(record))
-    print(markdown(record))
+    write_report(args.out, "pretrain_quality", record, markdown(record))
     return record
 
 

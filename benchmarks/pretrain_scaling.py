@@ -28,7 +28,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _corpus import atomic_path, machine_info, write_json_atomic
+from _corpus import atomic_path, machine_info, write_json_atomic, write_report
 from pretrain_quality import model_shape_overrides, precision_comparison, train_run
 
 CORPORA = {
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     record["figure"] = str(figure(record["points"], args.out / "scaling.png"))
     record["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out / "pretrain_scaling.json", record)
-    with atomic_path(args.out / "pretrain_scaling.md") as tmp:
-        tmp.write_text(markdown(record))
-    print(markdown(record))
+    write_report(args.out, "pretrain_scaling", record, markdown(record))
     return record
 
 
