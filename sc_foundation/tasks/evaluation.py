@@ -29,6 +29,10 @@ from sklearn.preprocessing import StandardScaler
 
 from sc_foundation.data.store import CorpusInput, CorpusStore
 from sc_foundation.inference import UNKNOWN
+from sc_foundation.jax_cache import use_persistent_compilation_cache
+
+# scib-metrics compiles hundreds of small JAX kernels per process; keep them on disk (sc_foundation.jax_cache).
+use_persistent_compilation_cache()
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> dict:

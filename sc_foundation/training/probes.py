@@ -43,10 +43,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from sc_foundation.data.io import open_counts
+from sc_foundation.jax_cache import use_persistent_compilation_cache
 from sc_foundation.training.console import announce
 from sc_foundation.training.sharding import gather_model
 
 logger = logging.getLogger(__name__)
+
+# scib-metrics compiles hundreds of small JAX kernels per process; keep them on disk (sc_foundation.jax_cache).
+use_persistent_compilation_cache()
 
 METRICS = ("knn_accuracy", "avg_bio", "nmi", "ari", "asw_label", "depth_correlation")
 """What :func:`score_embedding` returns; the first two decide whether an embedding beats PCA."""
