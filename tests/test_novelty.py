@@ -84,14 +84,21 @@ def test_reference_round_trips_through_the_export_and_its_checksums(known_and_un
     rng, centres, _ = known_and_unseen
     reference = NoveltyReference.fit(clusters(rng, centres, 60), clusters(rng, centres, 30), coverage=0.8)
     assert NoveltyReference.load(tiny_export) is None
+    before = read_checksums(tiny_export)
     add_export_file(tiny_export, NOVELTY_FILE, reference.save)
-    assert NOVELTY_FILE in read_checksums(tiny_export) and verify_checksums(tiny_export)
+    after = read_checksums(tiny_export)
+    assert NOVELTY_FILE in after and verify_checksums(tiny_export)
+    assert {name: after[name] for name in before} == before  # the other files' lines kept as they were
     loaded = NoveltyReference.load(tiny_export)
     assert np.array_equal(loaded.embeddings, reference.embeddings)
     assert (loaded.neighbors, loaded.threshold, loaded.coverage) == (5, reference.threshold, 0.8)
     assert not list(tiny_export.glob(".*tmp*"))  # no staging file left behind
     assert load_pretrained(tiny_export).novelty_reference.threshold == reference.threshold
     assert load_pretrained(tiny_export, pooling="cls").novelty_reference is None  # another embedding than its own
+    # Replaced: its line follows the new file, and the folder still verifies.
+    add_export_file(tiny_export, NOVELTY_FILE, NoveltyReference(reference.embeddings[:7], 1, 1.0, 0.5).save)
+    assert read_checksums(tiny_export)[NOVELTY_FILE] != after[NOVELTY_FILE] and verify_checksums(tiny_export)
+    assert NoveltyReference.load(tiny_export).coverage == 0.5
 
 
 def test_a_damaged_export_is_not_re_signed(tiny_export):

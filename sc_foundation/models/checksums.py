@@ -44,8 +44,25 @@ def write_checksums(folder: str | os.PathLike) -> Path:
     """Record the SHA-256 of every file under ``folder`` in ``folder/checksums.sha256`` (atomically). Call it last,
     once nothing else will be written there."""
     folder = Path(folder)
-    lines = [f"{file_digest(folder / name)}  {name}\n" for name in _files(folder)]
-    _atomic_write_text(folder / MANIFEST, "".join(lines))
+    return _write_manifest(folder, {name: file_digest(folder / name) for name in _files(folder)})
+
+
+def record_checksum(folder: str | os.PathLike, name: str) -> Path:
+    """Add or replace the line of the one file ``name`` in ``folder/checksums.sha256`` (atomically) and keep the
+    others as recorded: for a file added to a folder just verified, without hashing every other file again (a
+    published-size export is GBs). A folder without a manifest gets one for all its files (:func:`write_checksums`).
+    """
+    folder = Path(folder)
+    recorded = read_checksums(folder)
+    if recorded is None:
+        return write_checksums(folder)
+    recorded[name] = file_digest(folder / name)
+    return _write_manifest(folder, recorded)
+
+
+def _write_manifest(folder: Path, digests: dict[str, str]) -> Path:
+    """``folder/checksums.sha256`` from ``{relative path: hex digest}``, sorted by path, written atomically."""
+    _atomic_write_text(folder / MANIFEST, "".join(f"{digests[name]}  {name}\n" for name in sorted(digests)))
     return folder / MANIFEST
 
 

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 from sc_foundation.data.genes import DAMAGED_FILE_FIX, VOCAB_FILE, current_umask, read_json
 from sc_foundation.data.tokenization import TOKENIZER_FILE, GeneTokenizer
 from sc_foundation.models import modeling
-from sc_foundation.models.checksums import verify_checksums, write_checksums
+from sc_foundation.models.checksums import record_checksum, verify_checksums, write_checksums
 from sc_foundation.models.modeling import ScFoundationPreTrainedModel, transformers_quiet
 from sc_foundation.models.novelty import NoveltyReference
 
@@ -79,8 +79,9 @@ def add_export_file(directory: str | os.PathLike, name: str, write: Callable[[Pa
 
     The export is verified first (a damaged export is never re-signed); ``write(path)`` writes the file to a
     temporary path beside its place, which is then renamed into place, and the manifest is rewritten atomically
-    last. Meant for the run that wrote the export, before anybody loads it: in between the two renames a loader
-    would find a file its manifest does not list yet.
+    last with the new file's line (the other files were just verified, so they are not hashed again). Meant for the
+    run that wrote the export, before anybody loads it: in between the two renames a loader would find a file its
+    manifest does not list yet.
     """
     directory = Path(directory)
     verify_checksums(directory)
@@ -91,7 +92,7 @@ def add_export_file(directory: str | os.PathLike, name: str, write: Callable[[Pa
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
-    write_checksums(directory)
+    record_checksum(directory, name)
     return target
 
 
