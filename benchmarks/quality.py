@@ -519,7 +519,13 @@ def comparisons(task: str, metrics: dict) -> dict[str, dict]:
             # our embedding and in the PCA logistic regression's input; novelty is the one annotate() offers
             refusals, peers = {"model": ours}, dict(baseline)
             if "novelty" in ours:
-                refusals = {"model_novelty": ours["novelty"], **refusals}
+                # the stored space first (what annotate uses), then the other one, scored in the same run
+                others = {
+                    f"model_novelty_{space}": report
+                    for space, report in ours.get("novelty_by_space", {}).items()
+                    if space != ours["novelty"].get("space")
+                }
+                refusals = {"model_novelty": ours["novelty"], **others, **refusals}
                 peers["pca_novelty"] = calibration["pca_novelty"]
             tables["refusal"] = compare("refusal", refusals, peers, next(iter(refusals)))
         return tables

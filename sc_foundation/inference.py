@@ -164,7 +164,9 @@ def annotate(
     cell embedding into ``obsm[f"X_{key_added}"]`` from the same forward pass. When the export holds a novelty
     reference (fine-tuning stores one), ``obs[f"{key_added}_novelty"]`` is each cell's distance to its k-th nearest
     training cell and ``uns["sc_foundation"]["novelty_threshold"]`` the distance that the validation cells stayed
-    within, all but ``1 - coverage`` of them (5% by default; :mod:`sc_foundation.models.novelty`).
+    within, all but ``1 - coverage`` of them (5% by default; :mod:`sc_foundation.models.novelty`), measured in the
+    embedding the reference was fitted in: the classifier's, or the pretrained backbone's, which then reads the cells
+    a second time (``uns["sc_foundation"]["novelty_space"]`` says which).
 
     Args:
         model: an exported :class:`~sc_foundation.models.modeling.ScFoundationForCellClassification` directory or model.
@@ -207,11 +209,19 @@ def annotate(
         codes[embedded] = np.where(predicted == UNKNOWN, len(names), predicted)
         probability[embedded] = torch.from_numpy(logits[embedded]).softmax(-1).max(-1).values.numpy()
     if reference is not None:
-        novelty = reference.scores(outputs["cell_embedding"])  # (n_obs,), NaN for cells without an embedding
+        space = outputs["cell_embedding"]
+        encoder = reference.encoder(model)  # the pretrained backbone, for a reference measured in its embedding
+        if encoder is not None:
+            # The same cells read again by that backbone; their gene match is the classifier's, already recorded.
+            args = (layer, gene_key, use_raw, species, batch_size, progress)
+            again, _ = _run(adata, encoder, ("cell_embedding",), *args, record=anndata.AnnData(), precision=precision)
+            space = again["cell_embedding"]
+        novelty = reference.scores(space)  # (n_obs,), NaN for cells without an embedding
         if refuse_novel:
             codes[novelty > reference.threshold] = len(names)
         adata.obs[f"{key_added}_novelty"] = novelty.astype(np.float32)
         adata.uns["sc_foundation"]["novelty_threshold"] = reference.threshold
+        adata.uns["sc_foundation"]["novelty_space"] = reference.space
     adata.obs[f"{key_added}_label"] = pd.Categorical.from_codes(codes, categories=[*names, UNKNOWN_LABEL])
     adata.obs[f"{key_added}_probability"] = probability
     adata.obsm[f"X_{key_added}"] = outputs["cell_embedding"]

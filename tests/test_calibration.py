@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import softmax
 
 from sc_foundation import tasks
@@ -129,6 +130,16 @@ def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench,
         assert 0 <= report["auroc_unseen"] <= 1 and report["neighbors"] == 5 and report["threshold"] > 0
     export = out / "export" / "best"
     assert verify_checksums(export) and NOVELTY_FILE in read_checksums(export)
-    reference = load_pretrained(export, device="cpu").novelty_reference
+    classifier = load_pretrained(export, device="cpu")
+    reference = classifier.novelty_reference
     assert reference.threshold == metrics["calibration"]["model"]["novelty"]["threshold"]
+    # measured in the pretrained embedding (the default): the reference carries the backbone as it was before
+    # fine-tuning, which full fine-tuning then changed; the classifier's own embedding is scored beside it
+    assert reference.space == metrics["calibration"]["model"]["novelty"]["space"] == "pretrained"
+    assert set(metrics["calibration"]["model"]["novelty_by_space"]) == {"pretrained", "classifier"}
+    before = load_pretrained(pretrained, device="cpu").base_model.state_dict()
+    after = classifier.base_model.state_dict()
+    assert set(reference.encoder_state) == set(before) == set(after)
+    assert all(np.array_equal(reference.encoder_state[name], before[name].numpy()) for name in before)
+    assert not all(torch.equal(before[name], after[name]) for name in before)
     assert GeneTokenizer.from_pretrained(out / "export" / "best").config.library_size == "panel"

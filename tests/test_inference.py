@@ -11,7 +11,7 @@ from sc_foundation import GeneMatchError, InvalidInputError, annotate, embed, lo
 from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.models.export import export_pretrained
 from sc_foundation.models.modeling import ScFoundationForCellClassification
-from sc_foundation.models.novelty import NoveltyReference
+from sc_foundation.models.novelty import NoveltyReference, backbone_with_weights
 
 from .conftest import CELLBENCH
 
@@ -158,6 +158,30 @@ def test_annotate_refuses_novel_cells(cells, classifier):
     refused = (cells.obs["sc_foundation_label"] == "unknown").to_numpy()
     assert np.array_equal(refused, novelty > threshold) and refused[100:].sum() == 50  # above the median
     assert cells.uns["sc_foundation"]["novelty_threshold"] == threshold
+
+
+def test_annotate_measures_novelty_in_the_embedding_of_the_reference_s_own_backbone(cells, classifier):
+    """A reference fitted in the pretrained embedding carries that backbone's weights: annotate reads the cells a
+    second time with them, so the novelty is the distance in that embedding, not in the classifier's (here another
+    backbone: the classifier's weights, perturbed)."""
+    rng = np.random.default_rng(0)
+    state = {
+        name: (t.numpy() + rng.normal(0, 0.5, t.shape).astype(np.float32)) if t.is_floating_point() else t.numpy()
+        for name, t in classifier.base_model.state_dict().items()
+    }
+    own_space = embed(cells, classifier, copy=True).obsm[KEY]
+    other_space = embed(cells, backbone_with_weights(classifier, state), copy=True).obsm[KEY]
+    assert not np.allclose(own_space, other_space, atol=1e-2)
+    reference = NoveltyReference(other_space[:100], 3, 1.0, 0.5, state)
+    classifier.novelty_reference = reference
+    try:
+        annotated = annotate(cells, classifier, copy=True)
+    finally:
+        classifier.novelty_reference = None
+    assert annotated.obs["sc_foundation_novelty"].to_numpy() == pytest.approx(reference.scores(other_space), abs=1e-4)
+    assert annotated.uns["sc_foundation"]["novelty_space"] == "pretrained"
+    np.testing.assert_allclose(annotated.obsm[KEY], own_space, atol=1e-5)  # the labels' embedding is still its own
+    assert annotated.uns["sc_foundation"]["match_rate"] > 0.5  # the classifier's gene match, kept
 
 
 def test_transfer_labels_recovers_cell_lines(cells):

@@ -110,3 +110,17 @@ def test_a_damaged_export_is_not_re_signed(tiny_export):
     with pytest.raises(ChecksumError, match=r"model\.safetensors is corrupt"):
         add_export_file(tiny_export, NOVELTY_FILE, reference.save)
     assert not (tiny_export / NOVELTY_FILE).exists()
+
+
+def test_a_reference_in_the_pretrained_embedding_carries_its_encoder_through_the_file(known_and_unseen, tiny_export):
+    rng, centres, _ = known_and_unseen
+    state = {"encoder.w": rng.normal(size=(4, 3)).astype(np.float32), "steps": np.arange(3)}
+    reference = NoveltyReference.fit(clusters(rng, centres, 60), clusters(rng, centres, 30), encoder_state=state)
+    assert reference.space == "pretrained" and NoveltyReference(reference.embeddings, 1, 1.0, 0.5).space == "classifier"
+    add_export_file(tiny_export, NOVELTY_FILE, reference.save)
+    loaded = NoveltyReference.load(tiny_export)
+    assert loaded.space == "pretrained" and set(loaded.encoder_state) == set(state)
+    assert all(np.array_equal(loaded.encoder_state[name], state[name]) for name in state)
+    assert loaded.threshold == reference.threshold and np.array_equal(loaded.embeddings, reference.embeddings)
+    with pytest.raises(ValueError, match="does not fit this model"):  # weights of another architecture
+        loaded.encoder(load_pretrained(tiny_export))

@@ -9,23 +9,30 @@ training cell; astrocytes of SNARE-seq 0.721 and 0.939.
 
 A :class:`NoveltyReference` holds the cell embeddings of (up to ``max_cells``) training cells, the number of
 neighbours ``k`` and a distance threshold chosen on validation cells alone: the one that accepts ``coverage`` of
-them. Annotation fine-tuning stores it in its export (:data:`NOVELTY_FILE`, covered by the checksums);
-:func:`~sc_foundation.models.export.load_pretrained` attaches it to the model as ``model.novelty_reference`` and
-:func:`~sc_foundation.inference.annotate` reads it.
+them. The embedding is the classifier's own, or (``calibration.novelty_space=pretrained``) the pretrained backbone's,
+whose weights the reference then carries (``encoder_state``): full fine-tuning on a few hundred cells pulls an unseen
+type towards the known ones, where the pretrained embedding still sets it apart (held-out B cells of pbmc68k: AUROC
+0.925 in the fully fine-tuned embedding, 0.996 in the pretrained one; BENCHMARKS.md). Annotation fine-tuning stores
+it in its export (:data:`NOVELTY_FILE`, covered by the checksums); :func:`~sc_foundation.models.export.load_pretrained`
+attaches it to the model as ``model.novelty_reference`` and :func:`~sc_foundation.inference.annotate` reads it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from sklearn.neighbors import NearestNeighbors
 
 NOVELTY_FILE = "novelty_reference.safetensors"
+_ENCODER_PREFIX = "encoder."
+"""Prefix of the encoder's tensors in :data:`NOVELTY_FILE` (beside ``embeddings``)."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +44,21 @@ class NoveltyReference:
         neighbors: a cell's novelty is its Euclidean distance to its ``neighbors``-th nearest reference cell.
         threshold: cells whose novelty exceeds it are refused.
         coverage: share of the validation cells the threshold accepts.
+        encoder_state: the state dict (name -> array) of the backbone whose cell embedding the reference lives in,
+            when that is not the classifier's own backbone (the pretrained weights, before fine-tuning); None: the
+            classifier's own embedding.
     """
 
     embeddings: np.ndarray
     neighbors: int
     threshold: float
     coverage: float
+    encoder_state: Mapping[str, np.ndarray] | None = None
+
+    @property
+    def space(self) -> str:
+        """``"pretrained"`` when the reference carries its own encoder, else ``"classifier"`` (the classifier's own)."""
+        return "classifier" if self.encoder_state is None else "pretrained"
 
     def __post_init__(self):
         if self.embeddings.ndim != 2 or not 1 <= self.neighbors <= len(self.embeddings):
@@ -53,12 +69,19 @@ class NoveltyReference:
 
     @classmethod
     def fit(
-        cls, train_embedding: np.ndarray, val_embedding: np.ndarray, *, neighbors: int = 5, coverage: float = 0.95
+        cls,
+        train_embedding: np.ndarray,
+        val_embedding: np.ndarray,
+        *,
+        neighbors: int = 5,
+        coverage: float = 0.95,
+        encoder_state: Mapping[str, np.ndarray] | None = None,
     ) -> NoveltyReference:
         """The reference of a classifier from the (n_ref, h) embeddings of the training cells it keeps (chosen with
-        :func:`reference_choice`) and its (n_val, h) validation cells. The threshold is the ``coverage`` quantile of
-        the validation cells' novelty; no validation cell is a reference cell, so it measures how far new cells of the
-        known types lie.
+        :func:`reference_choice`) and its (n_val, h) validation cells, both read by the backbone of
+        ``encoder_state`` (None: the classifier's own). The threshold is the ``coverage`` quantile of the validation
+        cells' novelty; no validation cell is a reference cell, so it measures how far new cells of the known types
+        lie.
 
         Raises:
             ValueError: ``coverage`` outside (0, 1], fewer training cells than ``neighbors``, no validation cells, or
@@ -70,8 +93,13 @@ class NoveltyReference:
             raise ValueError("a novelty threshold needs validation cells; the validation split is empty")
         if not (np.isfinite(train_embedding).all() and np.isfinite(val_embedding).all()):
             raise ValueError("the cell embeddings of the novelty reference hold NaN or infinite values")
-        unset = cls(np.ascontiguousarray(train_embedding, dtype=np.float32), neighbors, np.inf, coverage)
+        unset = cls(np.ascontiguousarray(train_embedding, dtype=np.float32), neighbors, np.inf, coverage, encoder_state)
         return replace(unset, threshold=float(np.quantile(unset.scores(val_embedding), coverage)))
+
+    def encoder(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The backbone that reads the cells whose novelty :meth:`scores` judges, for the classifier ``model``: None
+        for the classifier's own embedding, else :func:`backbone_with_weights` of :attr:`encoder_state`."""
+        return None if self.encoder_state is None else backbone_with_weights(model, self.encoder_state)
 
     def scores(self, embedding: np.ndarray) -> np.ndarray:
         """(n,) novelty of (n, h) cell embeddings: the distance to the ``neighbors``-th nearest reference cell; NaN
@@ -97,8 +125,10 @@ class NoveltyReference:
             "neighbors": str(self.neighbors),
             "threshold": repr(self.threshold),
             "coverage": repr(self.coverage),
+            "space": self.space,
         }
-        save_file({"embeddings": self.embeddings}, str(path), metadata=metadata)
+        encoder = {_ENCODER_PREFIX + name: np.ascontiguousarray(a) for name, a in (self.encoder_state or {}).items()}
+        save_file({"embeddings": self.embeddings, **encoder}, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -114,7 +144,11 @@ class NoveltyReference:
             neighbors, threshold, coverage = (metadata[key] for key in ("neighbors", "threshold", "coverage"))
         except KeyError as missing:
             raise ValueError(f"{path} lacks the setting {missing} in its metadata: re-run the fine-tuning") from None
-        return cls(load_file(str(path))["embeddings"], int(neighbors), float(threshold), float(coverage))
+        tensors = load_file(str(path))
+        encoder = {name[len(_ENCODER_PREFIX) :]: a for name, a in tensors.items() if name.startswith(_ENCODER_PREFIX)}
+        if (metadata.get("space", "classifier") == "pretrained") != bool(encoder):
+            raise ValueError(f"{path}: its space and its encoder weights disagree: re-run the fine-tuning")
+        return cls(tensors["embeddings"], int(neighbors), float(threshold), float(coverage), encoder or None)
 
 
 def reference_choice(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
@@ -125,3 +159,25 @@ def reference_choice(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
     if n_cells <= max_cells:
         return np.arange(n_cells)
     return np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
+
+
+def backbone_with_weights(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    """A new backbone of ``model``'s architecture (its config) holding the weights ``state`` (name -> array, as
+    ``model.base_model.state_dict()`` names them), in eval mode, on ``model``'s device, with ``model``'s tokenizer.
+
+    Raises:
+        ValueError: the weights do not fit the architecture (names the mismatching tensors).
+    """
+    from sc_foundation.models.modeling import ScFoundationModel
+
+    encoder = ScFoundationModel(model.config)
+    missing, unexpected = encoder.load_state_dict(
+        {name: torch.from_numpy(np.asarray(array)) for name, array in state.items()}, strict=False
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"the novelty reference's encoder does not fit this model: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}; re-run the fine-tuning that wrote {NOVELTY_FILE}"
+        )
+    encoder.gene_tokenizer = getattr(model, "gene_tokenizer", None)
+    return encoder.to(next(model.parameters()).device).eval()

@@ -17,7 +17,7 @@ from sc_foundation.models.export import add_export_file, load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForCellClassification,
 )
-from sc_foundation.models.novelty import NOVELTY_FILE, NoveltyReference, reference_choice
+from sc_foundation.models.novelty import NOVELTY_FILE, NoveltyReference, backbone_with_weights, reference_choice
 from sc_foundation.tasks.calibration import (
     IGNORE,
     baseline_calibration,
@@ -56,28 +56,58 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
     return [len(labels) / (n_classes * c) if c else 1.0 for c in counts.tolist()]
 
 
+NOVELTY_SPACES = ("pretrained", "classifier")
+"""Where ``calibration.novelty_space`` measures a cell's distance to the training cells (the task's config)."""
+
+
+def pretrained_backbone_state(cfg: DictConfig, model) -> dict[str, np.ndarray] | None:
+    """The pretrained backbone's weights, for a novelty reference in its embedding: a CPU copy of ``model``'s
+    backbone state (name -> array, floats as float32), taken before fine-tuning changes it; None where the reference
+    lives in the classifier's own embedding (``calibration.novelty_space=classifier``, or a frozen backbone, whose
+    embedding is the pretrained one already)."""
+    if cfg.calibration.novelty_space == "classifier" or cfg.finetune.mode == "frozen":
+        return None
+    state = model.base_model.state_dict()
+    return {
+        name: (t.float() if t.is_floating_point() else t).detach().cpu().numpy().copy() for name, t in state.items()
+    }
+
+
 def novelty_references(
-    cfg: DictConfig, model, datamodule, splits: dict, val_embedding: np.ndarray, pca_space: np.ndarray
-) -> tuple[NoveltyReference, NoveltyReference]:
-    """The novelty references of the fine-tuned model and of the PCA baseline, over the same training cells (a
-    seeded choice of at most ``calibration.novelty_reference_cells``): the model's from their embeddings, read in
-    evaluation mode, with the threshold from the (n_val, h) validation embeddings; the baseline's in the (n_cells,
-    n_pcs) ``pca_space``."""
+    cfg: DictConfig, encoders: dict, datamodule, splits: dict, pca_space: np.ndarray
+) -> tuple[dict[str, tuple[NoveltyReference, np.ndarray, np.ndarray]], NoveltyReference]:
+    """Novelty references over the same training cells (a seeded choice of at most
+    ``calibration.novelty_reference_cells``), thresholds from the validation cells, all read in evaluation mode.
+
+    Args:
+        encoders: space name -> (model whose ``cell_embedding`` is that space, the reference's ``encoder_state``).
+        pca_space: (n_cells, n_pcs), the PCA logistic regression's input, for the baseline's reference.
+    Returns:
+        space name -> (its reference, the (n_test, h) test cells' embedding in it, their (n_test,) store indices);
+        and the PCA baseline's reference.
+    """
     calibration = cfg.calibration
     train = splits["train"]
     rows = train[reference_choice(len(train), calibration.novelty_reference_cells, cfg.seed)]
-    train_embedding, _ = predict(model, datamodule.cells_dataloader(rows), "cell_embedding")
     settings = {"neighbors": calibration.novelty_neighbors, "coverage": calibration.coverage}
-    return (
-        NoveltyReference.fit(train_embedding, val_embedding, **settings),
-        NoveltyReference.fit(pca_space[rows], pca_space[splits["val"]], **settings),
-    )
+    references = {}
+    for space, (model, state) in encoders.items():
+        train_embedding, _ = predict(model, datamodule.cells_dataloader(rows), "cell_embedding")
+        val_embedding, _ = predict(model, datamodule.val_dataloader(), "cell_embedding")
+        test_embedding, test_cells = predict(model, datamodule.test_dataloader(), "cell_embedding")
+        reference = NoveltyReference.fit(train_embedding, val_embedding, encoder_state=state, **settings)
+        references[space] = (reference, test_embedding, test_cells)
+    return references, NoveltyReference.fit(pca_space[rows], pca_space[splits["val"]], **settings)
 
 
 def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """``task=annotation``: see the module docstring."""
     if cfg.class_weights not in ("balanced", "none"):
         raise ValueError(f"class_weights must be 'balanced' or 'none', got {cfg.class_weights!r}")
+    if cfg.calibration.novelty_space not in NOVELTY_SPACES:
+        raise ValueError(
+            f"calibration.novelty_space must be one of {NOVELTY_SPACES}, got {cfg.calibration.novelty_space!r}"
+        )
     out = output_dir(cfg)
     label_key, split = cfg.label_key, cfg.split
     inputs = read_inputs(cfg)
@@ -104,6 +134,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         label_smoothing=cfg.label_smoothing,
         **architecture_overrides(cfg),
     )
+    pretrained_state = pretrained_backbone_state(cfg, model)  # before fine-tuning changes the backbone
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
@@ -132,13 +163,19 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     }
     coverage = cfg.calibration.coverage
     pca_space = models["pca_logreg"][:-1].transform(features)  # (n_cells, n_pcs): the PCA logistic regression's input
-    reference, pca_reference = novelty_references(
-        cfg, exported, datamodule, splits, val_out["cell_embedding"], pca_space
-    )
-    add_export_file(best, NOVELTY_FILE, reference.save)  # annotate() refuses novel cells with it
+    encoders = {"classifier": (exported, None)}
+    if pretrained_state is not None:  # the pretrained embedding too, scored beside the classifier's
+        encoders["pretrained"] = (backbone_with_weights(exported, pretrained_state), pretrained_state)
+    references, pca_reference = novelty_references(cfg, encoders, datamodule, splits, pca_space)
+    reports = {
+        space: novelty_report(reference, embedding, labels[test_cells])
+        for space, (reference, embedding, test_cells) in references.items()
+    }
+    stored = "pretrained" if "pretrained" in references else "classifier"
+    add_export_file(best, NOVELTY_FILE, references[stored][0].save)  # annotate() refuses novel cells with it
     calibration = {
         "model": calibration_report(val_logits, labels[val_cells], logits, labels[cells], coverage)
-        | {"novelty": novelty_report(reference, test_out["cell_embedding"], labels[cells])},
+        | {"novelty": reports[stored] | {"space": stored}, "novelty_by_space": reports},
         "hvg_logreg": baseline_calibration(models["hvg_logreg"], features, labels, splits, len(names), coverage),
         "pca_novelty": novelty_report(pca_reference, pca_space[splits["test"]], labels[splits["test"]]),
     }
