@@ -93,6 +93,7 @@ def test_reference_round_trips_through_the_export_and_its_checksums(known_and_un
     assert np.array_equal(loaded.embeddings, reference.embeddings)
     assert (loaded.neighbors, loaded.threshold, loaded.coverage) == (5, reference.threshold, 0.8)
     assert not list(tiny_export.glob(".*tmp*"))  # no staging file left behind
+    assert (tiny_export / NOVELTY_FILE).stat().st_mode == (tiny_export / "config.json").stat().st_mode  # readable
     assert load_pretrained(tiny_export).novelty_reference.threshold == reference.threshold
     assert load_pretrained(tiny_export, pooling="cls").novelty_reference is None  # another embedding than its own
     # Replaced: its line follows the new file, and the folder still verifies.

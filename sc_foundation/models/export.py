@@ -89,6 +89,7 @@ def add_export_file(directory: str | os.PathLike, name: str, write: Callable[[Pa
     staging = target.with_name(f".{name}.tmp-{_OWNER}")
     try:
         write(staging)
+        staging.chmod(0o666 & ~current_umask())  # writers such as safetensors' leave 0600: unreadable to the group
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)

@@ -11,10 +11,11 @@ A :class:`NoveltyReference` holds the cell embeddings of (up to ``max_cells``) t
 neighbours ``k`` and a distance threshold chosen on validation cells alone: the one that accepts ``coverage`` of
 them. The embedding is the classifier's own, or (``calibration.novelty_space=pretrained``) the pretrained backbone's,
 whose weights the reference then carries (``encoder_state``): full fine-tuning on a few hundred cells pulls an unseen
-type towards the known ones, where the pretrained embedding still sets it apart (held-out B cells of pbmc68k: AUROC
-0.925 in the fully fine-tuned embedding, 0.996 in the pretrained one; BENCHMARKS.md). Annotation fine-tuning stores
-it in its export (:data:`NOVELTY_FILE`, covered by the checksums); :func:`~sc_foundation.models.export.load_pretrained`
-attaches it to the model as ``model.novelty_reference`` and :func:`~sc_foundation.inference.annotate` reads it.
+type towards the known ones, where the pretrained embedding still sets it apart (held-out B cells of pbmc68k, 3
+seeds: AUROC 0.953 in the fully fine-tuned embedding, 0.997 in the pretrained one; BENCHMARKS.md). Annotation
+fine-tuning stores it in its export (:data:`NOVELTY_FILE`, covered by the checksums);
+:func:`~sc_foundation.models.export.load_pretrained` attaches it to the model as ``model.novelty_reference`` and
+:func:`~sc_foundation.inference.annotate` reads it.
 """
 
 from __future__ import annotations
