@@ -36,7 +36,6 @@ from .common import (
     fit,
     other_rank_result,
     predict,
-    predict_fields,
     read_inputs,
     task_datamodule,
     three_way_split,
@@ -142,10 +141,8 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
     # (label IGNORE) count only in the refusal scores.
     exported = load_pretrained(best)
-    fields = ("logits", "cell_embedding")
-    test_out, cells = predict_fields(exported, datamodule.test_dataloader(), fields)
-    val_out, val_cells = predict_fields(exported, datamodule.val_dataloader(), fields)
-    logits, val_logits = test_out["logits"], val_out["logits"]
+    logits, cells = predict(exported, datamodule.test_dataloader(), "logits")
+    val_logits, val_cells = predict(exported, datamodule.val_dataloader(), "logits")
     known = labels[cells] != IGNORE
     predicted = call_classes(logits, cfg.unknown_threshold)
     models, features = fit_logistic_regressions(
