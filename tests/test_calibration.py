@@ -3,12 +3,13 @@ temperature, the refusal threshold, the held-out type, and the annotation task t
 
 import json
 
+import anndata
 import numpy as np
 import pytest
 import torch
 from scipy.special import softmax
 
-from sc_foundation import tasks
+from sc_foundation import annotate, tasks
 from sc_foundation.data.store import CorpusStore
 from sc_foundation.data.tokenization import GeneTokenizer
 from sc_foundation.models.checksums import read_checksums, verify_checksums
@@ -142,4 +143,13 @@ def test_annotation_on_a_shift_split_with_a_held_out_type(pretrained, cellbench,
     assert set(reference.encoder_state) == set(before) == set(after)
     assert all(np.array_equal(reference.encoder_state[name], before[name].numpy()) for name in before)
     assert not all(torch.equal(before[name], after[name]) for name in before)
+    # annotate() on the same Drop-seq cells refuses what the run scored: it reads them again with those weights
+    query = anndata.read_h5ad(cellbench)
+    query = query[query.obs["batch"] == "sc_dropseq"].copy()
+    annotate(query, export, refuse_novel=True)
+    known = (query.obs["cell_type"] != "H2228").to_numpy()
+    refused = (query.obs["sc_foundation_label"] == "unknown").to_numpy()
+    novelty = metrics["calibration"]["model"]["novelty"]
+    assert refused[known].mean() == pytest.approx(novelty["known_refused"], abs=1.5 / known.sum())
+    assert refused[~known].mean() == pytest.approx(novelty["unseen_refused"], abs=1.5 / (~known).sum())
     assert GeneTokenizer.from_pretrained(out / "export" / "best").config.library_size == "panel"
