@@ -215,3 +215,11 @@ def test_refusal_table_leads_with_novelty_beside_both_baselines(quality):
     assert table["verdict"]["model"] == {"unseen_refused": "loss", "known_refused": "tie", "auroc_unseen": "loss"}
     markdown = "\n".join(quality.table_markdown("refusal", table))
     assert "**ours: model_novelty**" in markdown and "ours (model_novelty) beats every baseline" in markdown
+    # both novelty spaces scored: the stored one leads, the other follows as its own row
+    ours = metrics["calibration"]["model"]
+    ours["novelty"] = {**ours["novelty"], "space": "pretrained"}
+    ours["novelty_by_space"] = {"pretrained": ours["novelty"], "classifier": refusal(0.6, 0.05, 0.9)}
+    table = quality.comparisons("annotation", metrics)["refusal"]
+    assert table["ours"] == ["model_novelty", "model_novelty_classifier", "model"]
+    assert table["primary"] == "model_novelty" and table["beats_all_baselines"] is True
+    assert table["verdict"]["model_novelty_classifier"]["auroc_unseen"] == "loss"
