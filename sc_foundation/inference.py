@@ -209,14 +209,14 @@ def annotate(
         codes[embedded] = np.where(predicted == UNKNOWN, len(names), predicted)
         probability[embedded] = torch.from_numpy(logits[embedded]).softmax(-1).max(-1).values.numpy()
     if reference is not None:
-        space = outputs["cell_embedding"]
+        embedding = outputs["cell_embedding"]
         encoder = reference.encoder(model)  # the pretrained backbone, for a reference measured in its embedding
         if encoder is not None:
             # The same cells read again by that backbone; their gene match is the classifier's, already recorded.
             args = (layer, gene_key, use_raw, species, batch_size, progress)
             again, _ = _run(adata, encoder, ("cell_embedding",), *args, record=anndata.AnnData(), precision=precision)
-            space = again["cell_embedding"]
-        novelty = reference.scores(space)  # (n_obs,), NaN for cells without an embedding
+            embedding = again["cell_embedding"]
+        novelty = reference.scores(embedding)  # (n_obs,), NaN for cells without an embedding
         if refuse_novel:
             codes[novelty > reference.threshold] = len(names)
         adata.obs[f"{key_added}_novelty"] = novelty.astype(np.float32)

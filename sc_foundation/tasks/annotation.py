@@ -36,6 +36,7 @@ from .common import (
     fit,
     other_rank_result,
     predict,
+    predict_fields,
     read_inputs,
     task_datamodule,
     three_way_split,
@@ -73,29 +74,43 @@ def pretrained_backbone_state(cfg: DictConfig, model) -> dict[str, np.ndarray] |
 
 
 def novelty_references(
-    cfg: DictConfig, encoders: dict, datamodule, splits: dict, pca_space: np.ndarray
-) -> tuple[dict[str, tuple[NoveltyReference, np.ndarray, np.ndarray]], NoveltyReference]:
+    cfg: DictConfig,
+    exported,
+    pretrained_state: dict[str, np.ndarray] | None,
+    datamodule,
+    splits: dict,
+    classifier_embeddings: tuple[np.ndarray, np.ndarray],
+    pca_space: np.ndarray,
+) -> tuple[dict[str, tuple[NoveltyReference, np.ndarray]], NoveltyReference]:
     """Novelty references over the same training cells (a seeded choice of at most
-    ``calibration.novelty_reference_cells``), thresholds from the validation cells, all read in evaluation mode.
+    ``calibration.novelty_reference_cells``), thresholds from the validation cells, all read in evaluation mode: in
+    the classifier's embedding and, with ``pretrained_state``, in the pretrained backbone's.
 
     Args:
-        encoders: space name -> (model whose ``cell_embedding`` is that space, the reference's ``encoder_state``).
+        exported: the fine-tuned classifier as exported.
+        pretrained_state: :func:`pretrained_backbone_state`, or None.
+        classifier_embeddings: the classifier's (n_val, h) validation and (n_test, h) test embeddings, in the order
+            of the datamodule's (deterministic) validation and test loaders.
         pca_space: (n_cells, n_pcs), the PCA logistic regression's input, for the baseline's reference.
     Returns:
-        space name -> (its reference, the (n_test, h) test cells' embedding in it, their (n_test,) store indices);
-        and the PCA baseline's reference.
+        space name -> (its reference, the (n_test, h) test cells' embedding in it, in the test loader's order); and
+        the PCA baseline's reference.
     """
     calibration = cfg.calibration
     train = splits["train"]
     rows = train[reference_choice(len(train), calibration.novelty_reference_cells, cfg.seed)]
     settings = {"neighbors": calibration.novelty_neighbors, "coverage": calibration.coverage}
+    spaces = {"classifier": (exported, None, *classifier_embeddings)}
+    if pretrained_state is not None:
+        encoder = backbone_with_weights(exported, pretrained_state)
+        val_embedding, _ = predict(encoder, datamodule.val_dataloader(), "cell_embedding")
+        test_embedding, _ = predict(encoder, datamodule.test_dataloader(), "cell_embedding")
+        spaces["pretrained"] = (encoder, pretrained_state, val_embedding, test_embedding)
     references = {}
-    for space, (model, state) in encoders.items():
+    for space, (model, state, val_embedding, test_embedding) in spaces.items():
         train_embedding, _ = predict(model, datamodule.cells_dataloader(rows), "cell_embedding")
-        val_embedding, _ = predict(model, datamodule.val_dataloader(), "cell_embedding")
-        test_embedding, test_cells = predict(model, datamodule.test_dataloader(), "cell_embedding")
         reference = NoveltyReference.fit(train_embedding, val_embedding, encoder_state=state, **settings)
-        references[space] = (reference, test_embedding, test_cells)
+        references[space] = (reference, test_embedding)
     return references, NoveltyReference.fit(pca_space[rows], pca_space[splits["val"]], **settings)
 
 
@@ -141,8 +156,10 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
     # (label IGNORE) count only in the refusal scores.
     exported = load_pretrained(best)
-    logits, cells = predict(exported, datamodule.test_dataloader(), "logits")
-    val_logits, val_cells = predict(exported, datamodule.val_dataloader(), "logits")
+    fields = ("logits", "cell_embedding")
+    test_out, cells = predict_fields(exported, datamodule.test_dataloader(), fields)
+    val_out, val_cells = predict_fields(exported, datamodule.val_dataloader(), fields)
+    logits, val_logits = test_out["logits"], val_out["logits"]
     known = labels[cells] != IGNORE
     predicted = call_classes(logits, cfg.unknown_threshold)
     models, features = fit_logistic_regressions(
@@ -160,13 +177,18 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     }
     coverage = cfg.calibration.coverage
     pca_space = models["pca_logreg"][:-1].transform(features)  # (n_cells, n_pcs): the PCA logistic regression's input
-    encoders = {"classifier": (exported, None)}
-    if pretrained_state is not None:  # the pretrained embedding too, scored beside the classifier's
-        encoders["pretrained"] = (backbone_with_weights(exported, pretrained_state), pretrained_state)
-    references, pca_reference = novelty_references(cfg, encoders, datamodule, splits, pca_space)
+    references, pca_reference = novelty_references(
+        cfg,
+        exported,
+        pretrained_state,
+        datamodule,
+        splits,
+        (val_out["cell_embedding"], test_out["cell_embedding"]),
+        pca_space,
+    )
     reports = {
-        space: novelty_report(reference, embedding, labels[test_cells])
-        for space, (reference, embedding, test_cells) in references.items()
+        space: novelty_report(reference, embedding, labels[cells])
+        for space, (reference, embedding) in references.items()
     }
     stored = "pretrained" if "pretrained" in references else "classifier"
     add_export_file(best, NOVELTY_FILE, references[stored][0].save)  # annotate() refuses novel cells with it
