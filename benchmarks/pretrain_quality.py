@@ -55,6 +55,10 @@ ABLATIONS: dict[str, list[str]] = {
         "model.adversarial_batch_weight=0.1",
         "data.loader.source_balance=0.5",
     ],
+    # label-free: views of each cell as two technical batches would measure it (thinner; other per-gene capture)
+    "views_depth": ["data.loader.view_depth=[0.2,1.0]"],
+    "views_gene_scale": ["data.loader.view_gene_scale=0.5"],
+    "technical_views": ["data.loader.view_depth=[0.2,1.0]", "data.loader.view_gene_scale=0.5"],
     # the same over each file's batch_key batches (CellBench's protocols, SNARE's libraries): those files are probe
     # sets too, so these rows use probe batches in training and do not meet the probes' rule; they show the ceiling
     "batch_decoder_within_files": ["model.reconstruction_batch_conditioned=true", "data.batch_column=batch"],

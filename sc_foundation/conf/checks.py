@@ -37,6 +37,7 @@ ANNOTATIONS = {
         "data.panel": {"dict"},
         "data.loader.split_by": {"str"},
         "data.loader.view_keep": {"list"},
+        "data.loader.view_depth": {"list"},
         "trainer.precision": {"str", "int"},
     },
     "finetune": {

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sc_foundation.data.lifetime import die_with_parent
 from sc_foundation.data.store import CorpusStore
+from sc_foundation.data.technical_views import TechnicalViews
 from sc_foundation.data.tokenization import hash_uniform
 
 
@@ -323,8 +324,10 @@ class MaskingCollator:
     With ``view_keep=(low, high)`` it also draws two views of each cell for the contrastive objective:
     ``view_masks`` (2, B, L) bool, True at the tokens a view keeps. Each view keeps each gene token with a
     probability drawn per cell and view uniformly in [low, high], from the same kind of hash, so views differ in how
-    many genes they show (an augmentation of sequencing depth) as well as which; special tokens are always kept,
-    and so is at least one gene token per cell.
+    many genes they show as well as which; special tokens are always kept, and so is at least one gene token per
+    cell. With ``technical`` (a :class:`~sc_foundation.data.technical_views.TechnicalViews`) each view is moreover
+    read as another technical batch would have measured the cell (thinner, with other per-gene capture):
+    ``view_values`` (2, B, L) float32 then holds each view's values.
     """
 
     mask_ratio: float
@@ -334,8 +337,11 @@ class MaskingCollator:
     vocab_size: int
     seed: int = 0
     view_keep: tuple[float, float] | None = None
+    technical: TechnicalViews | None = None
 
     def __post_init__(self) -> None:
+        if self.technical is not None and self.view_keep is None:
+            raise ValueError("technical views need views: set view_keep")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
         if self.view_keep is not None:
@@ -383,6 +389,16 @@ class MaskingCollator:
             out["view_masks"] = np.stack(
                 [self._view(view, epoch, cells, positions, maskable, segment, starts) for view in (0, 1)]
             ).reshape(2, *ids.shape)
+            if self.technical is not None:
+                out["view_values"], out["view_masks"] = self.technical(
+                    ids,
+                    batch["values"],
+                    maskable.reshape(ids.shape),
+                    out["mask"],
+                    out["view_masks"],
+                    batch["cell_index"],
+                    epoch,
+                )
         return out
 
     def _view(self, view, epoch, cells, positions, maskable, segment, starts) -> np.ndarray:
@@ -649,6 +665,11 @@ class CorpusDataModule(pl.LightningDataModule):
         mask_ratio: share of gene tokens masked for pretraining; None for no masking (fine-tuning, inference).
         view_keep: ``(low, high)``: pretraining batches also carry two views of each cell (``view_masks``, see
             :class:`MaskingCollator`) for the contrastive objective; None for none.
+        view_depth: ``(low, high)``: each view also keeps only that share of each cell's molecules (binomial
+            thinning, :class:`~sc_foundation.data.technical_views.TechnicalViews`); None for none. Needs
+            ``view_keep`` and the ``continuous`` encoding.
+        view_gene_scale: standard deviation of the per-gene log capture factor each view applies (a synthetic
+            batch per view, same module); 0 for none.
         group_by_length: length-grouped batches (much less padding).
         pack: packed batches (cells end to end, ``cu_seqlens``, no padding) for varlen attention.
         num_workers: DataLoader worker processes; each assembles whole batches.
@@ -680,6 +701,8 @@ class CorpusDataModule(pl.LightningDataModule):
         split_by: str | None = None,
         mask_ratio: float | None = 0.15,
         view_keep: Sequence[float] | None = None,
+        view_depth: Sequence[float] | None = None,
+        view_gene_scale: float = 0.0,
         group_by_length: bool = True,
         pack: bool = False,
         num_workers: int = 0,
@@ -701,6 +724,8 @@ class CorpusDataModule(pl.LightningDataModule):
         self.split_by = split_by
         self.mask_ratio = mask_ratio
         self.view_keep = None if view_keep is None else tuple(view_keep)
+        self.view_depth = None if view_depth is None else tuple(view_depth)
+        self.view_gene_scale = view_gene_scale
         self.group_by_length = group_by_length
         self.pack = pack
         self.num_workers = num_workers
@@ -733,6 +758,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 vocab_size=len(vocab),
                 seed=self.seed,
                 view_keep=self.view_keep,
+                technical=self._technical_views(),
             )
         elif self.view_keep is not None:
             raise ValueError("view_keep makes views of pretraining batches: it needs mask_ratio")
@@ -745,6 +771,23 @@ class CorpusDataModule(pl.LightningDataModule):
             self.train_dataset = StoreBatchDataset(
                 self.store, collator=collator, pack=self.pack, per_cell=self.per_cell, augment=augment
             )
+
+    def _technical_views(self) -> TechnicalViews | None:
+        if self.view_depth is None and not self.view_gene_scale:
+            return None
+        config = self.store.tokenizer.config
+        if config.encoding != "continuous":
+            raise ValueError(
+                f"data.loader.view_depth and view_gene_scale recover counts from continuous values; this store's "
+                f"encoding is {config.encoding!r}: set data.tokenizer.encoding=continuous or drop them"
+            )
+        return TechnicalViews(
+            self.store.obs["n_counts"].to_numpy(),
+            config.target_sum,
+            depth=self.view_depth,
+            gene_scale=self.view_gene_scale,
+            seed=self.seed,
+        )
 
     def _sampler(self, indices: np.ndarray, train: bool, sharded: bool = True) -> CellBatchSampler:
         balanced = train and self.source_balance > 0

@@ -1010,11 +1010,14 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
         max_seqlen: int | None = None,
         view_masks: torch.Tensor | None = None,
         batch_ids: torch.Tensor | None = None,
+        view_values: torch.Tensor | None = None,
     ) -> ScFoundationMaskedValueOutput:
         """Args as for :meth:`ScFoundationModel.forward`, plus ``labels``: same shape as input_ids, float, the
         true value (bin index or log1p value) at the ``mask`` positions and ignored elsewhere; ``view_masks``:
         (2, B, L) bool, the tokens each of two views of a padded batch keeps (their masked tokens are scored in both
-        views); ``batch_ids``: (B,) long corpus batch of each cell, for the batch-aware terms (training only: the
+        views); ``view_values``: (2, B, L) float, each view's own values (technical views: thinner, other capture),
+        else both views read ``values``, while the masked targets and the reconstructed expression stay the cell's
+        own; ``batch_ids``: (B,) long corpus batch of each cell, for the batch-aware terms (training only: the
         encoder never reads it)."""
         if labels is not None and mask is None:
             raise ValueError("labels need the mask of the positions to predict")
@@ -1034,12 +1037,13 @@ class ScFoundationForMaskedValueModeling(ScFoundationPreTrainedModel):
                 batch_ids=batch_ids,
             )
         real = input_ids != self.config.pad_token_id if attention_mask is None else attention_mask.bool()
+        per_view = [values, values] if view_values is None else view_values.to(values.dtype)
         views = [
             self._forward_view(
-                *keep_tokens(real & keep, self.config.pad_token_id, input_ids, values, mask, labels),
+                *keep_tokens(real & keep, self.config.pad_token_id, input_ids, seen, mask, labels),
                 condition_ids=condition_ids,
             )
-            for keep in view_masks.bool()
+            for keep, seen in zip(view_masks.bool(), per_view, strict=True)
         ]
         output = views[0]
         output.masked_loss = torch.stack([view.masked_loss for view in views]).mean()

@@ -148,7 +148,8 @@ def model_card_files(cfg: DictConfig, report, trainer: pl.Trainer, probes: Probe
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "sampling, masking and views": {
-            k: cfg.data.loader.get(k) for k in ("source_balance", "mask_ratio", "view_keep")
+            k: cfg.data.loader.get(k)
+            for k in ("source_balance", "mask_ratio", "view_keep", "view_depth", "view_gene_scale")
         },
         "seed": cfg.seed,
     }
