@@ -29,8 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 ABLATIONS: dict[str, list[str]] = {
     # objectives: each removes or adds one term of the recipe
-    "masked_only": ["model.reconstruction_weight=0", "model.contrastive_weight=0", "data.loader.view_keep=null"],
-    "no_contrastive": ["model.contrastive_weight=0", "data.loader.view_keep=null"],
+    "masked_only": [
+        "model.reconstruction_weight=0",
+        "model.contrastive_weight=0",
+        "data.loader.view_keep=null",
+        "data.loader.view_depth=null",
+    ],
+    "no_contrastive": ["model.contrastive_weight=0", "data.loader.view_keep=null", "data.loader.view_depth=null"],
     "no_reconstruction": ["model.reconstruction_weight=0"],
     "no_masked": ["model.masked_weight=0"],
     "plus_ecs": ["model.ecs_weight=0.1"],
@@ -57,6 +62,7 @@ ABLATIONS: dict[str, list[str]] = {
     ],
     # label-free: views of each cell as two technical batches would measure it (thinner; other per-gene capture)
     "views_depth": ["data.loader.view_depth=[0.2,1.0]"],
+    "views_without_depth": ["data.loader.view_depth=null"],
     "views_gene_scale": ["data.loader.view_gene_scale=0.5"],
     "technical_views": ["data.loader.view_depth=[0.2,1.0]", "data.loader.view_gene_scale=0.5"],
     # the same over each file's batch_key batches (CellBench's protocols, SNARE's libraries): those files are probe

@@ -158,7 +158,7 @@ def test_refusals(tmp_path, cellbench):
         TechnicalViews(np.ones(3), TARGET, depth=(0.0, 0.5))
     with pytest.raises(ValueError, match="view_gene_scale"):
         TechnicalViews(np.ones(3), TARGET, gene_scale=-1.0)
-    with pytest.raises(ValueError, match="set view_keep"):
+    with pytest.raises(ValueError, match=r"set data\.loader\.view_keep, or view_depth=null"):
         MaskingCollator(0.2, "value", 2, SPECIAL, VOCAB, technical=TechnicalViews(np.ones(3), TARGET, gene_scale=0.1))
     report = build_store([cellbench], tmp_path / "store", tokenizer_config=TokenizerConfig(context_length=64))
     module = CorpusDataModule(report.path, batch_size=8, view_keep=(0.4, 0.8), view_depth=(0.2, 1.0))

@@ -341,7 +341,10 @@ class MaskingCollator:
 
     def __post_init__(self) -> None:
         if self.technical is not None and self.view_keep is None:
-            raise ValueError("technical views need views: set view_keep")
+            raise ValueError(
+                "technical views (data.loader.view_depth, view_gene_scale) change the contrastive views, and there are "
+                "none: set data.loader.view_keep, or view_depth=null and view_gene_scale=0"
+            )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
         if self.view_keep is not None:
