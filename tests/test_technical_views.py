@@ -9,10 +9,9 @@ from sc_foundation.data.datamodule import CorpusDataModule, MaskingCollator
 from sc_foundation.data.store import build_store
 from sc_foundation.data.technical_views import TechnicalViews
 from sc_foundation.data.tokenization import TokenizerConfig
-from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
+from tests.test_cell_objectives import VOCAB, config
 
-VOCAB = 60
 SPECIAL = [0, 1, 2]  # pad, cls, mask
 TARGET = 1e4
 
@@ -123,19 +122,7 @@ def test_the_model_reads_each_views_values_and_scores_the_cells_own():
     out = collate(TechnicalViews(library, TARGET, depth=(0.3, 0.6)), batch, view_keep=(0.5, 0.9))
     tensors = {k: torch.from_numpy(v) for k, v in out.items() if k != "cell_index"}
     torch.manual_seed(0)
-    model = ScFoundationForMaskedValueModeling(
-        ScFoundationConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            hidden_dropout_prob=0.0,
-            value_encoding="continuous",
-            pooling="mean",
-            contrastive_weight=1.0,
-        )
-    ).eval()
+    model = ScFoundationForMaskedValueModeling(config(contrastive_weight=1.0)).eval()
     technical = model(**tensors)
     plain = model(**{k: v for k, v in tensors.items() if k != "view_values"})
     assert not torch.allclose(technical.contrastive_loss, plain.contrastive_loss)
