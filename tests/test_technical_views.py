@@ -115,6 +115,9 @@ def test_views_are_seeded_special_tokens_untouched_and_every_cell_keeps_a_gene()
     assert (out["view_values"][:, :, 0] == 7.0).all() and out["view_masks"][:, :, 0].all()
     gene_tokens = batch["attention_mask"] & (batch["input_ids"] > 2)
     assert ((out["view_masks"] & gene_tokens).sum(-1) >= 1).all()  # even at 1-5% of the molecules
+    # A cell thinned to nothing shows its own values (not zeros) at the tokens it keeps.
+    shown = out["view_masks"] & gene_tokens & ~out["mask"]
+    assert (out["view_values"][shown] > 0).all()
 
 
 def test_the_model_reads_each_views_values_and_scores_the_cells_own():

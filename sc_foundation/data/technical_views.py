@@ -102,8 +102,9 @@ class TechnicalViews:
             logged = np.where(present & ~mask, np.log1p(expression * scale[:, None]), 0.0)
             out_values[view] = np.where(genes, logged, values)
             keep = view_masks[view] & (present | mask | ~genes)
-            # A cell whose view lost every gene token keeps the tokens it had before thinning.
+            # A cell whose view lost every gene token keeps the tokens and values it had before thinning.
             empty = ~(keep & genes).any(1)
             keep[empty] = view_masks[view][empty]
+            out_values[view][empty] = np.where(mask[empty], 0.0, values[empty])
             out_masks[view] = keep
         return out_values, out_masks
