@@ -10,9 +10,8 @@ from sc_foundation.data.store import build_store
 from sc_foundation.data.technical_views import TechnicalViews
 from sc_foundation.data.tokenization import TokenizerConfig
 from sc_foundation.models.modeling import ScFoundationForMaskedValueModeling
-from tests.test_cell_objectives import VOCAB, config
+from tests.test_cell_objectives import SPECIAL, VOCAB, config
 
-SPECIAL = [0, 1, 2]  # pad, cls, mask
 TARGET = 1e4
 
 
