@@ -1,11 +1,11 @@
 """Technical views: each contrastive view of a cell read as another technical batch would measure it (thinner, other
-per-gene capture), on hand-made cells whose counts are known."""
+per-gene capture), and fine-tuning's depth thinning, on hand-made cells whose counts are known and on a real store."""
 
 import numpy as np
 import pytest
 import torch
 
-from sc_foundation.data.datamodule import CorpusDataModule, MaskingCollator
+from sc_foundation.data.datamodule import CorpusDataModule, DepthThinning, MaskingCollator
 from sc_foundation.data.store import build_store
 from sc_foundation.data.technical_views import TechnicalViews
 from sc_foundation.data.tokenization import TokenizerConfig
@@ -153,3 +153,89 @@ def test_refusals(tmp_path, cellbench):
     module = CorpusDataModule(report.path, batch_size=8, view_keep=(0.4, 0.8), view_depth=(0.2, 1.0))
     with pytest.raises(ValueError, match=r"encoding is 'binned'.*data\.tokenizer\.encoding=continuous"):
         module.setup()
+
+
+def with_cls(batch):
+    """The batch with a ``<cls>`` token (value -2) first in every cell."""
+    n = len(batch["input_ids"])
+    return dict(
+        batch,
+        input_ids=np.hstack([np.full((n, 1), SPECIAL[1]), batch["input_ids"]]),
+        values=np.hstack([np.full((n, 1), -2.0, dtype=np.float32), batch["values"]]),
+        attention_mask=np.hstack([np.ones((n, 1), dtype=bool), batch["attention_mask"]]),
+    )
+
+
+def test_depth_thinning_gives_each_cell_fewer_molecules_of_its_own_genes_and_drops_the_emptied_ones():
+    batch, counts, library = counted_batch(n_cells=200)
+    batch = with_cls(batch)
+    thinning = DepthThinning(library, TARGET, (0.25, 0.25), SPECIAL, pad_id=0, seed=3)
+    out = thinning(batch, epoch=0)
+    assert (out["input_ids"][:, 0] == SPECIAL[1]).all() and (out["values"][:, 0] == -2.0).all()  # <cls> untouched
+    thinned_library = 0.25 * library
+    implied_all, original_all = [], []
+    for i in range(len(counts)):
+        real = out["attention_mask"][i]
+        ids, values = out["input_ids"][i][real][1:], out["values"][i][real][1:]
+        own = dict(zip(batch["input_ids"][i][1:].tolist(), counts[i, :].tolist(), strict=True))
+        assert set(ids.tolist()) <= {g for g, c in own.items() if c > 0}  # only the cell's genes, in their order
+        assert (np.diff([list(own).index(g) for g in ids.tolist()]) > 0).all()
+        assert (values > 0).all()  # every shown gene kept molecules; the ones thinned to zero left
+        implied_all.append(np.expm1(values.astype(np.float64)) / TARGET * thinned_library[i])
+        original_all.append(np.array([own[g] for g in ids.tolist()]))
+    implied, original = np.concatenate(implied_all), np.concatenate(original_all)
+    # Integer counts of a cell of about a quarter of the molecules, each at most the gene's own count (a little slack:
+    # the thinned library is near, not at, a quarter), a quarter of it on average.
+    assert np.median(np.abs(implied - np.rint(implied))) < 0.25
+    assert (implied <= original * 1.3 + 0.5).all()
+    assert 0.2 < implied.sum() / original.sum() < 0.4
+    # A gene of c molecules leaves with probability 0.75 ** c: as many genes left as that predicts.
+    p_gone = 0.75 ** counts[counts > 0]
+    dropped = batch["attention_mask"].sum() - out["attention_mask"].sum()
+    assert abs(dropped - p_gone.sum()) < 4 * np.sqrt((p_gone * (1 - p_gone)).sum())
+
+
+def test_depth_thinning_is_seeded_by_epoch_and_a_cell_thinned_to_nothing_keeps_its_own_tokens():
+    batch, _, library = counted_batch(n_cells=20)
+    thinning = DepthThinning(library, TARGET, (0.2, 1.0), SPECIAL, pad_id=0, seed=1)
+    first, again, later = thinning(batch, 0), thinning(batch, 0), thinning(batch, 1)
+    for key in ("input_ids", "values"):
+        np.testing.assert_array_equal(first[key], again[key])
+    assert first["values"].shape != later["values"].shape or not np.array_equal(first["values"], later["values"])
+    # One molecule of one gene, kept with probability 0.001: the cell keeps that token and value.
+    single = {
+        "input_ids": np.array([[SPECIAL[1], 7]]),
+        "values": np.array([[-2.0, np.log1p(TARGET / 5)]], dtype=np.float32),
+        "attention_mask": np.ones((1, 2), dtype=bool),
+        "cell_index": np.array([0]),
+    }
+    out = DepthThinning(np.array([5.0]), TARGET, (0.001, 0.001), SPECIAL, pad_id=0)(single, epoch=0)
+    for key in ("input_ids", "values", "attention_mask"):
+        np.testing.assert_array_equal(out[key], single[key])
+
+
+def test_fine_tuning_stores_recover_the_counts_the_thinning_needs_and_only_training_batches_are_thinned(
+    tmp_path, cellbench
+):
+    """With library_size=panel the store's library is the panel total, so values x library give back the counts."""
+    config = TokenizerConfig(encoding="continuous", context_length=30_000, library_size="panel")
+    report = build_store([cellbench], tmp_path / "store", tokenizer_config=config)
+    splits = {"train": np.arange(0, 100), "val": np.arange(100, 140)}
+    module = CorpusDataModule(report.path, batch_size=16, mask_ratio=None, splits=splits, thin_depth=(0.3, 0.3))
+    module.setup()
+    cells = np.arange(16)
+    plain = module.store.get_batch(cells)
+    library = module.store.obs["n_counts"].to_numpy()[cells]
+    genes = plain["attention_mask"] & (plain["input_ids"] != module.store.vocab.cls_id)
+    counts = np.expm1(plain["values"].astype(np.float64)) * library[:, None] / config.target_sum
+    np.testing.assert_allclose(np.where(genes, counts, 0).sum(1), library, rtol=1e-4)  # the panel's whole library
+    np.testing.assert_allclose(counts[genes], np.rint(counts[genes]), atol=0.02)  # integer counts
+    train = module.train_dataset._arrays(0, cells)
+    val = module.dataset._arrays(0, cells)
+    np.testing.assert_array_equal(val["values"], plain["values"])
+    assert train["attention_mask"].sum() < 0.8 * plain["attention_mask"].sum()
+    with pytest.raises(ValueError, match="thin_depth must be"):
+        DepthThinning(library, config.target_sum, (0.5, 1.5), SPECIAL, pad_id=0)
+    binned = build_store([cellbench], tmp_path / "binned", tokenizer_config=TokenizerConfig(context_length=64))
+    with pytest.raises(ValueError, match=r"data\.thin_depth recover counts.*encoding is 'binned'"):
+        CorpusDataModule(binned.path, mask_ratio=None, splits=splits, thin_depth=(0.3, 1.0)).setup()

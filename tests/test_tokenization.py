@@ -459,7 +459,7 @@ def test_panel_library_size_ignores_the_genes_a_file_adds(tmp_path, kang, kang_v
     genes = tuple(kang_vocab.tokens[i] for i in panel_ids)
     # The same cells from a file that measures only the panel's genes.
     narrow = kang[:, np.isin(resolve_genes(gene_names(kang)).canonical.astype(str), genes)].copy()
-    values = {}
+    values, libraries = {}, {}
     for library in ("input", "panel"):
         config = TokenizerConfig(
             encoding="continuous", gene_panel=genes, context_length=61, min_match_rate=0.0, library_size=library
@@ -468,6 +468,7 @@ def test_panel_library_size_ignores_the_genes_a_file_adds(tmp_path, kang, kang_v
         wide_cells, narrow_cells = encode(tokenizer, kang)[1], encode(tokenizer, narrow)[1]
         assert np.array_equal(wide_cells.rows, narrow_cells.rows)
         values[library] = (wide_cells.values, narrow_cells.values)
+        libraries[library] = wide_cells
     wide, narrow_values = values["panel"]
     np.testing.assert_allclose(wide, narrow_values, rtol=1e-5)
     panel_counts = token_counts(kang, kang_vocab)[:, panel_ids]
@@ -476,6 +477,9 @@ def test_panel_library_size_ignores_the_genes_a_file_adds(tmp_path, kang, kang_v
     ids, cell_values = encode(GeneTokenizer(kang_vocab, config), kang)[1].cell(0)  # config: the "panel" one
     order = {g: k for k, g in enumerate(panel_ids.tolist())}
     np.testing.assert_allclose(cell_values[1:], expected[0, [order[g] for g in ids[1:].tolist()]], rtol=1e-5)
+    # n_counts is the library each cell was divided by: the panel's total here, the whole file's with "input".
+    np.testing.assert_allclose(libraries["panel"].n_counts, panel_counts[rows].sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(libraries["input"].n_counts, library_sizes(kang)[libraries["input"].rows], rtol=1e-6)
     assert not np.allclose(*values["input"], rtol=1e-2)  # the input library shifts the narrow file's values
     tokenizer = GeneTokenizer(kang_vocab, config)
     assert "library size over the panel" in repr(tokenizer)

@@ -45,6 +45,7 @@ ANNOTATIONS = {
         "output_dir": {"str"},
         "data.files": {"list"},
         "data.store_dir": {"str"},
+        "data.thin_depth": {"list"},
         "split.split_by": {"str"},
         "finetune.dropout": {"float"},
         "label_key": {"str"},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sc_foundation.data.lifetime import die_with_parent
 from sc_foundation.data.store import CorpusStore
-from sc_foundation.data.technical_views import TechnicalViews
+from sc_foundation.data.technical_views import TechnicalViews, log_normalise, recover_counts, thin_counts
 from sc_foundation.data.tokenization import hash_uniform
 
 
@@ -444,8 +444,7 @@ class TokenDropout:
 
     def __call__(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
         """The batch with each row's kept tokens first, (B, L') with L' <= L."""
-        if "cu_seqlens" in batch:
-            raise ValueError("token dropout needs padded batches: set data.loader.pack=false")
+        _refuse_packed(batch, "token dropout")
         ids, real = batch["input_ids"], batch["attention_mask"]
         width = ids.shape[1]
         droppable = real & ~np.isin(ids, self._special)
@@ -457,18 +456,77 @@ class TokenDropout:
         best = u.argmax(axis=1)
         has_gene = droppable.any(axis=1)
         keep[np.flatnonzero(has_gene), best[has_gene]] = True
-        order = np.argsort(~keep, axis=1, kind="stable")  # kept tokens first, in their original order
-        lengths = keep.sum(axis=1)
-        new_width = int(lengths.max())
-        out = dict(batch)
-        for key in ("input_ids", "values"):
-            if key in batch:
-                out[key] = np.take_along_axis(batch[key], order, axis=1)[:, :new_width]
-        out["attention_mask"] = real_now = np.arange(new_width)[None, :] < lengths[:, None]
-        out["input_ids"] = np.where(real_now, out["input_ids"], self.pad_id)
-        if "values" in out:
-            out["values"] = np.where(real_now, out["values"], 0).astype(batch["values"].dtype)
-        return out
+        return kept_tokens_first(batch, keep, self.pad_id)
+
+
+@dataclass
+class DepthThinning:
+    """Training augmentation for fine-tuning: each cell as a shallower sequencing run of it would have measured it.
+
+    Each epoch, each training cell keeps a share ``p`` of its molecules, drawn uniformly in ``depth = (low, high)``
+    per cell: every gene's count is binomially thinned (the counts are recovered from the continuous values and the
+    store's library sizes, :func:`~sc_foundation.data.technical_views.recover_counts`), the values are normalised
+    again, and the genes left at zero leave the cell (the batch is compacted as :class:`TokenDropout` does). The
+    same cell then reaches the model at many depths with one label, so a query sequenced less deeply than the
+    training cells (another protocol or study) is not a new kind of cell to it. A cell thinned to nothing keeps its
+    own tokens. Seeded by (seed, epoch, the batch's cells).
+
+    Args:
+        library: (n_store_cells,) the totals the store's values were normalised by (its ``n_counts``).
+        target_sum: the tokenizer's ``target_sum``.
+        depth: ``(low, high)``, ``0 < low <= high <= 1``.
+    """
+
+    library: np.ndarray
+    target_sum: float
+    depth: Sequence[float]
+    special_ids: Sequence[int]
+    pad_id: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        low, high = self.depth
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"thin_depth must be (low, high) with 0 < low <= high <= 1, got {tuple(self.depth)}.")
+        self.library = np.asarray(self.library, dtype=np.float64)
+        self._special = np.asarray(sorted(self.special_ids), dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """The batch with thinned values and without the genes thinned to zero, (B, L') with L' <= L."""
+        _refuse_packed(batch, "depth thinning")
+        ids, real, cells = batch["input_ids"], batch["attention_mask"], batch["cell_index"]
+        genes = real & ~np.isin(ids, self._special)
+        counts, outside = recover_counts(batch["values"], genes, self.library[cells], self.target_sum)
+        rng = np.random.default_rng([self.seed, 23, epoch, *cells.astype(np.uint64).tolist()])
+        kept, rest = thin_counts(counts, outside, rng.uniform(*self.depth, size=len(cells)), rng)
+        present = genes & (kept > 0)
+        empty = ~present.any(axis=1) & genes.any(axis=1)
+        logged = log_normalise(kept, kept.sum(1) + rest, self.target_sum)
+        values = np.where(present & ~empty[:, None], logged, batch["values"]).astype(batch["values"].dtype)
+        keep = np.where(empty[:, None], real, present | (real & ~genes))
+        return kept_tokens_first({**batch, "values": values}, keep, self.pad_id)
+
+
+def _refuse_packed(batch: dict[str, np.ndarray], what: str) -> None:
+    if "cu_seqlens" in batch:
+        raise ValueError(f"{what} needs padded batches: set data.loader.pack=false")
+
+
+def kept_tokens_first(batch: dict[str, np.ndarray], keep: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """A padded batch with each row's ``keep`` (B, L) tokens first, in their order, and cut to its longest row:
+    ``input_ids``, ``values`` and ``attention_mask`` (B, L') with L' <= L; the other keys unchanged."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    lengths = keep.sum(axis=1)
+    new_width = int(lengths.max())
+    out = dict(batch)
+    for key in ("input_ids", "values"):
+        if key in batch:
+            out[key] = np.take_along_axis(batch[key], order, axis=1)[:, :new_width]
+    out["attention_mask"] = real_now = np.arange(new_width)[None, :] < lengths[:, None]
+    out["input_ids"] = np.where(real_now, out["input_ids"], pad_id)
+    if "values" in out:
+        out["values"] = np.where(real_now, out["values"], 0).astype(batch["values"].dtype)
+    return out
 
 
 def _token_layout(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -576,8 +634,8 @@ class StoreBatchDataset(Dataset):
     and ``max_seqlen``. With a :class:`MaskingCollator`, ``mask`` and ``labels`` are added. ``per_cell`` maps batch
     keys to (n_store_cells,) arrays of per-cell targets (``labels``: class ids for annotation; ``batch_ids`` for
     integration); each key then holds the batch's cells' entries, (B,), looked up by ``cell_index``. Per-cell
-    ``labels`` and the collator's token labels exclude each other. ``augment`` (a :class:`TokenDropout`, training
-    loaders only) changes each batch before masking.
+    ``labels`` and the collator's token labels exclude each other. ``augment`` (training loaders only: e.g.
+    :class:`DepthThinning`, then :class:`TokenDropout`) changes each batch before masking, in its order.
     """
 
     def __init__(
@@ -587,7 +645,7 @@ class StoreBatchDataset(Dataset):
         collator: MaskingCollator | None = None,
         pack: bool = False,
         per_cell: Mapping[str, np.ndarray] | None = None,
-        augment: TokenDropout | None = None,
+        augment: Sequence[Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]]] = (),
     ):
         per_cell = dict(per_cell or {})
         if collator is not None and "labels" in per_cell:
@@ -599,7 +657,7 @@ class StoreBatchDataset(Dataset):
         self.collator = collator
         self.pack = pack
         self.per_cell = per_cell
-        self.augment = augment
+        self.augment = tuple(augment)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -615,8 +673,8 @@ class StoreBatchDataset(Dataset):
     def _arrays(self, epoch: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The batch of cells ``indices`` at ``epoch`` as numpy arrays."""
         batch = self.store.get_packed(indices) if self.pack else self.store.get_batch(indices)
-        if self.augment is not None:
-            batch = self.augment(batch, epoch)
+        for augmentation in self.augment:
+            batch = augmentation(batch, epoch)
         if self.collator is not None:
             batch = self.collator(batch, epoch)
         for key, array in self.per_cell.items():
@@ -685,6 +743,9 @@ class CorpusDataModule(pl.LightningDataModule):
             instead of ``val_fraction`` and ``split_by``; a ``test`` split gets a ``test_dataloader``.
         token_dropout: share of gene tokens the training batches drop (:class:`TokenDropout`, a fine-tuning
             augmentation); 0 for none. Validation, test and prediction batches keep every token.
+        thin_depth: ``(low, high)``: each training cell keeps a share of its molecules drawn in that range, anew each
+            epoch (:class:`DepthThinning`, a fine-tuning augmentation, before the token dropout); None for none.
+            Needs the ``continuous`` encoding. Validation, test and prediction batches keep their depth.
         source_balance: balanced sampling of the training cells across the store's inputs (its ``source``
             column): each cell is drawn with weight ``n_source ** -source_balance`` (:func:`source_balance_weights`),
             with replacement, as many cells per epoch as the split holds. 0 (default): each cell once per epoch.
@@ -715,6 +776,7 @@ class CorpusDataModule(pl.LightningDataModule):
         per_cell: Mapping[str, np.ndarray] | None = None,
         splits: Mapping[str, np.ndarray] | None = None,
         token_dropout: float = 0.0,
+        thin_depth: Sequence[float] | None = None,
         source_balance: float = 0.0,
     ):
         super().__init__()
@@ -738,6 +800,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.per_cell = per_cell
         self.splits = splits
         self.token_dropout = token_dropout
+        self.thin_depth = None if thin_depth is None else tuple(thin_depth)
         self.store: CorpusStore | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -767,23 +830,42 @@ class CorpusDataModule(pl.LightningDataModule):
             raise ValueError("view_keep makes views of pretraining batches: it needs mask_ratio")
         self.dataset = StoreBatchDataset(self.store, collator=collator, pack=self.pack, per_cell=self.per_cell)
         self.train_dataset = self.dataset
-        if self.token_dropout:
-            augment = TokenDropout(
-                self.token_dropout, self.store.vocab.special_ids.tolist(), self.store.vocab.pad_id, self.seed
-            )
+        augment = self._augmentations()
+        if augment:
             self.train_dataset = StoreBatchDataset(
                 self.store, collator=collator, pack=self.pack, per_cell=self.per_cell, augment=augment
+            )
+
+    def _augmentations(self) -> list:
+        """The training batches' augmentations, in order: depth thinning, then token dropout."""
+        vocab, config = self.store.vocab, self.store.tokenizer.config
+        augment = []
+        if self.thin_depth is not None:
+            self._require_continuous("data.thin_depth", "drop it: this model's tokenizer does not read counts")
+            library = self.store.obs["n_counts"].to_numpy()
+            augment.append(
+                DepthThinning(
+                    library, config.target_sum, self.thin_depth, vocab.special_ids.tolist(), vocab.pad_id, self.seed
+                )
+            )
+        if self.token_dropout:
+            augment.append(TokenDropout(self.token_dropout, vocab.special_ids.tolist(), vocab.pad_id, self.seed))
+        return augment
+
+    def _require_continuous(self, keys: str, fix: str) -> None:
+        encoding = self.store.tokenizer.config.encoding
+        if encoding != "continuous":
+            raise ValueError(
+                f"{keys} recover counts from continuous values; this store's encoding is {encoding!r}: {fix}"
             )
 
     def _technical_views(self) -> TechnicalViews | None:
         if self.view_depth is None and not self.view_gene_scale:
             return None
+        self._require_continuous(
+            "data.loader.view_depth and view_gene_scale", "set data.tokenizer.encoding=continuous or drop them"
+        )
         config = self.store.tokenizer.config
-        if config.encoding != "continuous":
-            raise ValueError(
-                f"data.loader.view_depth and view_gene_scale recover counts from continuous values; this store's "
-                f"encoding is {config.encoding!r}: set data.tokenizer.encoding=continuous or drop them"
-            )
         return TechnicalViews(
             self.store.obs["n_counts"].to_numpy(),
             config.target_sum,

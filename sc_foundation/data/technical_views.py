@@ -78,9 +78,7 @@ class TechnicalViews:
             ``view_masks`` (2, B, L) bool, without the genes a view thinned to zero. A masked token stays (its value is
             hidden anyway and it is scored in both views); every cell keeps at least one gene token.
         """
-        library = self.n_counts[cell_index]  # (B,)
-        counts = np.where(genes, np.rint(np.expm1(values.astype(np.float64)) * library[:, None] / self.target_sum), 0)
-        outside = np.maximum(np.rint(library) - counts.sum(1), 0)  # (B,) molecules of genes not in the context
+        counts, outside = recover_counts(values, genes, self.n_counts[cell_index], self.target_sum)
         out_values = np.zeros((2, *values.shape), dtype=np.float32)
         out_masks = view_masks.copy()
         for view in (0, 1):
@@ -88,8 +86,7 @@ class TechnicalViews:
             kept, rest = counts, outside
             if self.depth is not None:
                 share = rng.uniform(*self.depth, size=len(counts))  # (B,)
-                kept = rng.binomial(counts.astype(np.int64), share[:, None]).astype(np.float64)
-                rest = rng.binomial(outside.astype(np.int64), share).astype(np.float64)
+                kept, rest = thin_counts(counts, outside, share, rng)
             total = kept.sum(1) + rest  # (B,) molecules of the thinned cell
             expression = kept
             if self.gene_scale > 0:
@@ -98,8 +95,7 @@ class TechnicalViews:
                 # The cell's library grows or shrinks with its context genes' factors; the rest keeps factor 1.
                 total = expression.sum(1) + rest
             present = genes & (kept > 0)
-            scale = np.divide(self.target_sum, total, out=np.zeros_like(total), where=total > 0)
-            logged = np.where(present & ~mask, np.log1p(expression * scale[:, None]), 0.0)
+            logged = np.where(present & ~mask, log_normalise(expression, total, self.target_sum), 0.0)
             out_values[view] = np.where(genes, logged, values)
             keep = view_masks[view] & (present | mask | ~genes)
             # A cell whose view lost every gene token keeps the tokens and values it had before thinning.
@@ -108,3 +104,34 @@ class TechnicalViews:
             out_values[view][empty] = np.where(mask[empty], 0.0, values[empty])
             out_masks[view] = keep
         return out_values, out_masks
+
+
+def recover_counts(
+    values: np.ndarray, genes: np.ndarray, library: np.ndarray, target_sum: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The counts behind continuous values: ``(B, L)`` float64 counts of the gene tokens (0 elsewhere), exact for
+    integer counts, and ``(B,)`` each cell's molecules outside its tokens (genes beyond its context).
+
+    Args:
+        values: (B, L) log1p(counts per ``target_sum``) values; genes: (B, L) bool, the gene tokens among them;
+        library: (B,) the totals the cells were normalised by (the store's ``n_counts``).
+    """
+    counts = np.where(genes, np.rint(np.expm1(values.astype(np.float64)) * library[:, None] / target_sum), 0)
+    outside = np.maximum(np.rint(library) - counts.sum(1), 0)
+    return counts, outside
+
+
+def thin_counts(
+    counts: np.ndarray, outside: np.ndarray, share: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's molecules kept with probability ``share`` (B,), as sequencing fewer reads would: every gene's
+    count (B, L) and the molecules outside the tokens (B,) binomially thinned."""
+    kept = rng.binomial(counts.astype(np.int64), share[:, None]).astype(np.float64)
+    rest = rng.binomial(outside.astype(np.int64), share).astype(np.float64)
+    return kept, rest
+
+
+def log_normalise(expression: np.ndarray, total: np.ndarray, target_sum: float) -> np.ndarray:
+    """log1p of ``expression`` (B, L) per ``target_sum`` of each cell's ``total`` (B,) (0 for an empty cell)."""
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
+    return np.log1p(expression * scale[:, None])

@@ -192,7 +192,9 @@ class TokenizedCells:
         gene_ids: (n_tokens,) int32 vocabulary ids, ``<cls>`` first when the tokenizer adds it.
         values: (n_tokens,) float32 values of the encoding (bin index as a float for ``binned``).
         rows: (n_cells,) int64 row of each kept cell in the input; empty cells are dropped.
-        n_counts: (n_cells,) float32 total counts of each kept cell (all input genes).
+        n_counts: (n_cells,) float32 library size of each kept cell: the total its values were normalised by (its
+            counts over every input gene; with ``library_size="panel"``, over the genes it is read through). With
+            it the counts behind continuous values can be recovered (:mod:`sc_foundation.data.technical_views`).
         n_expressed: (n_cells,) int32 matched genes with non-zero counts, before truncation.
     """
 
@@ -305,8 +307,8 @@ def normalise_counts(
             Geneformer's library size), or over the kept columns only (``"kept"``: a value then does not depend on
             which other genes the file happens to measure).
     Returns:
-        (n_cells, n_kept) ``dtype`` CSR without stored zeros, and (n_cells,) ``dtype`` total
-        counts over all input columns (the library size, as scGPT and Geneformer define it).
+        (n_cells, n_kept) ``dtype`` CSR without stored zeros, and (n_cells,) ``dtype`` library sizes, the totals
+        each cell was divided by (over all input columns with ``"input"``, as scGPT and Geneformer define it).
     """
     counts = sp.csr_matrix(counts, dtype=dtype)
     totals = np.asarray(counts.sum(axis=1), dtype=dtype).ravel()
@@ -317,7 +319,7 @@ def normalise_counts(
     scale = np.divide(target_sum, library_sizes, out=np.zeros_like(library_sizes), where=library_sizes > 0)
     kept.data *= np.repeat(scale, np.diff(kept.indptr))
     kept.eliminate_zeros()
-    return kept, totals
+    return kept, library_sizes
 
 
 def cell_keys(cell_ids: Sequence[str]) -> np.ndarray:
@@ -562,7 +564,7 @@ class GeneTokenizer:
         # The rank encoding's order is its value: computed in float64, so that it is Geneformer's to the last gene.
         dtype = np.float64 if cfg.encoding == "rank" else np.float32
         library = "input" if cfg.library_size == "input" else "kept"
-        norm, totals = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype, library=library)
+        norm, library_sizes = normalise_counts(counts, match.aggregate, cfg.target_sum, dtype=dtype, library=library)
         n_cells = norm.shape[0]
         n_expressed = np.diff(norm.indptr).astype(np.int32)
         if cfg.include_zeros:
@@ -577,7 +579,10 @@ class GeneTokenizer:
             raw = norm.data
         # A cell is kept when it has tokens with a value; through a panel with zeros, a cell with counts outside the
         # panel only is a real cell too (all its panel genes at zero), which the task must still score.
-        keep_cell = (totals > 0) if cfg.gene_panel is not None and cfg.include_zeros else n_expressed > 0
+        if cfg.gene_panel is not None and cfg.include_zeros:
+            keep_cell = np.asarray(counts.sum(axis=1)).ravel() > 0
+        else:
+            keep_cell = n_expressed > 0
         genes = match.token_ids[cols]
         values = self._values(rows, genes, raw, n_cells, keys)
         # Entries arrive grouped by cell and in vocabulary order within each cell.
@@ -624,7 +629,7 @@ class GeneTokenizer:
             gene_ids=gene_ids,
             values=out_values,
             rows=kept_rows.astype(np.int64),
-            n_counts=totals[kept_rows].astype(np.float32),
+            n_counts=library_sizes[kept_rows].astype(np.float32),
             n_expressed=n_expressed[kept_rows],
         )
 

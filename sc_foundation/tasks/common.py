@@ -202,6 +202,7 @@ def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray]
         per_cell=per_cell,
         splits=splits,
         token_dropout=cfg.data.token_dropout,
+        thin_depth=cfg.data.get("thin_depth"),
     )
 
 
