@@ -136,6 +136,21 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def test_a_script_that_builds_without_a_main_guard_fails_with_the_fix_instead_of_hanging(slices, tmp_path):
+    """Spawned build workers import the main script again; a script calling ``build_store`` at its top level used
+    to start a second build in every worker, each waiting for the lock its parent held, for ever. Now the workers
+    refuse and the build fails, naming the fix."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(BUILD)
+    command = [sys.executable, str(script), *map(str, slices), str(tmp_path / "store")]
+    result = subprocess.run(
+        command, cwd=ROOT, env={**ENV, "BUILD_WORKERS": "2"}, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0
+    assert 'Put the code that builds stores or trains under `if __name__ == "__main__":`' in result.stderr
+    assert str(script) in result.stderr
+
+
 @pytest.mark.parametrize("entry", ["build_store", pytest.param("train.py", marks=pytest.mark.slow)])
 def test_a_killed_store_build_leaves_no_child_alive(slices, tmp_path, entry):
     """SIGKILL of a build running a pool of two worker processes (``build_store`` itself, or ``python train.py``

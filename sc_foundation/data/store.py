@@ -50,6 +50,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -563,6 +564,22 @@ def _worker_pool(num_workers: int, n_jobs: int):
         yield lambda function, jobs: list(pool.map(function, *zip(*jobs, strict=True))) if jobs else []
 
 
+def _refuse_while_bootstrapping() -> None:
+    """Fail at once in a worker process that is importing the parent's main script.
+
+    Build workers are spawned: each imports the user's main script again. A script that calls ``build_store`` at
+    its top level, without ``if __name__ == "__main__":``, would start a second build in every worker, which waits
+    for the build lock its parent holds: a silent deadlock. ``_inheriting`` is the flag Python's own spawn check
+    reads for this moment (``multiprocessing.spawn._check_not_importing_main``).
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            f"build_store was called while a worker process was importing the main script "
+            f"({sys.argv[0] or 'your script'}): worker processes run its top-level "
+            'code again. Put the code that builds stores or trains under `if __name__ == "__main__":`.'
+        )
+
+
 def launcher_rank() -> tuple[int, int]:
     """``(rank, world_size)`` from the launcher running this process: torchrun's ``RANK``/``WORLD_SIZE``, or a SLURM
     array's ``SLURM_ARRAY_TASK_ID`` (from ``SLURM_ARRAY_TASK_MIN``) and ``SLURM_ARRAY_TASK_COUNT``; else ``(0, 1)``."""
@@ -618,6 +635,7 @@ def build_store(
         overwrite: replace a store built with another plan (otherwise that is an error); a store that another
             process has open is never replaced.
     """
+    _refuse_while_bootstrapping()
     started = time.perf_counter()
     specs = [CorpusInput.coerce(item) for item in inputs]
     reserved = sorted(set(obs_keys) & set(RESERVED_COLUMNS))
@@ -652,6 +670,10 @@ def build_store(
         "format": FORMAT,
         "parts": [dataclasses.astuple(p) for p in parts],
     }
+    if config.library_size == "panel":
+        # Since 2026-12-04 n_counts holds the panel total these stores divide by (it held the input's total): a
+        # store built before does not share this plan, so it is never reused with the wrong library.
+        plan["n_counts"] = "library"
     out = Path(str(out_dir).replace(PLAN_PLACEHOLDER, plan_digest(plan)))
     if PLAN_PLACEHOLDER in str(out_dir):
         sweep_unfinished_stores(out.parent, keep=out)
