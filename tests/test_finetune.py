@@ -72,6 +72,15 @@ def test_annotates_cellbench_cell_lines(annotation):
         assert saved["baselines"][baseline]["n_cells"] == model["n_cells"] == metrics["n_cells"]["test"]
 
 
+def test_depth_thinning_is_left_out_for_a_model_that_reads_bins(annotation, capsys):
+    """The tiny export reads binned values: asked for, the thinning is announced off instead of failing the run."""
+    cfg = compose_finetune(["pretrained=x", "data.files=[x]", "data.thin_depth=[0.2,1.0]"])
+    splits = {"train": np.arange(10), "val": np.arange(10, 20)}
+    module = tasks.common.task_datamodule(cfg, annotation["store"], {}, splits)
+    assert module.thin_depth is None
+    assert "data.thin_depth is off for this model: its tokenizer reads binned values" in capsys.readouterr().out
+
+
 def test_learning_curves_follow_the_task_metric(annotation):
     """One curves.csv row per epoch with the training loss, val/loss and val/macro_f1; the export is the epoch with
     the best validation macro-F1; a PNG of the curves."""

@@ -191,7 +191,18 @@ def category_ids(store: CorpusStore, column: str) -> tuple[list[str], np.ndarray
 
 
 def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray], splits: dict) -> CorpusDataModule:
-    """Unmasked loaders over the task's store and splits, each batch carrying ``per_cell`` targets (B,)."""
+    """Unmasked loaders over the task's store and splits, each batch carrying ``per_cell`` targets (B,).
+
+    ``data.thin_depth`` needs counts, which only continuous values give back: with a model whose tokenizer reads
+    bins or ranks (scGPT, Geneformer) the thinning is left out, and the run says so."""
+    thin_depth = cfg.data.get("thin_depth")
+    encoding = CorpusStore(store_path).tokenizer.config.encoding
+    if thin_depth is not None and encoding != "continuous":
+        announce(
+            f"data.thin_depth is off for this model: its tokenizer reads {encoding} values, from which the counts "
+            "that thinning needs cannot be recovered"
+        )
+        thin_depth = None
     return CorpusDataModule(
         store_path,
         cfg.data.batch_size,
@@ -202,7 +213,7 @@ def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray]
         per_cell=per_cell,
         splits=splits,
         token_dropout=cfg.data.token_dropout,
-        thin_depth=cfg.data.get("thin_depth"),
+        thin_depth=thin_depth,
     )
 
 
