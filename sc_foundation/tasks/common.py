@@ -196,8 +196,8 @@ def task_datamodule(cfg: DictConfig, store_path, per_cell: dict[str, np.ndarray]
     ``data.thin_depth`` needs counts, which only continuous values give back: with a model whose tokenizer reads
     bins or ranks (scGPT, Geneformer) the thinning is left out, and the run says so."""
     thin_depth = cfg.data.get("thin_depth")
-    encoding = CorpusStore(store_path).tokenizer.config.encoding
-    if thin_depth is not None and encoding != "continuous":
+    encoding = None if thin_depth is None else CorpusStore(store_path).tokenizer.config.encoding
+    if encoding not in (None, "continuous"):
         announce(
             f"data.thin_depth is off for this model: its tokenizer reads {encoding} values, from which the counts "
             "that thinning needs cannot be recovered"
