@@ -48,6 +48,7 @@ ANNOTATIONS = {
         "data.thin_depth": {"list"},
         "split.split_by": {"str"},
         "finetune.dropout": {"float"},
+        "finetune.weight_ensemble": {"float"},
         "label_key": {"str"},
         "batch_key": {"str"},
         "unknown_threshold": {"float"},

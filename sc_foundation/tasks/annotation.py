@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -45,6 +46,7 @@ from .common import (
     write_splits,
 )
 from .convergence import ValidationMacroF1
+from .weight_ensemble import check_weight_ensemble, export_weight_ensemble, fit_frozen_stage
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
@@ -114,6 +116,14 @@ def novelty_references(
     return references, NoveltyReference.fit(pca_space[rows], pca_space[splits["val"]], **settings)
 
 
+def headline_scores(directory: Path, datamodule, labels: np.ndarray, names: list[str], threshold) -> dict:
+    """Test accuracy and macro-F1 of the export ``directory`` over the known test cells (``labels`` (n_cells,))."""
+    logits, cells = predict(load_pretrained(directory), datamodule.test_dataloader())
+    known = labels[cells] != IGNORE
+    scores = classification_metrics(labels[cells][known], call_classes(logits, threshold)[known], names)
+    return {key: scores[key] for key in ("accuracy", "macro_f1")}
+
+
 def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """``task=annotation``: see the module docstring."""
     if cfg.class_weights not in ("balanced", "none"):
@@ -136,22 +146,38 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         write_splits(cfg, out, store, splits)
     datamodule = task_datamodule(cfg, store_path, {"labels": labels}, splits)
 
-    pl.seed_everything(cfg.seed, workers=True)
     weights = balanced_class_weights(labels[splits["train"]], len(names)) if cfg.class_weights == "balanced" else None
-    model = ScFoundationForCellClassification.from_pretrained(
-        cfg.pretrained,
-        new_heads=["classifier"],
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        class_weights=weights,
-        classifier_dropout=cfg.classifier_dropout,
-        label_smoothing=cfg.label_smoothing,
-        **architecture_overrides(cfg),
-    )
+
+    def build_model() -> ScFoundationForCellClassification:
+        return ScFoundationForCellClassification.from_pretrained(
+            cfg.pretrained,
+            new_heads=["classifier"],
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            class_weights=weights,
+            classifier_dropout=cfg.classifier_dropout,
+            label_smoothing=cfg.label_smoothing,
+            **architecture_overrides(cfg),
+        )
+
+    def fit_model(stage_cfg: DictConfig, stage_out: Path, model) -> tuple:
+        return fit(stage_cfg, stage_out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
+
+    alpha = check_weight_ensemble(cfg)
+    frozen_best = None if alpha is None else fit_frozen_stage(cfg, out, build_model, fit_model)
+    pl.seed_everything(cfg.seed, workers=True)
+    model = build_model()
     pretrained_state = pretrained_backbone_state(cfg, model)  # before fine-tuning changes the backbone
-    trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
+    trainer, module, best = fit_model(cfg, out, model)
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
+    endpoints = None
+    if frozen_best is not None:  # the two models averaged, scored on the same test cells before they are
+        endpoints = {"alpha": alpha} | {
+            name: headline_scores(directory, datamodule, labels, names, cfg.unknown_threshold)
+            for name, directory in (("frozen", frozen_best), ("tuned", best))
+        }
+        export_weight_ensemble(frozen_best, best, alpha, tokenizer)
 
     # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
     # (label IGNORE) count only in the refusal scores.
@@ -209,6 +235,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "model": classification_metrics(labels[cells][known], predicted[known], names),
         "baselines": baselines,
         "calibration": calibration,
+        "weight_ensemble": endpoints,
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]
