@@ -510,7 +510,12 @@ def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier
 def comparisons(task: str, metrics: dict) -> dict[str, dict]:
     """The headline tables of one run's metrics.json."""
     if task == "annotation" and "calibration" in metrics:
-        tables = {task: compare(task, {"model": metrics["model"]}, metrics["baselines"], "model")}
+        # finetune.weight_ensemble: the two averaged models, scored on the same test cells, as rows of their own
+        endpoints = metrics.get("weight_ensemble") or {}
+        ours = {"model": metrics["model"]} | {
+            f"{name} (endpoint)": endpoints[name] for name in ("frozen", "tuned") if name in endpoints
+        }
+        tables = {task: compare(task, ours, metrics["baselines"], "model")}
         calibration = metrics["calibration"]
         ours, baseline = calibration["model"], {"hvg_logreg": calibration["hvg_logreg"]}
         tables["calibration"] = compare("calibration", {"model": ours}, baseline, "model")

@@ -223,3 +223,26 @@ def test_refusal_table_leads_with_novelty_beside_both_baselines(quality):
     assert table["ours"] == ["model_novelty", "model_novelty_classifier", "model"]
     assert table["primary"] == "model_novelty" and table["beats_all_baselines"] is True
     assert table["verdict"]["model_novelty_classifier"]["auroc_unseen"] == "loss"
+
+
+def test_a_weight_ensemble_shows_its_two_endpoints_beside_the_average(quality):
+    metrics = {
+        "model": {"accuracy": 0.9, "macro_f1": 0.8},
+        "baselines": {"hvg_logreg": {"accuracy": 0.85, "macro_f1": 0.75}},
+        "calibration": {
+            "model": {"ece": 0.1, "ece_uncalibrated": 0.2},
+            "hvg_logreg": {"ece": 0.1, "ece_uncalibrated": 0.1},
+        },
+        "weight_ensemble": {
+            "alpha": 0.75,
+            "frozen": {"accuracy": 0.8, "macro_f1": 0.7},
+            "tuned": {"accuracy": 0.95, "macro_f1": 0.78},
+        },
+    }
+    table = quality.comparisons("annotation", metrics)["annotation"]
+    assert table["ours"] == ["model", "frozen (endpoint)", "tuned (endpoint)"] and table["primary"] == "model"
+    assert table["verdict"]["frozen (endpoint)"]["macro_f1"] == "loss"
+    assert table["verdict"]["tuned (endpoint)"] == {"accuracy": "win", "macro_f1": "win"}
+    assert table["beats_all_baselines"] is True  # decided by the average, the model that is exported
+    del metrics["weight_ensemble"]
+    assert quality.comparisons("annotation", metrics)["annotation"]["ours"] == ["model"]
