@@ -510,11 +510,11 @@ def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier
 def comparisons(task: str, metrics: dict) -> dict[str, dict]:
     """The headline tables of one run's metrics.json."""
     if task == "annotation" and "calibration" in metrics:
-        # finetune.weight_ensemble: the two averaged models, scored on the same test cells, as rows of their own
-        endpoints = metrics.get("weight_ensemble") or {}
-        ours = {"model": metrics["model"]} | {
-            f"{name} (endpoint)": endpoints[name] for name in ("frozen", "tuned") if name in endpoints
-        }
+        # a frozen stage (finetune.weight_ensemble, finetune.head_from_frozen): the frozen head, and with an ensemble
+        # the fine-tuned model before averaging, scored on the same test cells, as rows of their own
+        stages = metrics.get("stages") or {}
+        shown = ("frozen", "tuned") if stages.get("weight_ensemble") is not None else ("frozen",)
+        ours = {"model": metrics["model"]} | {f"{name} (stage)": stages[name] for name in shown if name in stages}
         tables = {task: compare(task, ours, metrics["baselines"], "model")}
         calibration = metrics["calibration"]
         ours, baseline = calibration["model"], {"hvg_logreg": calibration["hvg_logreg"]}

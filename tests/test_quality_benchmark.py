@@ -225,7 +225,9 @@ def test_refusal_table_leads_with_novelty_beside_both_baselines(quality):
     assert table["verdict"]["model_novelty_classifier"]["auroc_unseen"] == "loss"
 
 
-def test_a_weight_ensemble_shows_its_two_endpoints_beside_the_average(quality):
+def test_a_frozen_stage_shows_beside_the_exported_model(quality):
+    """With a weight ensemble both averaged models are rows; with LP-FT alone the frozen head is (the tuned model is
+    the export itself)."""
     metrics = {
         "model": {"accuracy": 0.9, "macro_f1": 0.8},
         "baselines": {"hvg_logreg": {"accuracy": 0.85, "macro_f1": 0.75}},
@@ -233,16 +235,19 @@ def test_a_weight_ensemble_shows_its_two_endpoints_beside_the_average(quality):
             "model": {"ece": 0.1, "ece_uncalibrated": 0.2},
             "hvg_logreg": {"ece": 0.1, "ece_uncalibrated": 0.1},
         },
-        "weight_ensemble": {
-            "alpha": 0.75,
+        "stages": {
+            "weight_ensemble": 0.75,
+            "head_from_frozen": False,
             "frozen": {"accuracy": 0.8, "macro_f1": 0.7},
             "tuned": {"accuracy": 0.95, "macro_f1": 0.78},
         },
     }
     table = quality.comparisons("annotation", metrics)["annotation"]
-    assert table["ours"] == ["model", "frozen (endpoint)", "tuned (endpoint)"] and table["primary"] == "model"
-    assert table["verdict"]["frozen (endpoint)"]["macro_f1"] == "loss"
-    assert table["verdict"]["tuned (endpoint)"] == {"accuracy": "win", "macro_f1": "win"}
+    assert table["ours"] == ["model", "frozen (stage)", "tuned (stage)"] and table["primary"] == "model"
+    assert table["verdict"]["frozen (stage)"]["macro_f1"] == "loss"
+    assert table["verdict"]["tuned (stage)"] == {"accuracy": "win", "macro_f1": "win"}
     assert table["beats_all_baselines"] is True  # decided by the average, the model that is exported
-    del metrics["weight_ensemble"]
+    metrics["stages"] |= {"weight_ensemble": None, "head_from_frozen": True}
+    assert quality.comparisons("annotation", metrics)["annotation"]["ours"] == ["model", "frozen (stage)"]
+    metrics["stages"] = None
     assert quality.comparisons("annotation", metrics)["annotation"]["ours"] == ["model"]

@@ -1,11 +1,13 @@
-"""finetune.weight_ensemble: the frozen head and the fine-tuned model averaged in weight space (WiSE-FT)."""
+"""The frozen stage: finetune.weight_ensemble (the frozen head and the fine-tuned model averaged in weight space,
+WiSE-FT) and finetune.head_from_frozen (the fine-tuning starts from the frozen head, LP-FT)."""
 
 import pytest
 import torch
 
 from sc_foundation import tasks
 from sc_foundation.models.export import load_pretrained
-from sc_foundation.tasks.weight_ensemble import FROZEN_STAGE, interpolated_state
+from sc_foundation.models.modeling import ScFoundationForCellClassification
+from sc_foundation.tasks.weight_ensemble import FROZEN_STAGE, interpolated_state, start_from_frozen_head
 from tests.test_finetune import overrides
 
 SHORT = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "baselines.n_pcs=5"]
@@ -36,8 +38,8 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
     mixed = run("mixed", "finetune.weight_ensemble=0.75")
     assert (tmp_path / "mixed" / FROZEN_STAGE / "export" / "best" / "config.json").is_file()
 
-    endpoints = mixed["metrics"]["weight_ensemble"]
-    assert endpoints["alpha"] == 0.75
+    endpoints = mixed["metrics"]["stages"]
+    assert endpoints["weight_ensemble"] == 0.75 and endpoints["head_from_frozen"] is False
     assert endpoints["frozen"]["macro_f1"] == pytest.approx(frozen["metrics"]["model"]["macro_f1"])
     assert endpoints["tuned"]["macro_f1"] == pytest.approx(full["metrics"]["model"]["macro_f1"])
 
@@ -52,6 +54,42 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
         moved += not torch.equal(weights["frozen"][name], weights["full"][name])
     assert moved > 10, "the full run trained the backbone, so most weights differ between the endpoints"
 
+    # LP-FT: the same frozen stage, then full fine-tuning from its head rather than a random one
+    lpft = run("lpft", "finetune.head_from_frozen=true")
+    stages = lpft["metrics"]["stages"]
+    assert stages["weight_ensemble"] is None and stages["head_from_frozen"] is True
+    assert stages["frozen"]["macro_f1"] == pytest.approx(frozen["metrics"]["model"]["macro_f1"])
+    assert stages["tuned"] == {key: lpft["metrics"]["model"][key] for key in ("accuracy", "macro_f1")}
+    lpft_weights = load_pretrained(lpft["export"], device="cpu").state_dict()
+    assert any(not torch.equal(lpft_weights[name], weights["full"][name]) for name in lpft_weights)
+
+
+def test_the_fine_tuning_can_start_from_the_frozen_head(pretrained, cellbench, tmp_path):
+    frozen = tasks.run(
+        tasks.compose_config(
+            overrides(pretrained, f"[{cellbench}]", tmp_path / "frozen", *SHORT, "finetune.mode=frozen")
+        )
+    )
+    trained = load_pretrained(frozen["export"], device="cpu")
+    names = trained.config.id2label
+
+    def fresh(id2label):
+        return ScFoundationForCellClassification.from_pretrained(
+            pretrained, new_heads=["classifier"], id2label=id2label, label2id={v: k for k, v in id2label.items()}
+        )
+
+    model, untouched = fresh(names), fresh(names)
+    start_from_frozen_head(model, frozen["export"])
+    state, start = trained.state_dict(), untouched.state_dict()
+    for name, value in model.state_dict().items():
+        source = start if name.startswith("sc_foundation.") else state  # backbone as pretrained, head as trained
+        torch.testing.assert_close(value, source[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(state[name], start[name]) for name in state if name.startswith("classifier."))
+
+    other = dict(names) | {0: "not a class of that run"}
+    with pytest.raises(ValueError, match="trained on other classes"):
+        start_from_frozen_head(fresh(other), frozen["export"])
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -59,8 +97,9 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
         (["finetune.weight_ensemble=1.5"], r"must be in \(0, 1\).*got 1.5"),
         (["finetune.weight_ensemble=0.5", "finetune.mode=frozen"], "finetune.mode must be one of"),
         (["finetune.weight_ensemble=0.5", "task=integration", "batch_key=batch"], "is for task=annotation"),
+        (["finetune.head_from_frozen=true", "finetune.mode=lora"], "finetune.head_from_frozen needs a fine-tuning"),
     ],
-    ids=["alpha", "frozen_mode", "integration"],
+    ids=["alpha", "frozen_mode", "integration", "lpft_lora"],
 )
 def test_a_weight_ensemble_that_cannot_run_is_refused_before_anything_is_written(
     pretrained, cellbench, tmp_path, extra, message

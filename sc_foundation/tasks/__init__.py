@@ -44,7 +44,7 @@ from .common import LIBRARY_SIZES, MODES, check_categories, check_cells, predict
 from .imputation import run_imputation
 from .integration import run_integration
 from .multimodal import run_multimodal
-from .weight_ensemble import check_weight_ensemble
+from .weight_ensemble import check_frozen_stage
 
 __all__ = [
     "LIBRARY_SIZES",
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {cfg.task_name!r}")
     if cfg.finetune.mode not in MODES:
         raise ValueError(f"finetune.mode must be one of {MODES}, got {cfg.finetune.mode!r}")
-    check_weight_ensemble(cfg)
+    check_frozen_stage(cfg)
     if cfg.data.get("library_size", "input") not in LIBRARY_SIZES:
         raise ValueError(f"data.library_size must be one of {LIBRARY_SIZES}, got {cfg.data.library_size!r}")
     # A published scGPT or Geneformer folder is converted once into our export, which every task then reads.

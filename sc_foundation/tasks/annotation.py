@@ -46,7 +46,7 @@ from .common import (
     write_splits,
 )
 from .convergence import ValidationMacroF1
-from .weight_ensemble import check_weight_ensemble, export_weight_ensemble, fit_frozen_stage
+from .weight_ensemble import check_frozen_stage, export_weight_ensemble, fit_frozen_stage, start_from_frozen_head
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
@@ -163,20 +163,23 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     def fit_model(stage_cfg: DictConfig, stage_out: Path, model) -> tuple:
         return fit(stage_cfg, stage_out, model, tokenizer, datamodule, [ValidationMacroF1(), *callbacks])
 
-    alpha = check_weight_ensemble(cfg)
-    frozen_best = None if alpha is None else fit_frozen_stage(cfg, out, build_model, fit_model)
+    alpha, head_first = check_frozen_stage(cfg)
+    frozen_best = fit_frozen_stage(cfg, out, build_model, fit_model) if alpha is not None or head_first else None
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model()
     pretrained_state = pretrained_backbone_state(cfg, model)  # before fine-tuning changes the backbone
+    if head_first:
+        start_from_frozen_head(model, frozen_best)
     trainer, module, best = fit_model(cfg, out, model)
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
-    endpoints = None
-    if frozen_best is not None:  # the two models averaged, scored on the same test cells before they are
-        endpoints = {"alpha": alpha} | {
+    stages = None
+    if frozen_best is not None:  # the frozen head and the fine-tuned model, scored on the same test cells
+        stages = {"weight_ensemble": alpha, "head_from_frozen": head_first} | {
             name: headline_scores(directory, datamodule, labels, names, cfg.unknown_threshold)
             for name, directory in (("frozen", frozen_best), ("tuned", best))
         }
+    if alpha is not None:
         export_weight_ensemble(frozen_best, best, alpha, tokenizer)
 
     # Score the export itself: what users load is what the numbers describe. Test cells of a held-out type
@@ -235,7 +238,7 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
         "model": classification_metrics(labels[cells][known], predicted[known], names),
         "baselines": baselines,
         "calibration": calibration,
-        "weight_ensemble": endpoints,
+        "stages": stages,
     }
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     model_f1, baseline_f1 = metrics["model"]["macro_f1"], baselines["hvg_logreg"]["macro_f1"]

@@ -1,4 +1,12 @@
-"""``finetune.weight_ensemble``: a weight-space ensemble of a frozen-backbone head and a full fine-tuning.
+"""The frozen stage: a head trained on the frozen backbone before the fine-tuning, and what uses it.
+
+Two options train it (``finetune.weight_ensemble`` and ``finetune.head_from_frozen``, task=annotation):
+
+- ``weight_ensemble=alpha``: a weight-space ensemble of the frozen head and the fine-tuned model (below);
+- ``head_from_frozen=true``: LP-FT (Kumar et al., ICLR 2022), the fine-tuning starts from the frozen stage's head
+  instead of a random one. A random head sends large, arbitrary gradients into the backbone in the first epochs and
+  distorts the pretrained features where the training cells do not reach (another study's cells); a head that
+  already reads the features well sends small ones, so the backbone adapts without forgetting as much.
 
 The frozen backbone (a linear head on the pretrained embedding) and full fine-tuning fail in opposite places on our
 shift rows (BENCHMARKS.md): the frozen head keeps the pretrained features and wins across studies of one technology,
@@ -7,10 +15,10 @@ averages the two models' weights instead of choosing: both start from the same p
 of ``(1 - alpha) * frozen + alpha * tuned`` lies on the line between two models that agree on what each feature
 means, and the result is one model of the usual size (one forward pass, a plain export).
 
-The run trains both from the same seed, the frozen head first (in ``<output_dir>/frozen_head``, its own curves and
-export), then the fine-tuning the config asks for (in ``<output_dir>``), and replaces ``export/best`` by the mix.
-Each stage is seeded as a run of its own would be, so the two endpoints are the models ``finetune.mode=frozen`` and
-the configured mode give on the same split.
+Either option trains the frozen head first (in ``<output_dir>/frozen_head``, its own curves and export), then the
+fine-tuning the config asks for (in ``<output_dir>``); an ensemble then replaces ``export/best`` by the mix. Each
+stage is seeded as a run of its own would be, so without LP-FT the two endpoints are the models
+``finetune.mode=frozen`` and the configured mode give on the same split.
 """
 
 from __future__ import annotations
@@ -31,31 +39,34 @@ FROZEN_STAGE = "frozen_head"
 """The frozen head's run folder inside the task's output folder."""
 
 
-def check_weight_ensemble(cfg: DictConfig) -> float | None:
-    """``cfg.finetune.weight_ensemble`` checked against the task and mode; None when off.
+def check_frozen_stage(cfg: DictConfig) -> tuple[float | None, bool]:
+    """``(cfg.finetune.weight_ensemble, cfg.finetune.head_from_frozen)`` checked against the task and mode: the
+    ensemble's alpha (None when off) and whether the fine-tuning starts from the frozen stage's head.
 
     Raises:
-        ValueError: alpha outside (0, 1), a task other than annotation, or a mode with nothing to average.
+        ValueError: alpha outside (0, 1); either option with a task other than annotation, or with a mode whose
+            backbone does not train (nothing to average, nothing to start from a trained head).
     """
     alpha = cfg.finetune.get("weight_ensemble")
-    if alpha is None:
-        return None
-    if not 0.0 < float(alpha) < 1.0:
+    head_first = bool(cfg.finetune.get("head_from_frozen", False))
+    if alpha is not None and not 0.0 < float(alpha) < 1.0:
         raise ValueError(
             f"finetune.weight_ensemble must be in (0, 1) (the fine-tuned model's share of the weights), got {alpha}; "
             "null turns it off"
         )
-    if cfg.task_name != "annotation":
-        raise ValueError(
-            f"finetune.weight_ensemble is for task=annotation (a head that a frozen backbone can train), not "
-            f"task={cfg.task_name}; remove the override"
-        )
-    if cfg.finetune.mode not in ENSEMBLE_MODES:
-        raise ValueError(
-            "finetune.weight_ensemble averages a frozen head with a model whose backbone trained: finetune.mode "
-            f"must be one of {ENSEMBLE_MODES}, got {cfg.finetune.mode!r}"
-        )
-    return float(alpha)
+    asked = [name for name, on in (("weight_ensemble", alpha is not None), ("head_from_frozen", head_first)) if on]
+    for option in asked:
+        if cfg.task_name != "annotation":
+            raise ValueError(
+                f"finetune.{option} is for task=annotation (a head that a frozen backbone can train), not "
+                f"task={cfg.task_name}; remove the override"
+            )
+        if cfg.finetune.mode not in ENSEMBLE_MODES:
+            raise ValueError(
+                f"finetune.{option} needs a fine-tuning whose backbone trains after the frozen head: finetune.mode "
+                f"must be one of {ENSEMBLE_MODES}, got {cfg.finetune.mode!r}"
+            )
+    return (None if alpha is None else float(alpha)), head_first
 
 
 def frozen_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
@@ -63,6 +74,7 @@ def frozen_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
     frozen = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     frozen.finetune.mode = "frozen"
     frozen.finetune.weight_ensemble = None
+    frozen.finetune.head_from_frozen = False
     frozen.output_dir = str(out / FROZEN_STAGE)
     return frozen
 
@@ -85,6 +97,23 @@ def interpolated_state(
             raise ValueError(f"cannot average {name}: shapes {tuple(frozen[name].shape)} and {tuple(weight.shape)}")
         mixed[name] = torch.lerp(frozen[name].to(weight.dtype), weight, alpha) if weight.is_floating_point() else weight
     return mixed
+
+
+def start_from_frozen_head(model: torch.nn.Module, frozen_dir: Path) -> None:
+    """Copy the frozen stage's head (every weight outside ``model.base_model``) from the export ``frozen_dir`` into
+    ``model``, whose backbone stays the pretrained one.
+
+    Raises:
+        ValueError: the export names its classes differently from ``model``.
+    """
+    frozen = load_pretrained(frozen_dir, device="cpu")
+    if frozen.config.id2label != model.config.id2label:
+        raise ValueError(f"{frozen_dir} was trained on other classes than this run's; it cannot start its head")
+    prefix = model.base_model_prefix + "."
+    head = {name: value for name, value in frozen.state_dict().items() if not name.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    if unexpected or any(not name.startswith(prefix) for name in missing):
+        raise ValueError(f"the head of {frozen_dir} does not fit this model: {sorted(unexpected) or sorted(missing)}")
 
 
 def export_weight_ensemble(frozen_dir: Path, tuned_dir: Path, alpha: float, tokenizer: GeneTokenizer) -> Path:
