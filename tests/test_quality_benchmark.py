@@ -69,7 +69,7 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     assert task["wall_s"] > 0 and sum(task["n_cells"].values()) == 499
     metrics = json.loads(Path(task["metrics_file"]).read_text())
     table = task["comparisons"]["annotation"]
-    assert table["ours"] == ["model"] and table["baselines"] == ["hvg_logreg", "pca_logreg"]
+    assert table["ours"] == ["model", "frozen (stage)"] and table["baselines"] == ["hvg_logreg", "pca_logreg"]
     for name, scores in {"model": metrics["model"], **metrics["baselines"]}.items():
         for key in ("accuracy", "macro_f1"):
             value = table["values"][name][key]

@@ -7,7 +7,12 @@ import torch
 from sc_foundation import tasks
 from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import ScFoundationForCellClassification
-from sc_foundation.tasks.weight_ensemble import FROZEN_STAGE, interpolated_state, start_from_frozen_head
+from sc_foundation.tasks.weight_ensemble import (
+    FROZEN_STAGE,
+    check_frozen_stage,
+    interpolated_state,
+    start_from_frozen_head,
+)
 from tests.test_finetune import overrides
 
 SHORT = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "baselines.n_pcs=5"]
@@ -34,8 +39,8 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
         return tasks.run(tasks.compose_config(overrides(pretrained, files, tmp_path / name, *SHORT, *extra)))
 
     frozen = run("frozen", "finetune.mode=frozen")
-    full = run("full")
-    mixed = run("mixed", "finetune.weight_ensemble=0.75")
+    full = run("full", "finetune.head_from_frozen=false")
+    mixed = run("mixed", "finetune.weight_ensemble=0.75", "finetune.head_from_frozen=false")
     assert (tmp_path / "mixed" / FROZEN_STAGE / "export" / "best" / "config.json").is_file()
 
     endpoints = mixed["metrics"]["stages"]
@@ -54,14 +59,30 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
         moved += not torch.equal(weights["frozen"][name], weights["full"][name])
     assert moved > 10, "the full run trained the backbone, so most weights differ between the endpoints"
 
-    # LP-FT: the same frozen stage, then full fine-tuning from its head rather than a random one
-    lpft = run("lpft", "finetune.head_from_frozen=true")
+    # LP-FT, annotation's default: the same frozen stage, then full fine-tuning from its head rather than a random one
+    lpft = run("lpft")
     stages = lpft["metrics"]["stages"]
     assert stages["weight_ensemble"] is None and stages["head_from_frozen"] is True
     assert stages["frozen"]["macro_f1"] == pytest.approx(frozen["metrics"]["model"]["macro_f1"])
     assert stages["tuned"] == {key: lpft["metrics"]["model"][key] for key in ("accuracy", "macro_f1")}
     lpft_weights = load_pretrained(lpft["export"], device="cpu").state_dict()
     assert any(not torch.equal(lpft_weights[name], weights["full"][name]) for name in lpft_weights)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], (None, True)),
+        (["finetune.head_from_frozen=false"], (None, False)),
+        (["finetune.mode=lower_lr", "finetune.weight_ensemble=0.5"], (0.5, True)),
+        (["finetune.mode=frozen"], (None, False)),  # the run is the frozen head
+        (["finetune.mode=lora"], (None, False)),  # the head trains with the adapters from the start
+    ],
+    ids=["default", "off", "ensemble", "frozen", "lora"],
+)
+def test_lp_ft_is_annotations_default_where_the_backbone_trains(extra, expected):
+    cfg = tasks.compose_config(["pretrained=x", "data.files=[a.h5ad]", *extra])
+    assert check_frozen_stage(cfg) == expected
 
 
 def test_the_fine_tuning_can_start_from_the_frozen_head(pretrained, cellbench, tmp_path):
@@ -97,9 +118,8 @@ def test_the_fine_tuning_can_start_from_the_frozen_head(pretrained, cellbench, t
         (["finetune.weight_ensemble=1.5"], r"must be in \(0, 1\).*got 1.5"),
         (["finetune.weight_ensemble=0.5", "finetune.mode=frozen"], "finetune.mode must be one of"),
         (["finetune.weight_ensemble=0.5", "task=integration", "batch_key=batch"], "is for task=annotation"),
-        (["finetune.head_from_frozen=true", "finetune.mode=lora"], "finetune.head_from_frozen needs a fine-tuning"),
     ],
-    ids=["alpha", "frozen_mode", "integration", "lpft_lora"],
+    ids=["alpha", "frozen_mode", "integration"],
 )
 def test_a_weight_ensemble_that_cannot_run_is_refused_before_anything_is_written(
     pretrained, cellbench, tmp_path, extra, message

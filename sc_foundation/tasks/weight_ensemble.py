@@ -3,10 +3,11 @@
 Two options train it (``finetune.weight_ensemble`` and ``finetune.head_from_frozen``, task=annotation):
 
 - ``weight_ensemble=alpha``: a weight-space ensemble of the frozen head and the fine-tuned model (below);
-- ``head_from_frozen=true``: LP-FT (Kumar et al., ICLR 2022), the fine-tuning starts from the frozen stage's head
-  instead of a random one. A random head sends large, arbitrary gradients into the backbone in the first epochs and
-  distorts the pretrained features where the training cells do not reach (another study's cells); a head that
-  already reads the features well sends small ones, so the backbone adapts without forgetting as much.
+- ``head_from_frozen=true`` (annotation's default): LP-FT (Kumar et al., ICLR 2022), the fine-tuning starts from the
+  frozen stage's head instead of a random one. A random head sends arbitrary gradients into the backbone in the
+  first epochs and distorts the pretrained features where the training cells do not reach (another study's cells);
+  a head that already reads the features well sends ones that agree with them, so the backbone adapts without
+  forgetting as much (measured: BENCHMARKS.md, "The frozen stage").
 
 The frozen backbone (a linear head on the pretrained embedding) and full fine-tuning fail in opposite places on our
 shift rows (BENCHMARKS.md): the frozen head keeps the pretrained features and wins across studies of one technology,
@@ -43,9 +44,13 @@ def check_frozen_stage(cfg: DictConfig) -> tuple[float | None, bool]:
     """``(cfg.finetune.weight_ensemble, cfg.finetune.head_from_frozen)`` checked against the task and mode: the
     ensemble's alpha (None when off) and whether the fine-tuning starts from the frozen stage's head.
 
+    ``head_from_frozen`` (on by default for annotation) applies to the modes whose backbone trains after the head
+    (:data:`ENSEMBLE_MODES`); ``frozen`` is the frozen head itself and ``lora`` trains its head with the adapters
+    from the start, so for them it is False.
+
     Raises:
-        ValueError: alpha outside (0, 1); either option with a task other than annotation, or with a mode whose
-            backbone does not train (nothing to average, nothing to start from a trained head).
+        ValueError: alpha outside (0, 1), or with a mode whose backbone does not train (nothing to average); either
+            option with a task other than annotation.
     """
     alpha = cfg.finetune.get("weight_ensemble")
     head_first = bool(cfg.finetune.get("head_from_frozen", False))
@@ -55,18 +60,17 @@ def check_frozen_stage(cfg: DictConfig) -> tuple[float | None, bool]:
             "null turns it off"
         )
     asked = [name for name, on in (("weight_ensemble", alpha is not None), ("head_from_frozen", head_first)) if on]
-    for option in asked:
-        if cfg.task_name != "annotation":
-            raise ValueError(
-                f"finetune.{option} is for task=annotation (a head that a frozen backbone can train), not "
-                f"task={cfg.task_name}; remove the override"
-            )
-        if cfg.finetune.mode not in ENSEMBLE_MODES:
-            raise ValueError(
-                f"finetune.{option} needs a fine-tuning whose backbone trains after the frozen head: finetune.mode "
-                f"must be one of {ENSEMBLE_MODES}, got {cfg.finetune.mode!r}"
-            )
-    return (None if alpha is None else float(alpha)), head_first
+    if asked and cfg.task_name != "annotation":
+        raise ValueError(
+            f"finetune.{asked[0]} is for task=annotation (a head that a frozen backbone can train), not "
+            f"task={cfg.task_name}; remove the override"
+        )
+    if alpha is not None and cfg.finetune.mode not in ENSEMBLE_MODES:
+        raise ValueError(
+            "finetune.weight_ensemble averages a frozen head with a model whose backbone trained: finetune.mode "
+            f"must be one of {ENSEMBLE_MODES}, got {cfg.finetune.mode!r}"
+        )
+    return (None if alpha is None else float(alpha)), head_first and cfg.finetune.mode in ENSEMBLE_MODES
 
 
 def frozen_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
