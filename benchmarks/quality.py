@@ -513,8 +513,9 @@ def comparisons(task: str, metrics: dict) -> dict[str, dict]:
         # a frozen stage (finetune.weight_ensemble, finetune.head_from_frozen): the frozen head, and with an ensemble
         # the fine-tuned model before averaging, scored on the same test cells, as rows of their own
         stages = metrics.get("stages") or {}
-        shown = ("frozen", "tuned") if stages.get("weight_ensemble") is not None else ("frozen",)
-        ours = {"model": metrics["model"]} | {f"{name} (stage)": stages[name] for name in shown if name in stages}
+        ours = {"model": metrics["model"]} | {
+            f"{name} (stage)": stages[name] for name in ("frozen", "tuned") if name in stages
+        }
         tables = {task: compare(task, ours, metrics["baselines"], "model")}
         calibration = metrics["calibration"]
         ours, baseline = calibration["model"], {"hvg_logreg": calibration["hvg_logreg"]}

@@ -64,7 +64,7 @@ def test_the_export_is_the_average_of_a_frozen_run_and_a_full_run(pretrained, ce
     stages = lpft["metrics"]["stages"]
     assert stages["weight_ensemble"] is None and stages["head_from_frozen"] is True
     assert stages["frozen"]["macro_f1"] == pytest.approx(frozen["metrics"]["model"]["macro_f1"])
-    assert stages["tuned"] == {key: lpft["metrics"]["model"][key] for key in ("accuracy", "macro_f1")}
+    assert "tuned" not in stages, "without an ensemble the tuned model is the export, scored once as metrics['model']"
     lpft_weights = load_pretrained(lpft["export"], device="cpu").state_dict()
     assert any(not torch.equal(lpft_weights[name], weights["full"][name]) for name in lpft_weights)
 

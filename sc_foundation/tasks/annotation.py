@@ -174,10 +174,11 @@ def run_annotation(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> di
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
     stages = None
-    if frozen_best is not None:  # the frozen head and the fine-tuned model, scored on the same test cells
+    if frozen_best is not None:  # the frozen head, and the fine-tuned model before it is averaged, on the test cells
+        scored = {"frozen": frozen_best} | ({"tuned": best} if alpha is not None else {})
         stages = {"weight_ensemble": alpha, "head_from_frozen": head_first} | {
             name: headline_scores(directory, datamodule, labels, names, cfg.unknown_threshold)
-            for name, directory in (("frozen", frozen_best), ("tuned", best))
+            for name, directory in scored.items()
         }
     if alpha is not None:
         export_weight_ensemble(frozen_best, best, alpha, tokenizer)

@@ -103,16 +103,26 @@ def interpolated_state(
     return mixed
 
 
+def load_frozen_head(frozen_dir: Path, id2label: Mapping) -> torch.nn.Module:
+    """The frozen stage's export ``frozen_dir`` on the CPU, checked to name the classes ``id2label`` names.
+
+    Raises:
+        ValueError: it was trained on other classes than the model it is to start or be averaged with.
+    """
+    frozen = load_pretrained(frozen_dir, device="cpu")
+    if frozen.config.id2label != id2label:
+        raise ValueError(f"{frozen_dir} was trained on other classes than this run's model; it cannot be used with it")
+    return frozen
+
+
 def start_from_frozen_head(model: torch.nn.Module, frozen_dir: Path) -> None:
     """Copy the frozen stage's head (every weight outside ``model.base_model``) from the export ``frozen_dir`` into
     ``model``, whose backbone stays the pretrained one.
 
     Raises:
-        ValueError: the export names its classes differently from ``model``.
+        ValueError: the export names its classes differently from ``model`` (:func:`load_frozen_head`).
     """
-    frozen = load_pretrained(frozen_dir, device="cpu")
-    if frozen.config.id2label != model.config.id2label:
-        raise ValueError(f"{frozen_dir} was trained on other classes than this run's; it cannot start its head")
+    frozen = load_frozen_head(frozen_dir, model.config.id2label)
     prefix = model.base_model_prefix + "."
     head = {name: value for name, value in frozen.state_dict().items() if not name.startswith(prefix)}
     missing, unexpected = model.load_state_dict(head, strict=False)
@@ -126,9 +136,8 @@ def export_weight_ensemble(frozen_dir: Path, tuned_dir: Path, alpha: float, toke
     Raises:
         ValueError: the two exports name their classes differently (trained on other labels).
     """
-    frozen, tuned = load_pretrained(frozen_dir, device="cpu"), load_pretrained(tuned_dir, device="cpu")
-    if frozen.config.id2label != tuned.config.id2label:
-        raise ValueError(f"{frozen_dir} and {tuned_dir} were trained on different classes; they cannot be averaged")
+    tuned = load_pretrained(tuned_dir, device="cpu")
+    frozen = load_frozen_head(frozen_dir, tuned.config.id2label)
     state = interpolated_state(frozen.state_dict(), tuned.state_dict(), alpha)
     return export_pretrained(tuned, tokenizer, tuned_dir, state_dict=state)
 
