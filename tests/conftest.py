@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,17 @@ TINY_ARCHITECTURE = {
     "hidden_dropout_prob": 0.0,
 }
 """The tests' tiny model (``ScFoundationConfig`` arguments beside the tokenizer's): seconds per fine-tuning run."""
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's addopts run two workers), each worker gets its share of the cores as torch
+    threads: two workers of two threads on a 2-core machine oversubscribe it, and OpenMP's spinning threads then slow
+    both down."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
 
 @pytest.fixture(scope="session")
