@@ -85,7 +85,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
     return [
         Step(
             "gpu_tests",
-            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", f"--junitxml={work}/gpu.xml"],
+            # -n0: one process, not the default suite's two xdist workers, which would share the one device and
+            # spend the step's time limit starting a second CUDA context for two tests.
+            [python, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", "-m", "gpu", f"--junitxml={work}/gpu.xml"],
             150,
             lambda: junit_counts(work / "gpu.xml"),
         ),
