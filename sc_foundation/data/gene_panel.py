@@ -9,6 +9,11 @@ HVGs are chosen per input, not on the pooled corpus: pooled, the genes that sepa
 tissue, its protocol) would crowd out those that separate cell types within each. The panel is the union.
 scanpy selects them (Seurat flavour on log-normalised counts) from at most ``max_cells`` seeded random cells per
 input, read chunk by chunk, so memory is bounded whatever the file size.
+
+Some variable genes vary with the protocol more than with the cell: a cell's mitochondrial share follows its
+lysis and capture (CellBench's CEL-seq2 plates carry twice Drop-seq's), and ribosomal protein genes follow depth and
+chemistry. ``exclude`` keeps such families (or any named genes) out of the panel before the HVGs are chosen, so
+each input still contributes its ``n_top_genes``. Spike-ins (ERCC-) never resolve to a gene id and never enter.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import anndata
@@ -25,13 +31,55 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
+from sc_foundation.data.genes import GeneVocab, _atomic_write_text, human_symbols, resolve_genes
 from sc_foundation.data.store import CorpusInput
 from sc_foundation.data.tokenization import aggregate_columns, hash_uniform
 
+# Gene families by human symbol (mouse genes resolve to their human orthologs first). Ribosomal: the cytosolic
+# ribosome's protein genes (RPL*, RPS*, RPLP0-2 and their paralogs), not their pseudogenes (RPS17P5) or the
+# ribosomal S6 kinases (RPS6KA1), which share the prefix.
+GENE_FAMILIES = {
+    "mitochondrial": re.compile(r"^MT-"),
+    "ribosomal": re.compile(r"^RP[SL]\d+[AXY]?\d?$|^RP[SL]\d+L\d?$|^RPL36AL$|^RPLP[0-2]$"),
+}
 
-def input_hvgs(spec: CorpusInput, n_top_genes: int, max_cells: int = 20_000, seed: int = 0) -> list[str]:
-    """The ``n_top_genes`` most variable canonical genes of one input (scanpy, Seurat flavour).
+
+def excluded_gene_ids(exclude: Sequence[str]) -> frozenset[str]:
+    """Canonical (human Ensembl) ids named by ``exclude``: family names of :data:`GENE_FAMILIES` and gene names
+    (symbols or Ensembl ids, human or mouse).
+
+    Raises ValueError naming the entries that are neither a family nor a known gene.
+    """
+    symbol_to_id = human_symbols()
+    ids: set[str] = set()
+    names = []
+    for entry in exclude:
+        family = GENE_FAMILIES.get(str(entry).lower())
+        if family is None:
+            names.append(str(entry))
+        else:
+            ids.update(gene for symbol, gene in symbol_to_id.items() if family.match(symbol))
+    if names:
+        resolved = resolve_genes(names).canonical
+        unknown = [name for name, gene in zip(names, resolved, strict=True) if gene is None]
+        if unknown:
+            raise ValueError(
+                f"data.panel.exclude: {unknown} are neither a gene family ({sorted(GENE_FAMILIES)}) nor a gene "
+                "symbol or Ensembl id this project knows (sc_foundation/resources/human_genes.tsv.gz): fix or drop them"
+            )
+        ids.update(resolved)
+    return frozenset(ids)
+
+
+def input_hvgs(
+    spec: CorpusInput,
+    n_top_genes: int,
+    max_cells: int = 20_000,
+    seed: int = 0,
+    exclude: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The ``n_top_genes`` most variable canonical genes of one input (scanpy, Seurat flavour), none of them in
+    ``exclude`` (canonical ids, :func:`excluded_gene_ids`).
 
     Cells are drawn by a seeded hash of their row number with probability ``max_cells / n_cells``, chunk by chunk;
     genes are resolved to canonical ids and duplicates summed before normalisation.
@@ -48,7 +96,8 @@ def input_hvgs(spec: CorpusInput, n_top_genes: int, max_cells: int = 20_000, see
             kept.append(sp.csr_matrix(counts[chosen], dtype=np.float32) @ aggregate)
     adata = anndata.AnnData(sp.vstack(kept).tocsr())
     adata.var_names = [str(g) for g in genes]
-    adata = adata[:, np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3].copy()  # seen in at least 3 cells
+    seen = np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3  # in at least 3 cells
+    adata = adata[:, seen & ~adata.var_names.isin(list(exclude))].copy()
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     n_top = min(n_top_genes, adata.n_vars)
@@ -61,11 +110,14 @@ def select_gene_panel(
     n_top_genes: int = 1000,
     max_cells: int = 20_000,
     seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> list[str]:
-    """The sorted union of every input's ``n_top_genes`` HVGs (:func:`input_hvgs`), as canonical gene ids."""
+    """The sorted union of every input's ``n_top_genes`` HVGs (:func:`input_hvgs`), as canonical gene ids, with the
+    families and genes of ``exclude`` (:func:`excluded_gene_ids`) left out before the HVGs are chosen."""
+    excluded = excluded_gene_ids(exclude)
     panel: set[str] = set()
     for item in inputs:
-        panel.update(input_hvgs(CorpusInput.coerce(item), n_top_genes, max_cells, seed))
+        panel.update(input_hvgs(CorpusInput.coerce(item), n_top_genes, max_cells, seed, excluded))
     return sorted(panel)
 
 
@@ -75,6 +127,7 @@ def cached_panel_vocab(
     n_top_genes: int = 1000,
     max_cells: int = 20_000,
     seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> Path:
     """A ``gene_vocab.json`` of the panel (:func:`select_gene_panel`), computed once per plan and cached.
 
@@ -88,11 +141,13 @@ def cached_panel_vocab(
         "max_cells": max_cells,
         "seed": seed,
     }
+    if exclude:  # only when set, so the panels cached before this setting existed keep their folder
+        plan["exclude"] = sorted(str(entry) for entry in exclude)
     key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / key
     path = folder / "gene_vocab.json"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        GeneVocab.from_genes(select_gene_panel(specs, n_top_genes, max_cells, seed)).save(folder)
+        GeneVocab.from_genes(select_gene_panel(specs, n_top_genes, max_cells, seed, exclude)).save(folder)
         _atomic_write_text(folder / "panel_plan.json", json.dumps(plan, indent=1, default=str))
     return path

@@ -233,6 +233,11 @@ def _tables() -> _GeneTables:
     )
 
 
+def human_symbols() -> Mapping[str, str]:
+    """Every human gene symbol this project knows, with its Ensembl id (sc_foundation/resources/human_genes.tsv.gz)."""
+    return _tables().symbol_to_ensembl
+
+
 def symbol_of(ensembl_ids: Sequence[str]) -> list[str | None]:
     """Human symbol of each human Ensembl id (``None`` where unknown); handy for labelling plots and reports."""
     inverse = {v: k for k, v in _tables().symbol_to_ensembl.items()}

@@ -54,7 +54,12 @@ def build_corpus(cfg: DictConfig, rank: int | None = None, world_size: int | Non
         if vocab is not None:
             raise ValueError("data.vocab and data.panel.n_top_genes both choose the vocabulary: set one of them")
         vocab = cached_panel_vocab(
-            inputs, Path(cfg.paths.cache) / "panels", panel.n_top_genes, panel.max_cells, cfg.seed
+            inputs,
+            Path(cfg.paths.cache) / "panels",
+            panel.n_top_genes,
+            panel.get("max_cells", 20_000),
+            cfg.seed,
+            list(panel.get("exclude") or ()),
         )
     return build_store(
         inputs,
