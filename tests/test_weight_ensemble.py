@@ -118,8 +118,9 @@ def test_the_fine_tuning_can_start_from_the_frozen_head(pretrained, cellbench, t
         (["finetune.weight_ensemble=1.5"], r"must be in \(0, 1\).*got 1.5"),
         (["finetune.weight_ensemble=0.5", "finetune.mode=frozen"], "finetune.mode must be one of"),
         (["finetune.weight_ensemble=0.5", "task=integration", "batch_key=batch"], "is for task=annotation"),
+        (["finetune.head_from_frozen=true", "task=imputation"], "head_from_frozen is for task=annotation"),
     ],
-    ids=["alpha", "frozen_mode", "integration"],
+    ids=["alpha", "frozen_mode", "integration", "lp_ft_imputation"],
 )
 def test_a_weight_ensemble_that_cannot_run_is_refused_before_anything_is_written(
     pretrained, cellbench, tmp_path, extra, message
