@@ -44,7 +44,10 @@ def test_families_name_the_genes_and_nothing_else():
     ribosomal = set(symbol_of(sorted(excluded_gene_ids(["Ribosomal"]))))
     assert {"RPL13", "RPS6", "RPLP0", "RPS4X", "RPL36AL"} <= ribosomal
     assert not {"RPS6KA1", "RPS17P5", "MRPL1"} & ribosomal  # kinases, pseudogenes, mitochondrial ribosome
-    assert set(GENE_FAMILIES) == {"mitochondrial", "ribosomal"}
+    pseudogenes = set(symbol_of(sorted(excluded_gene_ids(["mitochondrial_pseudogenes", "ribosomal_pseudogenes"]))))
+    assert {"MTND1P23", "MTATP6P1", "MTCO1P40", "RPL5P24", "RPS27P3", "RPS4XP16"} <= pseudogenes
+    assert not pseudogenes & (ribosomal | named | {"RPS19BP1"})
+    assert set(GENE_FAMILIES) == {"mitochondrial", "mitochondrial_pseudogenes", "ribosomal", "ribosomal_pseudogenes"}
 
 
 def test_named_genes_resolve_like_inputs_and_unknown_names_are_refused():

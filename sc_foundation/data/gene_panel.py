@@ -11,9 +11,10 @@ scanpy selects them (Seurat flavour on log-normalised counts) from at most ``max
 input, read chunk by chunk, so memory is bounded whatever the file size.
 
 Some variable genes vary with the protocol more than with the cell: a cell's mitochondrial share follows its
-lysis and capture (CellBench's CEL-seq2 plates carry twice Drop-seq's), and ribosomal protein genes follow depth and
-chemistry. ``exclude`` keeps such families (or any named genes) out of the panel before the HVGs are chosen, so
-each input still contributes its ``n_top_genes``. Spike-ins (ERCC-) never resolve to a gene id and never enter.
+lysis and capture (CellBench's CEL-seq2 plates carry twice Drop-seq's), ribosomal protein genes follow depth and
+chemistry, and the pseudogenes of both collect the reads an aligner misplaces. ``exclude`` keeps such families (or
+any named genes) out of the panel before the HVGs are chosen, so each input still contributes its ``n_top_genes``.
+Spike-ins (ERCC-) never resolve to a gene id and never enter.
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ from sc_foundation.data.genes import GeneVocab, _atomic_write_text, human_symbol
 from sc_foundation.data.store import CorpusInput
 from sc_foundation.data.tokenization import aggregate_columns, hash_uniform
 
-# Gene families by human symbol (mouse genes resolve to their human orthologs first). Ribosomal: the cytosolic
-# ribosome's protein genes (RPL*, RPS*, RPLP0-2 and their paralogs), not their pseudogenes (RPS17P5) or the
-# ribosomal S6 kinases (RPS6KA1), which share the prefix.
+# The cytosolic ribosome's protein genes (RPL*, RPS*, RPLP0-2 and paralogs such as RPL3L, RPS4Y1), by human symbol;
+# not the ribosomal S6 kinases (RPS6KA1) or binding proteins (RPS19BP1), which share the prefix.
+_RIBOSOMAL = r"RP[SL]\d+[AXY]?\d?|RP[SL]\d+L\d?|RPL36AL|RPLP[0-2]"
+# Gene families by human symbol (mouse genes resolve to their human orthologs first). The pseudogene families are
+# processed pseudogenes of mitochondrial (MTND1P23: a nuclear copy of MT-ND1) and ribosomal genes (RPL5P24): reads of
+# the parent gene that an aligner places on them, so they follow the protocol and pipeline, not the cell
+# (CellBench's protocols differ most, within each cell line, on MT-TH, RPL5P24, MTND1P23, RPL5P17, RPS27P3).
 GENE_FAMILIES = {
     "mitochondrial": re.compile(r"^MT-"),
-    "ribosomal": re.compile(r"^RP[SL]\d+[AXY]?\d?$|^RP[SL]\d+L\d?$|^RPL36AL$|^RPLP[0-2]$"),
+    "mitochondrial_pseudogenes": re.compile(r"^MT(ND\d|ND4L|CO\d|ATP\d|CYB|RNR\d)[A-Z]?P\d+$"),
+    "ribosomal": re.compile(rf"^({_RIBOSOMAL})$"),
+    "ribosomal_pseudogenes": re.compile(rf"^({_RIBOSOMAL})P\d+$"),
 }
 
 
