@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from sc_foundation.conf import compose
 from sc_foundation.data.gene_panel import GENE_FAMILIES, cached_panel_vocab, excluded_gene_ids, select_gene_panel
 from sc_foundation.data.genes import human_symbols, resolve_genes, symbol_of
 
@@ -71,3 +72,11 @@ def test_exclusions_get_their_own_cached_panel(protocol_file, tmp_path):
     assert plain.parent != no_mt.parent
     assert json.loads((no_mt.parent / "panel_plan.json").read_text())["exclude"] == ["mitochondrial"]
     assert "exclude" not in json.loads((plain.parent / "panel_plan.json").read_text())
+
+
+@pytest.mark.parametrize("experiment", ["cpu_pretrain", "quickstart", "gpu_pretrain"])
+def test_the_recipes_keep_the_protocol_genes_out_of_their_panel(experiment):
+    exclude = list(compose("pretrain", [f"experiment={experiment}"]).data.panel.exclude)
+    named = set(symbol_of(sorted(excluded_gene_ids(exclude))))
+    assert {"MT-ND3", "MTND1P23", "RPL5P24"} <= named  # CellBench's protocols differ most on such genes
+    assert "RPL13" not in named  # the ribosomal protein genes themselves stay
