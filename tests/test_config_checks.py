@@ -55,6 +55,7 @@ def test_every_packaged_finetuning_config_passes(task):
             ],
             r"data.tokenizer.context_length=1024 is longer than model.max_position_embeddings=512",
         ),
+        (["data.panel.exclude=[mitochondrial,mitocondrial]"], r"data.panel.exclude: \['mitocondrial'\] are neither"),
     ],
 )
 def test_bad_pretraining_values_are_named_with_the_fix(overrides, message):

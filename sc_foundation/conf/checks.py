@@ -10,7 +10,8 @@ always allowed (it switches things off); a default that is null everywhere, an i
 required ``???`` takes any type unless :data:`ANNOTATIONS` names one. Beyond the packaged keys, ``trainer.*`` may be
 any ``pytorch_lightning.Trainer`` argument, ``model.*`` any :class:`ScFoundationConfig` field, and a mapping with a
 ``_target_`` any keyword of what it builds. Then the combinations no key shows alone: a GPU trainer without a GPU,
-a rank context longer than the model's learned positions, a ``label_key``/``batch_key`` column that an input lacks.
+a rank context longer than the model's learned positions, a ``label_key``/``batch_key`` column that an input lacks,
+a ``data.panel.exclude`` entry that names no gene.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def _check_tree(values: dict, spec: _Spec, prefix: str, problems: list[str]) -> 
 def _impossible(values: dict, config_name: str) -> list[str]:
     problems = _gpu_problems(values.get("trainer") or {})
     if config_name == "pretrain":
-        problems += _pretrain_positions(values)
+        problems += _pretrain_positions(values) + _panel_exclusions(values)
     else:
         problems += _finetune_positions(values) + _missing_columns(values)
     return problems
@@ -256,6 +257,19 @@ def _pretrain_positions(values: dict) -> list[str]:
             f"data.tokenizer.context_length={context} is longer than model.max_position_embeddings={positions} "
             "(the rank encoding's learned positions): lower the context or raise the positions"
         ]
+    return []
+
+
+def _panel_exclusions(values: dict) -> list[str]:
+    """``data.panel.exclude`` entries that are neither a gene family nor a known gene (checked before the panel's
+    inputs are read)."""
+    from sc_foundation.data.gene_panel import excluded_gene_ids
+
+    panel = (values.get("data") or {}).get("panel") or {}
+    try:
+        excluded_gene_ids(panel.get("exclude") or ())
+    except ValueError as error:
+        return [str(error)]
     return []
 
 
