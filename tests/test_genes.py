@@ -2,9 +2,11 @@
 
 import gzip
 import json
+from importlib import resources
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 
 from sc_foundation.data.genes import (
@@ -103,6 +105,7 @@ def test_resolution_counts_say_how_each_name_was_found():
         "prefixed": 1,
         "symbol": 2,
         "ortholog": 0,
+        "same_symbol": 0,
         "unresolved": 1,
     }
     assert resolution.unresolved.tolist() == ["no_such_gene"]
@@ -128,6 +131,38 @@ def test_mouse_symbols_map_to_human_ortholog_ids(mouse, human, gencode):
     resolution = resolve_genes([mouse], species="mouse")
     assert resolution.canonical.tolist() == [gencode[human]]
     assert resolution.counts["ortholog"] == 1
+
+
+@pytest.mark.parametrize(("mouse", "human"), [("Pitx2", "PITX2"), ("Casz1", "CASZ1"), ("Anxa2", "ANXA2")])
+def test_mouse_symbols_the_ortholog_table_lacks_take_the_same_human_symbol(mouse, human, gencode):
+    # Real MERFISH panel genes that the Ensembl 105 ortholog table does not list at all.
+    resolution = resolve_genes([mouse], species="mouse")
+    assert resolution.canonical.tolist() == [gencode[human]]
+    assert resolution.counts["same_symbol"] == 1
+
+
+def test_same_symbol_fallback_never_takes_a_human_gene_another_mouse_gene_maps_to():
+    orthologs = pd.read_csv(
+        resources.files("sc_foundation.resources").joinpath("human_mouse_orthologs.tsv.gz"), sep="\t", dtype=str
+    )
+    listed = set(orthologs["mouse_symbol"])
+    # Mouse-style names that are not in the table but whose upper case is a human gene the table pairs elsewhere.
+    taken = [s.capitalize() for s in orthologs["human_symbol"] if s.capitalize() not in listed][:50]
+    assert taken, "the ortholog table should pair some human genes with differently named mouse genes"
+    resolution = resolve_genes(taken, species="mouse")
+    assert resolution.counts["same_symbol"] == 0
+    assert resolution.unresolved.tolist() == taken
+
+
+def test_same_symbol_ids_are_never_ids_of_listed_mouse_genes():
+    orthologs = pd.read_csv(
+        resources.files("sc_foundation.resources").joinpath("human_mouse_orthologs.tsv.gz"), sep="\t", dtype=str
+    )
+    listed = resolve_genes(sorted(set(orthologs["mouse_symbol"])), species="mouse")
+    assert listed.counts["same_symbol"] == 0
+    fallback = resolve_genes(["Pitx2", "Casz1", "Anxa2", "Rmst", "Apela", "Gsta4", "Sln"], species="mouse")
+    assert fallback.counts["same_symbol"] == 7
+    assert not set(fallback.canonical) & set(listed.canonical)
 
 
 def test_mouse_ensembl_ids_are_kept_and_unknown_mouse_symbols_unresolved():

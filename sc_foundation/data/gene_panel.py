@@ -32,7 +32,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from sc_foundation.data.genes import GeneVocab, _atomic_write_text, human_symbols, resolve_genes
+from sc_foundation.data.genes import GENE_ID_RULES, GeneVocab, _atomic_write_text, human_symbols, resolve_genes
 from sc_foundation.data.store import CorpusInput
 from sc_foundation.data.tokenization import aggregate_columns, hash_uniform
 
@@ -147,6 +147,7 @@ def cached_panel_vocab(
         "n_top_genes": n_top_genes,
         "max_cells": max_cells,
         "seed": seed,
+        "gene_id_rules": GENE_ID_RULES,
     }
     if exclude:  # only when set, so the panels cached before this setting existed keep their folder
         plan["exclude"] = sorted(str(entry) for entry in exclude)

@@ -6,7 +6,9 @@ Every gene in every input file is mapped onto one canonical id before it meets a
 * genome prefixes from Cell Ranger references are stripped (``hg19_TP53`` -> ``TP53``);
 * human symbols become human Ensembl ids through the GENCODE v44 table shipped in ``resources/``;
 * mouse symbols become the Ensembl id of their human ortholog (Ensembl 105 orthologs by symbol), so human and
-  mouse cells share one vocabulary; mouse Ensembl ids (``ENSMUSG...``) are kept as they are.
+  mouse cells share one vocabulary; a mouse symbol the ortholog table does not list takes the human gene of the same
+  upper-case symbol (``Pitx2`` -> ``PITX2``) when no listed mouse gene claims that human gene; mouse Ensembl ids
+  (``ENSMUSG...``) are kept as they are.
 
 The tables are read from the package, never from the network.
 """
@@ -41,6 +43,9 @@ _GENOME_PREFIX = re.compile(r"^(?:hg\d+|GRCh\d+|mm\d+|GRCm\d+)[_-]+", re.IGNOREC
 _ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
 _SPECIAL = re.compile(r"^<[^<>\s]+>$")
 DAMAGED_FILE_FIX = "Copy the folder (store or model export) again, or build or export it again."
+GENE_ID_RULES = 2
+"""Version of the name-to-id rules; cached panels and stores put it in their plan, so a change of the rules (2: the
+same-symbol fallback for mouse genes the ortholog table lacks) never reuses a cache built with the old ones."""
 
 
 def current_umask() -> int:
@@ -207,6 +212,9 @@ class _GeneTables:
     symbol_to_ensembl: dict[str, str]
     upper_symbol_to_ensembl: dict[str, str]
     mouse_to_human_symbol: dict[str, str]
+    unclaimed_upper_symbol_to_ensembl: dict[str, str]
+    """Human genes (by upper-case symbol) that no mouse gene of the ortholog table maps to."""
+    listed_mouse_symbols: frozenset[str]
 
 
 def _read_table(name: str) -> pd.DataFrame:
@@ -222,14 +230,22 @@ def _tables() -> _GeneTables:
     genes = genes.drop_duplicates("symbol", keep="first")
     symbol_to_ensembl = dict(zip(genes["symbol"], genes["ensembl_id"], strict=True))
     upper = genes.assign(upper=genes["symbol"].str.upper()).drop_duplicates("upper", keep="first")
-    orthologs = _read_table("human_mouse_orthologs.tsv.gz")
+    all_orthologs = _read_table("human_mouse_orthologs.tsv.gz")
     # Keep one human partner per mouse symbol, and only partners the human table can resolve.
-    orthologs = orthologs[orthologs["human_symbol"].isin(symbol_to_ensembl)]
+    orthologs = all_orthologs[all_orthologs["human_symbol"].isin(symbol_to_ensembl)]
     orthologs = orthologs.drop_duplicates("mouse_symbol", keep="first")
+    # The ortholog table lacks some well-known pairs altogether (Pitx2, Casz1, Anxa2: 14 of MERFISH's 1,122 genes).
+    # For a mouse symbol it does not list, the human gene of the same upper-case symbol is its ortholog in nearly
+    # every case; a human gene the table already pairs with another mouse gene is left out, so two mouse genes never
+    # share one id.
+    claimed = set(all_orthologs["human_symbol"].str.upper())
+    unclaimed = upper[~upper["upper"].isin(claimed)]
     return _GeneTables(
         symbol_to_ensembl=symbol_to_ensembl,
         upper_symbol_to_ensembl=dict(zip(upper["upper"], upper["ensembl_id"], strict=True)),
         mouse_to_human_symbol=dict(zip(orthologs["mouse_symbol"], orthologs["human_symbol"], strict=True)),
+        unclaimed_upper_symbol_to_ensembl=dict(zip(unclaimed["upper"], unclaimed["ensembl_id"], strict=True)),
+        listed_mouse_symbols=frozenset(all_orthologs["mouse_symbol"]),
     )
 
 
@@ -287,7 +303,7 @@ def resolve_genes(names: Sequence[str], species: str = "auto") -> GeneResolution
     if species not in ("human", "mouse"):
         raise ValueError(f"species must be 'human', 'mouse' or 'auto', got {species!r}.")
     tables = _tables()
-    counts = dict.fromkeys(("ensembl", "versioned", "prefixed", "symbol", "ortholog", "unresolved"), 0)
+    counts = dict.fromkeys(("ensembl", "versioned", "prefixed", "symbol", "ortholog", "same_symbol", "unresolved"), 0)
     canonical = np.empty(len(names), dtype=object)
     for i, raw in enumerate(names):
         name = raw.strip()
@@ -303,10 +319,13 @@ def resolve_genes(names: Sequence[str], species: str = "auto") -> GeneResolution
         elif species == "human":
             gene = tables.symbol_to_ensembl.get(name) or tables.upper_symbol_to_ensembl.get(name.upper())
             counts["symbol"] += gene is not None
-        else:
+        elif name in tables.listed_mouse_symbols:
             human = tables.mouse_to_human_symbol.get(name)
             gene = tables.symbol_to_ensembl.get(human) if human else None
             counts["ortholog"] += gene is not None
+        else:
+            gene = tables.unclaimed_upper_symbol_to_ensembl.get(name.upper())
+            counts["same_symbol"] += gene is not None
         counts["unresolved"] += gene is None
         canonical[i] = gene
     return GeneResolution(names=names, canonical=canonical, species=species, counts=counts)

@@ -63,7 +63,7 @@ import pyarrow as pa
 from pandas.api.types import union_categoricals
 
 from sc_foundation.data.gene_statistics import GeneStatistics
-from sc_foundation.data.genes import GeneVocab, _atomic_write_text, resolve_genes
+from sc_foundation.data.genes import GENE_ID_RULES, GeneVocab, _atomic_write_text, resolve_genes
 from sc_foundation.data.io import InvalidInputError, open_counts
 from sc_foundation.data.lifetime import pool_initializer
 from sc_foundation.data.soma import is_soma_uri
@@ -668,6 +668,7 @@ def build_store(
         "min_cells_per_gene": min_cells_per_gene,
         "obs_keys": list(obs_keys),
         "format": FORMAT,
+        "gene_id_rules": GENE_ID_RULES,
         "parts": [dataclasses.astuple(p) for p in parts],
     }
     if config.library_size == "panel":
