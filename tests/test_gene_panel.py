@@ -80,3 +80,24 @@ def test_the_recipes_keep_the_protocol_genes_out_of_their_panel(experiment):
     named = set(symbol_of(sorted(excluded_gene_ids(exclude))))
     assert {"MT-ND3", "MTND1P23", "RPL5P24"} <= named  # CellBench's protocols differ most on such genes
     assert "RPL13" not in named  # the ribosomal protein genes themselves stay
+
+
+def test_a_targeted_panel_gives_all_its_genes_but_the_excluded_ones(protocol_file, tmp_path):
+    plain = {"path": str(protocol_file)}
+    targeted = {"path": str(protocol_file), "targeted_panel": True}
+    assert len(select_gene_panel([plain], n_top_genes=10)) == 10
+    every = symbols(select_gene_panel([targeted], n_top_genes=10, exclude=["mitochondrial"]))
+    assert len(every) == 128 - len(MITOCHONDRIAL) and set(RIBOSOMAL) <= every and not every & set(MITOCHONDRIAL)
+    # The setting is part of the input's fingerprint, so a cached panel without it is never reused.
+    assert (
+        cached_panel_vocab([plain], tmp_path / "panels", n_top_genes=10).parent
+        != cached_panel_vocab([targeted], tmp_path / "panels", n_top_genes=10).parent
+    )
+
+
+def test_merfish_is_registered_as_a_targeted_panel(shared_data):
+    from sc_foundation.data.datasets import dataset_inputs
+
+    (merfish,) = dataset_inputs("merfish_mouse_brain")
+    panel = select_gene_panel([merfish], n_top_genes=1000)
+    assert merfish["targeted_panel"] and len(panel) > 1050  # every resolvable gene of its 1,122, not 1,000 of them

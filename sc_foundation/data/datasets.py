@@ -218,7 +218,8 @@ REGISTRY: dict[str, Dataset] = {
                     "f109995258daf776ceae48def5f5fc81cf478e3b4369aee22c394423aa549281",
                 ),
             ),
-            {"species": "mouse", "gene_key": "feature_name"},
+            # A designed imaging panel: a gene panel takes all of its genes (CorpusInput.targeted_panel).
+            {"species": "mouse", "gene_key": "feature_name", "targeted_panel": True},
         ),
     )
 }

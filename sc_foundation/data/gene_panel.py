@@ -15,6 +15,9 @@ lysis and capture (CellBench's CEL-seq2 plates carry twice Drop-seq's), ribosoma
 chemistry, and the pseudogenes of both collect the reads an aligner misplaces. ``exclude`` keeps such families (or
 any named genes) out of the panel before the HVGs are chosen, so each input still contributes its ``n_top_genes``.
 Spike-ins (ERCC-) never resolve to a gene id and never enter.
+
+An input that measures a designed panel (``targeted_panel``: MERFISH's 1,122 genes) gives all its genes: each was
+chosen for the cells it separates, and its most variable 1,000 would drop markers such as Htr7, Bcl11b or Oxtr.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def input_hvgs(
     exclude: frozenset[str] = frozenset(),
 ) -> list[str]:
     """The ``n_top_genes`` most variable canonical genes of one input (scanpy, Seurat flavour), none of them in
-    ``exclude`` (canonical ids, :func:`excluded_gene_ids`).
+    ``exclude`` (canonical ids, :func:`excluded_gene_ids`); every such gene of a ``targeted_panel`` input.
 
     Cells are drawn by a seeded hash of their row number with probability ``max_cells / n_cells``, chunk by chunk;
     genes are resolved to canonical ids and duplicates summed before normalisation.
@@ -105,6 +108,8 @@ def input_hvgs(
     adata.var_names = [str(g) for g in genes]
     seen = np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3  # in at least 3 cells
     adata = adata[:, seen & ~adata.var_names.isin(list(exclude))].copy()
+    if spec.targeted_panel:
+        return sorted(adata.var_names)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     n_top = min(n_top_genes, adata.n_vars)

@@ -114,6 +114,9 @@ class CorpusInput:
         genome: genome of a multi-genome 10x ``.h5``.
         measurement: SOMA only: the measurement (default ``RNA``).
         value_filter: SOMA only: the ``obs`` filter selecting cells, e.g. ``"is_primary_data == True"``.
+        targeted_panel: the file measures a designed gene panel (imaging: MERFISH, Xenium; targeted sequencing), every
+            gene of it chosen for the cells it tells apart: a gene panel (:mod:`sc_foundation.data.gene_panel`) then
+            takes all its genes rather than its most variable ones. Reading is unchanged.
     """
 
     path: str
@@ -126,6 +129,7 @@ class CorpusInput:
     genome: str | None = None
     measurement: str | None = None
     value_filter: str | None = None
+    targeted_panel: bool = False
 
     @classmethod
     def coerce(cls, item: str | os.PathLike | Mapping | CorpusInput) -> CorpusInput:
@@ -157,6 +161,8 @@ class CorpusInput:
         """What identifies this input: its settings plus the file's size and modification time (for a local SOMA
         folder, the total size and latest modification of its files; a Census release is pinned by its version)."""
         settings = dataclasses.asdict(self)
+        if not self.targeted_panel:  # only when set, so inputs fingerprinted before this setting existed keep theirs
+            del settings["targeted_panel"]
         if self.path.startswith(CENSUS_PREFIX) or "://" in self.path:
             return settings
         path = Path(self.path)
