@@ -2,11 +2,9 @@
 
 import gzip
 import json
-from importlib import resources
 
 import anndata
 import numpy as np
-import pandas as pd
 import pytest
 
 from sc_foundation.data.genes import (
@@ -14,6 +12,7 @@ from sc_foundation.data.genes import (
     MASK_TOKEN,
     PAD_TOKEN,
     GeneVocab,
+    _read_table,
     detect_species,
     resolve_genes,
     symbol_of,
@@ -133,6 +132,12 @@ def test_mouse_symbols_map_to_human_ortholog_ids(mouse, human, gencode):
     assert resolution.counts["ortholog"] == 1
 
 
+@pytest.fixture(scope="module")
+def orthologs():
+    """The shipped mouse-human ortholog table, as the resolver reads it."""
+    return _read_table("human_mouse_orthologs.tsv.gz")
+
+
 @pytest.mark.parametrize(("mouse", "human"), [("Pitx2", "PITX2"), ("Casz1", "CASZ1"), ("Anxa2", "ANXA2")])
 def test_mouse_symbols_the_ortholog_table_lacks_take_the_same_human_symbol(mouse, human, gencode):
     # Real MERFISH panel genes that the Ensembl 105 ortholog table does not list at all.
@@ -141,10 +146,7 @@ def test_mouse_symbols_the_ortholog_table_lacks_take_the_same_human_symbol(mouse
     assert resolution.counts["same_symbol"] == 1
 
 
-def test_same_symbol_fallback_never_takes_a_human_gene_another_mouse_gene_maps_to():
-    orthologs = pd.read_csv(
-        resources.files("sc_foundation.resources").joinpath("human_mouse_orthologs.tsv.gz"), sep="\t", dtype=str
-    )
+def test_same_symbol_fallback_never_takes_a_human_gene_another_mouse_gene_maps_to(orthologs):
     listed = set(orthologs["mouse_symbol"])
     # Mouse-style names that are not in the table but whose upper case is a human gene the table pairs elsewhere.
     taken = [s.capitalize() for s in orthologs["human_symbol"] if s.capitalize() not in listed][:50]
@@ -154,10 +156,7 @@ def test_same_symbol_fallback_never_takes_a_human_gene_another_mouse_gene_maps_t
     assert resolution.unresolved.tolist() == taken
 
 
-def test_same_symbol_ids_are_never_ids_of_listed_mouse_genes():
-    orthologs = pd.read_csv(
-        resources.files("sc_foundation.resources").joinpath("human_mouse_orthologs.tsv.gz"), sep="\t", dtype=str
-    )
+def test_same_symbol_ids_are_never_ids_of_listed_mouse_genes(orthologs):
     listed = resolve_genes(sorted(set(orthologs["mouse_symbol"])), species="mouse")
     assert listed.counts["same_symbol"] == 0
     fallback = resolve_genes(["Pitx2", "Casz1", "Anxa2", "Rmst", "Apela", "Gsta4", "Sln"], species="mouse")
