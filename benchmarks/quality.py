@@ -156,6 +156,14 @@ TASKS: dict[str, dict] = {
         "subset": None,
         "overrides": ["batch_key=batch", "label_key=cell_type"],
     },
+    "integration_snare": {
+        "task": "integration",
+        "description": "SNARE-seq mouse cortex RNA, a seeded 2000 cells: 12 libraries as batches (mild, with uneven "
+        "type composition), 15 cell types; all cells scored",
+        "files": [SNARE_RNA],
+        "subset": 2000,
+        "overrides": ["batch_key=Batch", "label_key=cell_type"],
+    },
     "imputation": {
         "task": "imputation",
         "description": "PBMC 3k (10x v1), a seeded 1000 cells (scVI's 400 epochs stay in minutes): 10% of the non-zero "

@@ -52,6 +52,10 @@ def test_conf_composes():
     assert cfg.early_stopping.start_epoch == 0
     integration = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=integration", "batch_key=b"])
     assert integration.early_stopping.start_epoch == 30  # the task's own, not overridden by finetune.yaml
+    # A task file's budget replaces finetune.yaml's (annotation keeps its 60 epochs); the command line replaces both.
+    assert (cfg.trainer.max_epochs, integration.trainer.max_epochs, integration.dab_weight) == (60, 100, 0.0)
+    shorter = compose_finetune(["pretrained=x", "data.files=[a.h5ad]", "task=integration", "trainer.max_epochs=7"])
+    assert shorter.trainer.max_epochs == 7
 
 
 def test_annotates_cellbench_cell_lines(annotation):

@@ -39,7 +39,9 @@ def run_cellbench_integration(pretrained, cellbench, out, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def integration(pretrained, cellbench, tmp_path_factory):
-    return run_cellbench_integration(pretrained, cellbench, tmp_path_factory.mktemp("integration"))
+    # The discriminator is off by default; here it is on, so that its path (export, reload) runs end to end. The
+    # attraction's runs (tests/test_cross_batch.py) cover the default, without it.
+    return run_cellbench_integration(pretrained, cellbench, tmp_path_factory.mktemp("integration"), "dab_weight=0.1")
 
 
 def test_gradient_reversal_negates_and_scales_the_gradient():
@@ -109,7 +111,7 @@ def test_export_loads_and_reproduces_the_embedding(integration):
     model = load_pretrained(integration["export"], device="cpu")
     assert isinstance(model, ScFoundationForBatchIntegration)
     assert model.config.batch_names == ["sc_celseq2", "sc_dropseq"]
-    # the defaults: the variational latent, and the batch discriminator reading it
+    # the variational latent (a default), and the batch discriminator (dab_weight=0.1 here) reading it
     assert model.latent is not None and model.discriminator.fc_in.in_features == model.config.latent_size
     embedding, cells = tasks.predict(model, integration["datamodule"].predict_dataloader(), "cell_embedding")
     np.testing.assert_allclose(embedding[np.argsort(cells)], integration["embedding"], rtol=1e-5, atol=1e-6)
