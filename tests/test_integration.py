@@ -100,10 +100,13 @@ def test_integrates_cellbench_protocols(integration):
         assert all(np.isfinite(scores[key]) and low[key] <= scores[key] <= 1.0 for key in scores), (name, scores)
         assert scores["total"] == pytest.approx(0.6 * scores["bio"] + 0.4 * scores["batch"])
     assert saved["baselines"]["harmony"]["ilisi"] > saved["baselines"]["pca"]["ilisi"]
+    # the backbone before fine-tuning, on the same tokens: its pooled embedding (32 wide here), scored like the rest
+    assert set(saved["baselines"]) == {"pca", "harmony", "pretrained"}
+    assert saved["baselines"]["pretrained"] != saved["model"]
     embeddings = np.load(out / "embeddings.npz")
     # the variational latent's mean (latent_size), not the 32-wide backbone output
     assert embeddings["model"].shape == (499, saved["latent_size"]) == (499, 16)
-    assert embeddings["pca"].shape == embeddings["harmony"].shape
+    assert embeddings["pca"].shape == embeddings["harmony"].shape and embeddings["pretrained"].shape == (499, 32)
     assert len(embeddings["cell_id"]) == len(embeddings["batch"]) == len(embeddings["label"]) == 499
 
 

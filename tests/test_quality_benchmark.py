@@ -178,6 +178,19 @@ def test_thinned_cellbench_makes_one_line_rare_in_each_protocol(quality, shared_
     assert quality.TASKS["integration_thinned"]["prepare"] == "thinned_cellbench"
 
 
+def test_snare_integration_row_holds_every_library_and_type_in_its_subset(quality, shared_data, tmp_path):
+    import anndata
+
+    spec = quality.TASKS["integration_snare"]
+    assert spec["task"] == "integration" and {"batch_key=Batch", "label_key=cell_type"} <= set(spec["overrides"])
+    written = quality.subset_files(spec["files"], shared_data, tmp_path, spec["subset"], seed=0)
+    cells = anndata.read_h5ad(written[0]["path"])
+    # 2,000 of 10,309 cells: all 12 libraries and 15 types stay, in uneven shares (a mild batch, not a balanced one)
+    assert cells.n_obs == 2000 and cells.obs["Batch"].nunique() == 12 and cells.obs["cell_type"].nunique() == 15
+    shares = cells.obs.groupby("Batch", observed=True)["cell_type"].value_counts(normalize=True).unstack(fill_value=0)
+    assert (shares.max() - shares.min()).max() > 0.1
+
+
 def test_top_context_keeps_the_most_expressed_genes_and_counts_the_pushed_out(import_benchmark):
     import numpy as np
 

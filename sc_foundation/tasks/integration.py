@@ -1,4 +1,5 @@
-"""``task=integration``: a batch-corrected cell embedding, scored by scIB on all cells against PCA, Harmony and scVI."""
+"""``task=integration``: a batch-corrected cell embedding, scored by scIB on all cells against PCA, Harmony, scVI and
+the pretrained backbone's own embedding of the same tokens (``baselines.pretrained``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from sc_foundation.data.genes import _atomic_write_text
@@ -15,6 +17,7 @@ from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
 )
+from sc_foundation.models.novelty import backbone_with_weights
 from sc_foundation.tasks.cross_batch import CrossBatchTargets, shared_targets
 from sc_foundation.tasks.evaluation import (
     integration_baselines,
@@ -61,6 +64,13 @@ def cross_batch_runs(cfg: DictConfig) -> bool:
         )
         return False
     return True
+
+
+def untrained_backbone(model: ScFoundationForBatchIntegration) -> torch.nn.Module:
+    """A copy of ``model``'s backbone before fine-tuning, in eval mode: its ``cell_embedding`` is the pooled
+    (n_cells, hidden) output the pretrained model gives on the task's tokens."""
+    state = {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.base_model.state_dict().items()}
+    return backbone_with_weights(model, state)
 
 
 def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
@@ -120,6 +130,10 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         )
         task_callbacks.append(pull)
     datamodule = task_datamodule(cfg, store_path, per_cell, splits)
+    # The backbone as pretrained, on the same tokens: the row that says whether fine-tuning removed more than it cost
+    # (on a mild batch effect it can cost more: BENCHMARKS.md, "Integration without the discriminator").
+    datamodule.setup("predict")  # idempotent: fit's own setup then keeps this store and these splits
+    pretrained, pretrained_cells = predict(untrained_backbone(model), datamodule.predict_dataloader(), "cell_embedding")
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, task_callbacks)
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
@@ -135,6 +149,8 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         n_pcs=cfg.baselines.n_pcs,
         seed=cfg.seed,
     )
+    baseline_embeddings["pretrained"] = pretrained[np.argsort(pretrained_cells)]
+    baselines["pretrained"] = integration_metrics(baseline_embeddings["pretrained"], batch_ids, labels)
     if run_scvi(cfg):
         baseline_embeddings["scvi"] = scvi_latent(
             counts, batch_ids, n_top_genes=cfg.baselines.n_top_genes, seed=cfg.seed
