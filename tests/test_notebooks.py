@@ -91,7 +91,8 @@ def _check_annotation(probe: dict, run: Run) -> None:
 def _check_integration(probe: dict, run: Run) -> None:
     metrics = json.loads((run.output_dir / "metrics.json").read_text())
     assert metrics["task"] == "integration" and metrics["steps"] > 0 and metrics["epochs"] <= 2
-    assert probe["table_index"] == ["sc_foundation", "pca", "harmony"]
+    # the baselines in metrics.json's order; "pretrained" is the backbone before fine-tuning, on the same tokens
+    assert probe["table_index"] == ["sc_foundation", "pca", "harmony", "pretrained"]
     for column in ("total", "bio", "batch", "avg_bio", "ilisi", "nmi"):
         assert column in probe["table_columns"]
     assert all(math.isfinite(x) for x in probe["table_total"])
