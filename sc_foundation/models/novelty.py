@@ -162,6 +162,15 @@ def reference_choice(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
 
 
+def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A CPU copy of ``model``'s backbone weights (name -> array, as ``model.base_model.state_dict()`` names them;
+    floats as float32, so half-precision weights convert too), for :func:`backbone_with_weights`."""
+    state = model.base_model.state_dict()
+    return {
+        name: (t.float() if t.is_floating_point() else t).detach().cpu().numpy().copy() for name, t in state.items()
+    }
+
+
 def backbone_with_weights(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
     """A new backbone of ``model``'s architecture (its config) holding the weights ``state`` (name -> array, as
     ``model.base_model.state_dict()`` names them), in eval mode, on ``model``'s device, with ``model``'s tokenizer.

@@ -18,7 +18,13 @@ from sc_foundation.models.export import add_export_file, load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForCellClassification,
 )
-from sc_foundation.models.novelty import NOVELTY_FILE, NoveltyReference, backbone_with_weights, reference_choice
+from sc_foundation.models.novelty import (
+    NOVELTY_FILE,
+    NoveltyReference,
+    backbone_state,
+    backbone_with_weights,
+    reference_choice,
+)
 from sc_foundation.tasks.calibration import (
     IGNORE,
     baseline_calibration,
@@ -69,10 +75,7 @@ def pretrained_backbone_state(cfg: DictConfig, model) -> dict[str, np.ndarray] |
     embedding is the pretrained one already)."""
     if cfg.calibration.novelty_space == "classifier" or cfg.finetune.mode == "frozen":
         return None
-    state = model.base_model.state_dict()
-    return {
-        name: (t.float() if t.is_floating_point() else t).detach().cpu().numpy().copy() for name, t in state.items()
-    }
+    return backbone_state(model)
 
 
 def novelty_references(

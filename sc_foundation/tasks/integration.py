@@ -17,7 +17,7 @@ from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
 )
-from sc_foundation.models.novelty import backbone_with_weights
+from sc_foundation.models.novelty import backbone_state, backbone_with_weights
 from sc_foundation.tasks.cross_batch import CrossBatchTargets, shared_targets
 from sc_foundation.tasks.evaluation import (
     integration_baselines,
@@ -69,8 +69,7 @@ def cross_batch_runs(cfg: DictConfig) -> bool:
 def untrained_backbone(model: ScFoundationForBatchIntegration) -> torch.nn.Module:
     """A copy of ``model``'s backbone before fine-tuning, in eval mode: its ``cell_embedding`` is the pooled
     (n_cells, hidden) output the pretrained model gives on the task's tokens."""
-    state = {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.base_model.state_dict().items()}
-    return backbone_with_weights(model, state)
+    return backbone_with_weights(model, backbone_state(model))
 
 
 def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
