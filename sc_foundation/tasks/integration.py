@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
 from sc_foundation.data.genes import _atomic_write_text
@@ -64,12 +63,6 @@ def cross_batch_runs(cfg: DictConfig) -> bool:
         )
         return False
     return True
-
-
-def untrained_backbone(model: ScFoundationForBatchIntegration) -> torch.nn.Module:
-    """A copy of ``model``'s backbone before fine-tuning, in eval mode: its ``cell_embedding`` is the pooled
-    (n_cells, hidden) output the pretrained model gives on the task's tokens."""
-    return backbone_with_weights(model, backbone_state(model))
 
 
 def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
@@ -129,10 +122,11 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
         )
         task_callbacks.append(pull)
     datamodule = task_datamodule(cfg, store_path, per_cell, splits)
-    # The backbone as pretrained, on the same tokens: the row that says whether fine-tuning removed more than it cost
-    # (on a mild batch effect it can cost more: BENCHMARKS.md, "Integration without the discriminator").
-    datamodule.setup("predict")  # idempotent: fit's own setup then keeps this store and these splits
-    pretrained, pretrained_cells = predict(untrained_backbone(model), datamodule.predict_dataloader(), "cell_embedding")
+    # The backbone as pretrained: the row that says whether fine-tuning removed more than it cost (on a mild batch
+    # effect it can cost more: BENCHMARKS.md, "Integration without the discriminator"). A CPU copy of its weights now;
+    # rank 0 embeds the cells with it after training, so no rank spends a pass on it before and training's random
+    # stream is the one it would be without the row.
+    pretrained_state = backbone_state(model)
     trainer, module, best = fit(cfg, out, model, tokenizer, datamodule, task_callbacks)
     if not trainer.is_global_zero:
         return other_rank_result(out, trainer, module, best)
@@ -140,6 +134,9 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     # Embed with the export itself: what users load is what the numbers describe.
     embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
     embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
+    # The pretrained backbone's (n_cells, hidden) pooled output on the same tokens.
+    untrained = backbone_with_weights(model, pretrained_state)
+    pretrained, pretrained_cells = predict(untrained, datamodule.predict_dataloader(), "cell_embedding")
     baselines, baseline_embeddings = integration_baselines(
         counts,
         batch_ids,
