@@ -90,6 +90,27 @@ def test_variational_latent_is_scvis_elbo_per_count():
         ScFoundationConfig(vocab_size=20, latent_size=0)
 
 
+def test_training_applies_the_warm_up_share_of_the_kl_weight_and_evaluation_all_of_it():
+    """``kl_share`` (set by the KL warm-up) scales the KL term while training only: validation losses of a warm-up's
+    epochs price the latent alike."""
+    torch.manual_seed(0)
+    config = tiny(decoder_gene_ids=[5, 6, 7, 8], batch_names=["a", "b"], latent_size=3, kl_weight=0.5)
+    model = ScFoundationForBatchIntegration(config)
+    counts = torch.tensor([[5.0, 1, 3, 0], [0, 0, 2, 6]])
+    batch_ids = torch.tensor([0, 1])
+    assert model.kl_share == 1.0  # without a warm-up, the whole weight from the first step
+    model.kl_share = 0.25
+    trained = model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids)
+    assert trained.kl_loss > 0
+    torch.testing.assert_close(trained.loss, trained.reconstruction_loss + 0.25 * 0.5 * trained.kl_loss)
+    model.kl_share = 0.0
+    unpriced = model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids)
+    torch.testing.assert_close(unpriced.loss, unpriced.reconstruction_loss)
+    model.eval()
+    evaluated = model(INPUT_IDS, VALUES, MASK, counts=counts, batch_ids=batch_ids)
+    torch.testing.assert_close(evaluated.loss, evaluated.reconstruction_loss + 0.5 * evaluated.kl_loss)
+
+
 def test_decoder_genes_must_be_vocabulary_genes():
     with pytest.raises(StrictDataclassError, match="not vocabulary genes: \\[1\\]"):
         ScFoundationConfig(vocab_size=20, decoder_gene_ids=[1, 5])  # 1 is <cls>

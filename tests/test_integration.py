@@ -1,6 +1,7 @@
 """finetune.py task=integration: a batch-corrected embedding from a pretrained export, next to PCA and Harmony."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sc_foundation import tasks
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import ScFoundationForBatchIntegration, grad_reverse
+from sc_foundation.tasks.integration import KLWarmup, kl_warmup
 from tests.conftest import CELLBENCH
 from tests.test_finetune import compose_finetune, overrides
 
@@ -86,6 +88,25 @@ def test_discriminator_learns_the_batch_while_the_encoder_gets_the_reversed_grad
     torch.testing.assert_close(evaluated.loss, evaluated.reconstruction_loss)
     with pytest.raises(ValueError, match="batch-conditioned: pass batch_ids"):
         model(inputs["input_ids"], inputs["values"], inputs["attention_mask"], counts=inputs["counts"])
+
+
+def test_the_kl_warm_up_raises_trainings_share_of_the_kl_weight_linearly_then_holds_it(capsys):
+    base = ["pretrained=model", "data.files=[cells.h5ad]", "task=integration", "batch_key=batch"]
+    packaged = kl_warmup(compose_finetune(base))  # over the whole packaged run, as scVI's default
+    assert isinstance(packaged, KLWarmup) and packaged.epochs == 100 and capsys.readouterr().out == ""
+    assert kl_warmup(compose_finetune([*base, "kl_warmup_epochs=0"])) is None
+    assert kl_warmup(compose_finetune([*base, "latent_size=null"])) is None  # no KL term to warm up
+    with pytest.raises(ValueError, match="kl_warmup_epochs=-1 must be 0"):
+        kl_warmup(compose_finetune([*base, "kl_warmup_epochs=-1"]))
+    warmup = kl_warmup(compose_finetune([*base, "kl_warmup_epochs=4"]))
+    model = SimpleNamespace(kl_share=1.0)
+    shares = []
+    for epoch in range(6):
+        warmup.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), SimpleNamespace(model=model))
+        shares.append(model.kl_share)
+    assert shares == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    kl_warmup(compose_finetune([*base, "kl_warmup_epochs=200"]))  # longer than the packaged 100 epochs
+    assert "outlasts the run's 100 epochs" in capsys.readouterr().out
 
 
 def test_integrates_cellbench_protocols(integration):

@@ -1222,6 +1222,10 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
         self.sc_foundation = ScFoundationModel(config)
         # The variational latent: mean and log-variance, both from the pooled cell embedding.
         self.latent = nn.Linear(h, 2 * config.latent_size) if config.latent_size else None
+        # The share of kl_weight that training applies: a KL warm-up (sc_foundation.tasks.integration.KLWarmup)
+        # raises it from 0 to 1 over the first epochs. Evaluation always applies the whole weight, so the validation
+        # losses of different epochs (early stopping, the best checkpoint) price the latent alike.
+        self.kl_share = 1.0
         embedding_size = config.latent_size or h
         batched = config.batch_names is not None
         self.batch_embeddings = nn.Embedding(len(config.batch_names), config.batch_embedding_size) if batched else None
@@ -1274,7 +1278,8 @@ class ScFoundationForImputation(ScFoundationPreTrainedModel):
         output.loss = output.reconstruction_loss
         if kl is not None:  # per count, as the reconstruction term: together the negative ELBO per count
             output.kl_loss = (kl / counts.float().sum(-1).clamp(min=1)).mean()
-            output.loss = output.loss + self.config.kl_weight * output.kl_loss
+            share = self.kl_share if self.training else 1.0
+            output.loss = output.loss + share * self.config.kl_weight * output.kl_loss
         if self.discriminator is not None:
             output.batch_logits = self.discriminator(grad_reverse(output.cell_embedding))  # (n_cells, n_batches)
             output.dab_loss = F.cross_entropy(output.batch_logits.float(), batch_ids.long())

@@ -65,6 +65,40 @@ def cross_batch_runs(cfg: DictConfig) -> bool:
     return True
 
 
+class KLWarmup(pl.Callback):
+    """scVI's KL warm-up: training's share of ``kl_weight`` (the model's ``kl_share``) rises linearly from 0 at the
+    first epoch to 1 at epoch ``epochs`` and stays there.
+
+    Why: from the first step, the KL term prices every latent dimension before the decoder has learnt what it buys;
+    on sparse cells (SNARE-seq) the latent then keeps 2 of its 16 dimensions (BENCHMARKS.md, "What moves the
+    SNARE-seq integration row"). Rising from 0, the dimensions are in use before the full price applies.
+    """
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.model.kl_share = min(1.0, trainer.current_epoch / self.epochs)
+
+
+def kl_warmup(cfg: DictConfig) -> KLWarmup | None:
+    """The run's KL warm-up, or None: ``kl_warmup_epochs`` 0 or no variational latent (``latent_size: null``).
+    Checked before any store is written; a warm-up longer than the run is announced (training then ends with the KL
+    term below its weight)."""
+    epochs = cfg.kl_warmup_epochs
+    if epochs < 0:
+        raise ValueError(f"kl_warmup_epochs={epochs} must be 0 (no warm-up) or a number of epochs: fix the override")
+    if not epochs or not cfg.latent_size:
+        return None
+    max_epochs = cfg.trainer.get("max_epochs")
+    if isinstance(max_epochs, int) and 0 <= max_epochs < epochs:
+        announce(
+            f"the KL warm-up (kl_warmup_epochs={epochs}) outlasts the run's {max_epochs} epochs (trainer.max_epochs): "
+            f"training ends with the KL term at {(max_epochs - 1) / epochs:.2f} of kl_weight"
+        )
+    return KLWarmup(epochs)
+
+
 def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """``task=integration``: see the module docstring.
 
@@ -75,6 +109,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     batch_key, label_key, split = cfg.batch_key, cfg.label_key, cfg.split
     inputs = with_batch_key(read_inputs(cfg), batch_key)
     check_categories(inputs, batch_key, setting="batch_key", noun="batch", need="integration needs two or more batches")
+    warmup = kl_warmup(cfg)
     if label_key is not None:
         check_categories(inputs, label_key, need="bio-conservation scores need two or more cell types")
     tokenizer, store_path = tokenize_inputs(cfg, out, inputs, [label_key, split.split_by])
@@ -121,6 +156,8 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
             cfg.cross_batch_start_epoch,
         )
         task_callbacks.append(pull)
+    if warmup is not None:
+        task_callbacks.append(warmup)
     datamodule = task_datamodule(cfg, store_path, per_cell, splits)
     # The backbone as pretrained: the row that says whether fine-tuning removed more than it cost (on a mild batch
     # effect it can cost more: BENCHMARKS.md, "Integration without the discriminator"). A CPU copy of its weights now;
