@@ -171,12 +171,17 @@ def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     }
 
 
-def backbone_with_weights(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+def backbone_with_weights(
+    model: torch.nn.Module,
+    state: Mapping[str, np.ndarray],
+    source: str = f"the novelty reference's encoder: re-run the fine-tuning that wrote {NOVELTY_FILE}",
+) -> torch.nn.Module:
     """A new backbone of ``model``'s architecture (its config) holding the weights ``state`` (name -> array, as
     ``model.base_model.state_dict()`` names them), in eval mode, on ``model``'s device, with ``model``'s tokenizer.
+    ``source`` names where the weights came from and what to do when they do not fit, for the error.
 
     Raises:
-        ValueError: the weights do not fit the architecture (names the mismatching tensors).
+        ValueError: the weights do not fit the architecture (names the mismatching tensors and ``source``).
     """
     from sc_foundation.models.modeling import ScFoundationModel
 
@@ -186,8 +191,8 @@ def backbone_with_weights(model: torch.nn.Module, state: Mapping[str, np.ndarray
     )
     if missing or unexpected:
         raise ValueError(
-            f"the novelty reference's encoder does not fit this model: missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}; re-run the fine-tuning that wrote {NOVELTY_FILE}"
+            f"weights that do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}) "
+            f"from {source}"
         )
     encoder.gene_tokenizer = getattr(model, "gene_tokenizer", None)
     return encoder.to(next(model.parameters()).device).eval()
