@@ -12,6 +12,7 @@ from sc_foundation import tasks
 from sc_foundation.models.configuration import ScFoundationConfig
 from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import ScFoundationForBatchIntegration, grad_reverse
+from sc_foundation.tasks.evaluation import batch_mixing_control
 from sc_foundation.tasks.integration import KLWarmup, kl_warmup
 from tests.conftest import CELLBENCH
 from tests.test_finetune import compose_finetune, overrides
@@ -107,6 +108,50 @@ def test_the_kl_warm_up_raises_trainings_share_of_the_kl_weight_linearly_then_ho
     assert shares == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     kl_warmup(compose_finetune([*base, "kl_warmup_epochs=200"]))  # longer than the packaged 100 epochs
     assert "outlasts the run's 100 epochs" in capsys.readouterr().out
+
+
+def mixed_and_separated(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Three types of 90 cells in 8 dimensions over three batches: one embedding where the batches sit apart within
+    each type, one where they are mixed. Returns (separated, mixed, batches, labels)."""
+    labels = np.repeat(["a", "b", "c"], 90)
+    batches = np.tile(np.repeat(["x", "y", "z"], 30), 3)
+    types = rng.normal(scale=10.0, size=(3, 8))[np.repeat(np.arange(3), 90)]
+    mixed = types + rng.normal(size=(270, 8))
+    shifts = rng.normal(scale=3.0, size=(3, 8))[np.tile(np.repeat(np.arange(3), 30), 3)]
+    return mixed + shifts, mixed, batches, labels
+
+
+def test_the_mixed_control_tells_batch_signal_from_geometry():
+    separated, mixed, batches, labels = mixed_and_separated(np.random.default_rng(0))
+    kept = batch_mixing_control(separated, batches, labels, shuffles=3)
+    gone = batch_mixing_control(mixed, batches, labels, shuffles=3)
+    # Batches apart within types: the real scores fall well under what the same geometry scores when mixed.
+    assert kept["asw_batch"] < kept["asw_batch_mixed"] - 0.1 and kept["ilisi"] < kept["ilisi_mixed"] - 0.2
+    # Already mixed: real and control agree.
+    assert gone["asw_batch"] == pytest.approx(gone["asw_batch_mixed"], abs=0.03)
+    assert gone["ilisi"] == pytest.approx(gone["ilisi_mixed"], abs=0.03)
+    with pytest.raises(ValueError, match="shuffles must be at least 1"):
+        batch_mixing_control(mixed, batches, labels, shuffles=0)
+
+
+def test_batch_mixing_benchmark_scores_every_embedding_of_a_run(import_benchmark, tmp_path):
+    separated, mixed, batches, labels = mixed_and_separated(np.random.default_rng(1))
+    run = tmp_path / "run"
+    run.mkdir()
+    cell_id = np.array([f"c{i}" for i in range(270)])
+    np.savez(run / "embeddings.npz", model=mixed, pca=separated, cell_id=cell_id, batch=batches, label=labels)
+    control = import_benchmark("batch_mixing_control")
+    record = control.main([str(run), "--out", str(tmp_path / "out"), "--shuffles", "2"])
+    saved = json.loads((tmp_path / "out" / "batch_mixing_control.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(record["runs"])) and set(saved["runs"][str(run)]) == {"model", "pca"}
+    scores = saved["runs"][str(run)]
+    assert scores["pca"]["asw_batch"] < scores["pca"]["asw_batch_mixed"]
+    assert "| model |" in (tmp_path / "out" / "batch_mixing_control.md").read_text()
+    np.savez(run / "embeddings.npz", model=mixed, cell_id=cell_id, batch=batches)
+    with pytest.raises(ValueError, match="has no labels"):
+        control.main([str(run), "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="pass the output directory of an integration run"):
+        control.main([str(tmp_path), "--out", str(tmp_path / "out")])
 
 
 def test_integrates_cellbench_protocols(integration):
