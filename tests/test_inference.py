@@ -170,7 +170,9 @@ def test_annotate_measures_novelty_in_the_embedding_of_the_reference_s_own_backb
         for name, t in classifier.base_model.state_dict().items()
     }
     own_space = embed(cells, classifier, copy=True).obsm[KEY]
-    other_space = embed(cells, backbone_with_weights(classifier, state), copy=True).obsm[KEY]
+    other_space = embed(cells, backbone_with_weights(classifier, state, "the classifier's backbone"), copy=True).obsm[
+        KEY
+    ]
     assert not np.allclose(own_space, other_space, atol=1e-2)
     reference = NoveltyReference(other_space[:100], 3, 1.0, 0.5, state)
     classifier.novelty_reference = reference

@@ -32,6 +32,8 @@ from safetensors.numpy import load_file, save_file
 from sklearn.neighbors import NearestNeighbors
 
 NOVELTY_FILE = "novelty_reference.safetensors"
+# backbone_with_weights' source for a task's own backbone_state taken before fine-tuning (annotation, integration).
+PRETRAINED_WEIGHTS = "the backbone's own weights before fine-tuning"
 _ENCODER_PREFIX = "encoder."
 """Prefix of the encoder's tensors in :data:`NOVELTY_FILE` (beside ``embeddings``)."""
 
@@ -100,7 +102,10 @@ class NoveltyReference:
     def encoder(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The backbone that reads the cells whose novelty :meth:`scores` judges, for the classifier ``model``: None
         for the classifier's own embedding, else :func:`backbone_with_weights` of :attr:`encoder_state`."""
-        return None if self.encoder_state is None else backbone_with_weights(model, self.encoder_state)
+        if self.encoder_state is None:
+            return None
+        source = f"the novelty reference's encoder: re-run the fine-tuning that wrote {NOVELTY_FILE}"
+        return backbone_with_weights(model, self.encoder_state, source)
 
     def scores(self, embedding: np.ndarray) -> np.ndarray:
         """(n,) novelty of (n, h) cell embeddings: the distance to the ``neighbors``-th nearest reference cell; NaN
@@ -174,7 +179,7 @@ def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def backbone_with_weights(
     model: torch.nn.Module,
     state: Mapping[str, np.ndarray],
-    source: str = f"the novelty reference's encoder: re-run the fine-tuning that wrote {NOVELTY_FILE}",
+    source: str,
 ) -> torch.nn.Module:
     """A new backbone of ``model``'s architecture (its config) holding the weights ``state`` (name -> array, as
     ``model.base_model.state_dict()`` names them), in eval mode, on ``model``'s device, with ``model``'s tokenizer.

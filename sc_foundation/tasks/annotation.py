@@ -20,6 +20,7 @@ from sc_foundation.models.modeling import (
 )
 from sc_foundation.models.novelty import (
     NOVELTY_FILE,
+    PRETRAINED_WEIGHTS,
     NoveltyReference,
     backbone_state,
     backbone_with_weights,
@@ -107,7 +108,7 @@ def novelty_references(
     settings = {"neighbors": calibration.novelty_neighbors, "coverage": calibration.coverage}
     spaces = {"classifier": (exported, None, *classifier_embeddings)}
     if pretrained_state is not None:
-        encoder = backbone_with_weights(exported, pretrained_state, "the backbone's own weights before fine-tuning")
+        encoder = backbone_with_weights(exported, pretrained_state, PRETRAINED_WEIGHTS)
         val_embedding, _ = predict(encoder, datamodule.val_dataloader(), "cell_embedding")
         test_embedding, _ = predict(encoder, datamodule.test_dataloader(), "cell_embedding")
         spaces["pretrained"] = (encoder, pretrained_state, val_embedding, test_embedding)

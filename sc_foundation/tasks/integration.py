@@ -16,7 +16,7 @@ from sc_foundation.models.export import load_pretrained
 from sc_foundation.models.modeling import (
     ScFoundationForBatchIntegration,
 )
-from sc_foundation.models.novelty import backbone_state, backbone_with_weights
+from sc_foundation.models.novelty import PRETRAINED_WEIGHTS, backbone_state, backbone_with_weights
 from sc_foundation.tasks.cross_batch import CrossBatchTargets, shared_targets
 from sc_foundation.tasks.evaluation import (
     integration_baselines,
@@ -172,7 +172,7 @@ def run_integration(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> d
     embedding, cells = predict(load_pretrained(best), datamodule.predict_dataloader(), "cell_embedding")
     embedding = embedding[np.argsort(cells)]  # (n_cells, h) in store order
     # The pretrained backbone's (n_cells, hidden) pooled output on the same tokens.
-    untrained = backbone_with_weights(model, pretrained_state, "the backbone's own weights before fine-tuning")
+    untrained = backbone_with_weights(model, pretrained_state, PRETRAINED_WEIGHTS)
     pretrained, pretrained_cells = predict(untrained, datamodule.predict_dataloader(), "cell_embedding")
     baselines, baseline_embeddings = integration_baselines(
         counts,
