@@ -39,8 +39,16 @@ Seeds: ``--seeds 0 1 2`` (or ``--full``: ``--seed`` and the next two) runs every
 own splits, subsets, initialisation and baselines (``tasks/<name>/seed<k>``); the tables then hold the mean and the
 standard deviation over seeds, and a verdict counts a gap only when it exceeds the spread (:func:`aggregate`).
 
+Runs at once: ``--jobs N`` fine-tunes N task-seed runs side by side, each in a spawned worker process with an even
+share of the usable cores as its torch (and BLAS) threads; the default is one per core on a CPU-only machine, one with
+CUDA. The fine-tuned models are too small to keep two threads busy, so on 2 cores two one-thread runs at once finish
+the table much sooner than one two-thread run after another (:func:`default_jobs`). A run's figures depend on its
+thread count at the last digits only (the order of floating-point sums), and each run records its threads.
+``--jobs 1`` runs everything in this process, one after another.
+
     python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
         [--max-epochs N] [--seed 0 | --seeds 0 1 2 | --full] [--set KEY=VALUE ...] [--data-dir ../shared/data]
+        [--jobs N]
 """
 
 from __future__ import annotations
@@ -49,10 +57,13 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -264,13 +275,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an extra Hydra override of conf/finetune.yaml for every task (repeatable), e.g. baselines.scvi=false",
     )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared real-data folder")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="fine-tuning runs at once, each in its own process with an even share of the usable cores as torch "
+        "threads (default: one per core without CUDA, 1 with it); 1 runs them one by one in this process",
+    )
     args = parser.parse_args(argv)
     if args.max_epochs is not None and args.max_epochs < 1:
         parser.error("--max-epochs must be at least 1")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     args.tasks = list(dict.fromkeys(args.tasks))
     if args.full and args.seeds:
         parser.error("--full and --seeds exclude each other")
     args.seeds = list(dict.fromkeys(args.seeds or ([args.seed + k for k in range(3)] if args.full else [args.seed])))
+    # more workers than runs would only thin each run's threads
+    args.jobs = min(default_jobs() if args.jobs is None else args.jobs, len(args.tasks) * len(args.seeds))
     return args
 
 
@@ -461,12 +483,10 @@ def task_overrides(
     return [*overrides, *args.extra]
 
 
-def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier: dict | None = None) -> dict:
-    """Fine-tune and score one task at one seed (its splits, subset and initialisation); fills ``record`` as it goes
-    (so a failure keeps what was known). ``earlier``: this task and seed's record from an earlier run in the same
-    ``--out`` (``--reuse``), taken instead when it finished with the same overrides."""
-    from sc_foundation import tasks
-
+def prepare_run(name: str, args, pretrained: Path, record: dict, seed: int) -> list[str]:
+    """Write the inputs of one task at one seed (its subset or relabelled files) and return its overrides of
+    ``conf/finetune.yaml``; fills ``record`` with the data and the overrides. Runs in the main process, before any
+    fine-tuning starts, so that two runs sharing a subset never write it at once."""
     spec = TASKS[name]
     if spec.get("prepare"):
         files = PREPARE[spec["prepare"]](args.data_dir, args.out / "data" / f"seed{seed}", seed)
@@ -491,28 +511,110 @@ def run_task(name: str, args, pretrained: Path, record: dict, seed: int, earlier
         modality_files = [{"path": str(args.data_dir / f["path"])} for f in modality_files]
         record["data"]["subset"] = None
     files = [f["path"] if len(f) == 1 else f for f in files]
-    overrides = task_overrides(name, spec, files, modality_files, args, pretrained, seed)
-    record["overrides"] = overrides
-    if earlier and earlier.get("status") == "ok" and earlier.get("overrides") == overrides:
-        metrics_file = Path(earlier["metrics_file"])
-        if metrics_file.exists():
-            record.update({key: value for key, value in earlier.items() if key != "status"})
-            record["reused"] = True
-            return {"metrics": json.loads(metrics_file.read_text()), "output_dir": metrics_file.parent}
-    cfg = compose("finetune", overrides)
+    record["overrides"] = task_overrides(name, spec, files, modality_files, args, pretrained, seed)
+    return record["overrides"]
+
+
+def reusable(earlier: dict | None, overrides: list[str]) -> dict | None:
+    """The outcome of ``earlier`` (this task and seed's record in the ``quality.json`` already in ``--out``) when it
+    finished with the same overrides and its ``metrics.json`` is still there (``--reuse``); else None."""
+    if not earlier or earlier.get("status") != "ok" or earlier.get("overrides") != overrides:
+        return None
+    metrics_file = Path(earlier["metrics_file"])
+    if not metrics_file.exists():
+        return None
+    return {"metrics": json.loads(metrics_file.read_text()), "output_dir": str(metrics_file.parent)}
+
+
+# ------------------------------------------------------------------------------------------- concurrent runs
+def cpu_cores() -> int:
+    """CPU cores this process may use (its affinity mask, which a container or ``taskset`` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """Runs at once by default: one per usable core on a CPU-only machine, one where CUDA is available (the runs
+    would queue on its one device). The fine-tuned models are small (batches of 32 cells, 64 wide): on 2 cores one
+    run with both threads trains only 1.24x faster than with one, while two one-thread runs side by side each keep
+    95% of that speed, so two runs at once get 1.6x as much done (BENCHMARKS.md, "The quality table's runs")."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else cpu_cores()
+
+
+def fine_tune(overrides: list[str]) -> dict:
+    """Compose ``conf/finetune.yaml`` with ``overrides`` and run the task (in a pool worker, or in this process with
+    ``--jobs 1``). Returns the run's ``metrics`` and ``output_dir`` with its cost (``finetune_wall_s``, the torch
+    threads it had, the process's peak resident memory), or its ``error`` and ``traceback``: a failing run must
+    reach the table as a failure, not break the pool."""
+    import resource
+
+    import torch
+
+    from sc_foundation import tasks
+
     started = time.perf_counter()
-    result = tasks.run(cfg)
-    record["finetune_wall_s"] = time.perf_counter() - started
-    metrics = result["metrics"]
-    out = Path(result["output_dir"])
-    record["output_dir"] = str(out)
-    record["metrics_file"] = str(out / "metrics.json")
-    record["steps"] = metrics.get("steps")
-    record["epochs"] = metrics.get("epochs")
-    record["stopped_early"] = metrics.get("stopped_early")
-    record["n_cells"] = metrics.get("n_cells")
-    record["comparisons"] = comparisons(spec["task"], metrics)
-    return {"metrics": metrics, "output_dir": out}
+    try:
+        result = tasks.run(compose("finetune", overrides))
+        outcome = {"metrics": result["metrics"], "output_dir": str(result["output_dir"])}
+    except Exception as error:
+        outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    outcome["finetune_wall_s"] = time.perf_counter() - started
+    outcome["torch_threads"] = torch.get_num_threads()
+    outcome["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+    return outcome
+
+
+class InlineExecutor:
+    """The pool's ``submit`` for ``--jobs 1``: each run in this process, at submission, with every thread."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+"""What a worker's thread pools read when its libraries load: torch's and numba's shared OpenMP pool, BLAS."""
+
+
+@contextlib.contextmanager
+def executor(jobs: int) -> Iterator:
+    """``jobs`` spawned worker processes sharing the usable cores evenly, or :class:`InlineExecutor` for one job.
+
+    The workers' thread counts are set in the environment they start with, before they import anything: numba's
+    OpenMP layer (scanpy's neighbours) resizes the OpenMP pool it shares with torch to NUMBA_NUM_THREADS, one per
+    core by default, so a ``torch.set_num_threads`` in a running worker does not hold. The variables are restored
+    when the pool closes. Spawned, not forked: a fork would copy the parent's torch and JAX thread pools mid-state.
+    """
+    if jobs == 1:
+        yield InlineExecutor()
+        return
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(max(1, cpu_cores() // jobs)) for name in THREAD_VARIABLES})
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def submission_order(units: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``(task, seed index, seed)`` units, longest first: integration rows train 100 epochs beside an scVI baseline
+    (5-10 minutes each), the others a few dozen epochs (under 2 minutes); started first, the long runs leave the
+    short ones to fill the other workers, and the last run to finish is a short one."""
+    return sorted(units, key=lambda unit: TASKS[unit[0]]["task"] != "integration")
 
 
 def comparisons(task: str, metrics: dict) -> dict[str, dict]:
@@ -762,7 +864,7 @@ def confusion_figure(out: Path, metrics: dict, name: str) -> Path:
 
 def figures_for(name: str, run: dict, args) -> list[Path]:
     task = TASKS[name]["task"]
-    metrics, run_dir = run["metrics"], run["output_dir"]
+    metrics, run_dir = run["metrics"], Path(run["output_dir"])
     if task == "annotation":
         return [confusion_figure(args.out, metrics, name)]
     if task == "integration":
@@ -875,6 +977,13 @@ def markdown(payload: dict) -> str:
         f"- machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs, {machine['memory_gb']} GB; "
         f"torch {machine['torch']}; load average before {machine['load_average_1_5_15']}, "
         f"after {machine.get('load_average_after_1_5_15', 'n/a')}",
+        "- runs: "
+        + (
+            "one at a time in this process"
+            if payload.get("jobs", 1) == 1
+            else f"{payload['jobs']} at once, {payload['threads_per_job']} torch thread(s) each (a task's wall time "
+            "is the sum of its runs' own times)"
+        ),
     ]
     if pretrained.get("path"):
         model = pretrained.get("config", {}).get("model", {})
@@ -971,6 +1080,108 @@ def write_outputs(payload: dict, out: Path) -> None:
     write_text_atomic(out / "quality.md", markdown(payload))
 
 
+def record_run(name: str, record: dict, outcome: dict) -> None:
+    """Fill a seed's ``record`` from its fine-tuning ``outcome`` (:func:`fine_tune`'s, or a reused one)."""
+    metrics = outcome["metrics"]
+    record["output_dir"] = outcome["output_dir"]
+    record["metrics_file"] = str(Path(outcome["output_dir"]) / "metrics.json")
+    for key in ("steps", "epochs", "stopped_early", "n_cells"):
+        record[key] = metrics.get(key)
+    record["comparisons"] = comparisons(TASKS[name]["task"], metrics)
+
+
+def finish_task(record: dict) -> None:
+    """A task's status, its tables over seeds (:func:`aggregate`) and its wall time once every seed has run."""
+    runs = list(record["runs"].values())
+    failed = [run for run in runs if run["status"] == "error"]
+    record["status"] = "error" if failed else "ok"
+    if failed:
+        record["error"] = f"seed {failed[0]['seed']}: {failed[0]['error']}"
+        record["traceback"] = failed[0]["traceback"]
+    tables = [run["comparisons"] for run in runs if run["status"] == "ok"]
+    if tables:
+        kinds = [kind for kind in tables[0] if all(kind in table for table in tables)]
+        record["comparisons"] = {kind: aggregate([table[kind] for table in tables]) for kind in kinds}
+    # the runs' own times (each on its worker), not the span from first to last: with --jobs > 1 runs overlap
+    record["wall_s"] = sum(run.get("wall_s", 0.0) for run in runs) + record.get("figures_wall_s", 0.0)
+
+
+def run_tasks(payload: dict, args, previous: dict, checkpoint) -> None:
+    """Every task at every seed: inputs prepared here, fine-tuning by ``args.jobs`` concurrent workers (or in this
+    process), each finished run recorded and ``checkpoint()`` called as it arrives, the figures of each task's first
+    seed drawn here, a task's tables aggregated once its last seed is in."""
+    pretrained = Path(payload["pretrained"]["path"])
+    pending: dict[Future, tuple[str, int, int, float]] = {}
+
+    def arrive(name: str, i: int, seed: int, outcome: dict, prepare_s: float) -> None:
+        record = payload["tasks"][name]
+        run_record = record["runs"][str(seed)]
+        if "error" in outcome:
+            run_record.update(status="error", error=outcome["error"], traceback=outcome.get("traceback", ""))
+            print(f"quality: task {name}, seed {seed} failed\n{run_record['traceback']}", file=sys.stderr, flush=True)
+        else:
+            record_run(name, run_record, outcome)
+            run_record["status"] = "ok"
+        for key in ("finetune_wall_s", "torch_threads", "peak_rss_gb"):
+            if key in outcome:
+                run_record[key] = outcome[key]
+        if not run_record.get("reused"):  # a reused run keeps its own wall time
+            run_record["wall_s"] = prepare_s + outcome.get("finetune_wall_s", 0.0)
+        if i == 0:  # the first seed's run describes the task (data, cells, epochs, files) and draws its figures
+            record.update({key: value for key, value in run_record.items() if key in FIRST_SEED_FIELDS})
+            if run_record["status"] == "ok":
+                figures_started = time.perf_counter()
+                try:
+                    record["figures"] = [str(p) for p in figures_for(name, outcome, args)]
+                    payload["figures"] += record["figures"]
+                except Exception as error:
+                    record["figure_error"] = f"{type(error).__name__}: {error}"
+                    record["figure_traceback"] = traceback.format_exc()
+                    traceback.print_exc()
+                record["figures_wall_s"] = time.perf_counter() - figures_started
+        if all(run["status"] in ("ok", "error") for run in record["runs"].values()):
+            finish_task(record)
+        checkpoint()
+
+    def collect(future: Future) -> None:
+        name, i, seed, prepare_s = pending.pop(future)
+        try:
+            outcome = future.result()
+        except Exception as error:  # the worker itself died (killed for memory, for instance)
+            outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        arrive(name, i, seed, outcome, prepare_s)
+
+    with executor(args.jobs) as pool:
+        units = [(name, i, seed) for name in args.tasks for i, seed in enumerate(args.seeds)]
+        for name in args.tasks:
+            payload["tasks"][name].update(status="running", seeds=args.seeds, runs={})
+            for seed in args.seeds:
+                payload["tasks"][name]["runs"][str(seed)] = {"seed": seed, "status": "queued"}
+        checkpoint()
+        for name, i, seed in submission_order(units):
+            run_record = payload["tasks"][name]["runs"][str(seed)]
+            prepared = time.perf_counter()
+            try:
+                overrides = prepare_run(name, args, pretrained, run_record, seed)
+            except Exception as error:
+                outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+                arrive(name, i, seed, outcome, time.perf_counter() - prepared)
+                continue
+            earlier = reusable(previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed)), overrides)
+            if earlier is not None:
+                source = previous["tasks"][name]["runs"][str(seed)]
+                run_record.update({k: v for k, v in source.items() if k not in ("status", "comparisons")})
+                run_record["reused"] = True
+                arrive(name, i, seed, earlier, 0.0)
+                continue
+            print(f"quality: task {name}, seed {seed}", flush=True)
+            pending[pool.submit(fine_tune, overrides)] = (name, i, seed, time.perf_counter() - prepared)
+            for future in [f for f in pending if f.done()]:  # with --jobs 1 the run has finished already
+                collect(future)
+        for future in as_completed(list(pending)):
+            collect(future)
+
+
 def main(argv: list[str] | None = None) -> dict:
     import matplotlib
 
@@ -993,6 +1204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "seeds": args.seeds,
         "max_epochs_override": args.max_epochs,
+        "jobs": args.jobs,
+        "threads_per_job": None if args.jobs == 1 else max(1, cpu_cores() // args.jobs),
         "extra_overrides": args.extra,
         "data_dir": str(args.data_dir),
         "pretrained": {},
@@ -1033,53 +1246,8 @@ def main(argv: list[str] | None = None) -> dict:
         traceback.print_exc()
     checkpoint()
 
-    for name in args.tasks if not payload["pretrained"].get("error") else []:
-        record = payload["tasks"][name]
-        record.update(status="running", seeds=args.seeds, runs={})
-        record["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
-        checkpoint()
-        task_started = time.perf_counter()
-        tables = []
-        for i, seed in enumerate(args.seeds):
-            run_record = record["runs"][str(seed)] = {"seed": seed, "status": "running"}
-            seed_started = time.perf_counter()
-            print(f"quality: task {name}, seed {seed}", flush=True)
-            try:
-                earlier = previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed))
-                run = run_task(name, args, Path(payload["pretrained"]["path"]), run_record, seed, earlier)
-                run_record["status"] = "ok"
-                tables.append(run_record["comparisons"])
-            except Exception as error:
-                message = f"{type(error).__name__}: {error}"
-                run_record.update(status="error", error=message, traceback=traceback.format_exc())
-                traceback.print_exc()
-                run = None
-            if run is not None and i == 0:  # figures of the first seed's run
-                figures_started = time.perf_counter()
-                try:
-                    record["figures"] = [str(p) for p in figures_for(name, run, args)]
-                    payload["figures"] += record["figures"]
-                except Exception as error:
-                    record["figure_error"] = f"{type(error).__name__}: {error}"
-                    record["figure_traceback"] = traceback.format_exc()
-                    traceback.print_exc()
-                record["figures_wall_s"] = time.perf_counter() - figures_started
-            if not run_record.get("reused"):  # a reused run keeps its own wall time
-                run_record["wall_s"] = time.perf_counter() - seed_started
-            if i == 0:  # the first seed's run describes the task (data, cells, epochs, files)
-                record.update({key: value for key, value in run_record.items() if key in FIRST_SEED_FIELDS})
-            checkpoint()
-        failed = [run for run in record["runs"].values() if run["status"] == "error"]
-        record["status"] = "error" if failed else "ok"
-        if failed:
-            record["error"] = f"seed {failed[0]['seed']}: {failed[0]['error']}"
-            record["traceback"] = failed[0]["traceback"]
-        if tables:
-            kinds = [kind for kind in tables[0] if all(kind in table for table in tables)]
-            record["comparisons"] = {kind: aggregate([table[kind] for table in tables]) for kind in kinds}
-        record["wall_s"] = time.perf_counter() - task_started
-        record["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        checkpoint()
+    if not payload["pretrained"].get("error"):
+        run_tasks(payload, args, previous, checkpoint)
 
     payload["machine"]["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     payload["finished"] = datetime.now(UTC).isoformat(timespec="seconds")

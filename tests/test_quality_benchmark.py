@@ -45,8 +45,9 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     argv = [
         "--out", str(out), "--pretrained", str(pretrained), "--tasks", "annotation_cellbench", "broken",
         "--max-epochs", "1", "--data-dir", str(shared_data), "--seed", "1", "--set", "data.panel_genes=200",
+        "--jobs", "2",
     ]  # fmt: skip
-    payload = quality.main(argv)
+    payload = quality.main(argv)  # both runs side by side in two worker processes
 
     saved = json.loads((out / "quality.json").read_text())
     assert saved == json.loads(json.dumps(payload))
@@ -67,6 +68,11 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     assert task["status"] == "ok" and "trainer.max_epochs=1" in task["overrides"]
     assert task["epochs"] == 1 and 0 < task["steps"] <= math.ceil(task["n_cells"]["train"] / 32)  # one epoch
     assert task["wall_s"] > 0 and sum(task["n_cells"].values()) == 499
+    # each worker had its share of the cores as torch threads, and says what it cost
+    assert saved["jobs"] == 2 and saved["threads_per_job"] == max(1, quality.cpu_cores() // 2)
+    for run in (task["runs"]["1"], failed["runs"]["1"]):
+        assert run["torch_threads"] == saved["threads_per_job"] and run["peak_rss_gb"] > 0.1
+        assert 0 < run["finetune_wall_s"] <= run["wall_s"]
     metrics = json.loads(Path(task["metrics_file"]).read_text())
     table = task["comparisons"]["annotation"]
     assert table["ours"] == ["model", "frozen (stage)"] and table["baselines"] == ["hvg_logreg", "pca_logreg"]
@@ -95,6 +101,24 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     assert reused["comparisons"] == task["comparisons"] and reused["metrics_file"] == task["metrics_file"]
     assert "| **ours** |" in md and "| hvg_logreg |" in md and "ours beats all baselines? |" in md
     assert f"{metrics['model']['accuracy']:.3f}" in md and str(pretrained.resolve()) in md
+
+
+def test_one_job_runs_in_this_process_and_records_each_failed_seed(quality, pretrained, tmp_path, monkeypatch):
+    broken = {**quality.TASKS["annotation_cellbench"], "files": ["no_such_dataset/missing.h5ad"], "description": "x"}
+    monkeypatch.setitem(quality.TASKS, "broken", broken)
+    argv = ["--out", str(tmp_path), "--pretrained", str(pretrained), "--tasks", "broken", "--seeds", "0", "1"]
+    saved = quality.main([*argv, "--jobs", "1"])
+    import torch
+
+    assert saved["jobs"] == 1 and saved["threads_per_job"] is None
+    record = saved["tasks"]["broken"]
+    assert record["status"] == "error" and record["error"].startswith("seed 0: ") and "missing.h5ad" in record["error"]
+    for run in record["runs"].values():
+        assert run["status"] == "error" and "Traceback" in run["traceback"]
+        assert run["torch_threads"] == torch.get_num_threads()  # this process's threads, untouched
+    assert "- runs: one at a time in this process" in (tmp_path / "quality.md").read_text()
+    with pytest.raises(SystemExit):
+        quality.parse_args([*argv, "--jobs", "0"])
 
 
 def test_umap_grid_writes_a_png(quality, tmp_path):
