@@ -289,3 +289,10 @@ def test_a_frozen_stage_shows_beside_the_exported_model(quality):
     assert quality.comparisons("annotation", metrics)["annotation"]["ours"] == ["model", "frozen (stage)"]
     metrics["stages"] = None
     assert quality.comparisons("annotation", metrics)["annotation"]["ours"] == ["model"]
+
+
+def test_long_runs_are_submitted_first_in_table_order(quality):
+    units = [(name, 0, 0) for name in ("annotation", "imputation", "protein", "integration_snare", "atac")]
+    units.append(("integration", 1, 1))
+    order = [name for name, _, _ in quality.submission_order(units)]
+    assert order == ["imputation", "integration_snare", "integration", "annotation", "protein", "atac"]
