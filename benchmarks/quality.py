@@ -72,6 +72,7 @@ from _corpus import DEFAULT_DATA, atomic_path, machine_info, write_json_atomic
 
 from sc_foundation.conf import CONFIG_ROOT, compose
 from sc_foundation.data.io import write_h5ad_atomic
+from sc_foundation.data.lifetime import pool_initializer
 
 SNARE_RNA, SNARE_ATAC = "snare_mop/snare_mop_rna.h5ad", "snare_mop/snare_mop_atac.h5ad"
 
@@ -592,13 +593,15 @@ def executor(jobs: int) -> Iterator:
     OpenMP layer (scanpy's neighbours) resizes the OpenMP pool it shares with torch to NUMBA_NUM_THREADS, one per
     core by default, so a ``torch.set_num_threads`` in a running worker does not hold. The variables are restored
     when the pool closes. Spawned, not forked: a fork would copy the parent's torch and JAX thread pools mid-state.
+    The workers die with this process (``sc_foundation.data.lifetime``): a killed table used to leave its two
+    workers fine-tuning on, orphaned, for up to 15 minutes (a plain ``kill`` of a worker did not stop it either).
     """
     if jobs == 1:
         yield InlineExecutor()
         return
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     os.environ.update({name: str(max(1, cpu_cores() // jobs)) for name in THREAD_VARIABLES})
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), **pool_initializer())
     try:
         yield pool
     finally:

@@ -211,6 +211,35 @@ def test_killed_training_leaves_no_loader_worker_alive(reference_store):
     print(f"{len(gone)} loader workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
 
 
+QUALITY_POOL = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import quality
+with quality.executor(2) as pool:
+    runs = [pool.submit(time.sleep, 600) for _ in range(2)]
+    time.sleep(600)
+"""
+
+
+def test_a_killed_quality_table_leaves_no_worker_alive():
+    """SIGKILL of ``benchmarks/quality.py`` while its two fine-tuning workers run (``--jobs 2``): both exit at once
+    instead of fine-tuning on, orphaned, for up to 15 minutes."""
+    command = [sys.executable, "-c", QUALITY_POOL, str(ROOT / "benchmarks")]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+        workers = [p for p in _descendants(process.pid) if "spawn_main" in " ".join(p.cmdline())]
+        time.sleep(0.05)
+    assert process.poll() is None and len(workers) == 2, "the two workers never started: nothing to kill"
+    time.sleep(2)  # both past their first instruction (the initializer), sleeping in their runs
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    gone, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
+    print(f"{len(gone)} quality workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
+
+
 def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
     """A build that fails before finishing a piece (a 0-cell input among the files) leaves no folder or lock file:
     nothing that a later run trips over."""
