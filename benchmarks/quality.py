@@ -536,14 +536,25 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+JOB_MEMORY_GIB = 3.0
+"""Memory to plan per worker: the largest worker peak of the default table was 2.2 GiB (the ATAC row, stop 43)."""
+
+
 def default_jobs() -> int:
-    """Runs at once by default: one per usable core on a CPU-only machine, one where CUDA is available (the runs
-    would queue on its one device). The fine-tuned models are small (batches of 32 cells, 64 wide): on 2 cores one
-    run with both threads trains only 1.24x faster than with one, while two one-thread runs side by side each keep
-    95% of that speed, so two runs at once get 1.6x as much done (BENCHMARKS.md, "The quality table's runs")."""
+    """Runs at once by default: one per usable core on a CPU-only machine, as many as the memory holds at
+    :data:`JOB_MEMORY_GIB` each, and one where CUDA is available (the runs would queue on its one device).
+
+    The fine-tuned models are small (batches of 32 cells, 64 wide) and do not keep two threads busy: on the 2-core
+    Xeon, a one-thread run beside another trains about 1.6x slower than a two-thread run alone, so two at once get
+    about 1.27x as much done; the default table took 1,518 s against about 1,990 s one after another (BENCHMARKS.md,
+    "The quality table's runs side by side").
+    """
     import torch
 
-    return 1 if torch.cuda.is_available() else cpu_cores()
+    if torch.cuda.is_available():
+        return 1
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cpu_cores(), int(memory_gib // JOB_MEMORY_GIB)))
 
 
 def fine_tune(overrides: list[str]) -> dict:
@@ -565,7 +576,7 @@ def fine_tune(overrides: list[str]) -> dict:
         outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     outcome["finetune_wall_s"] = time.perf_counter() - started
     outcome["torch_threads"] = torch.get_num_threads()
-    outcome["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+    outcome["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
     return outcome
 
 
@@ -1126,7 +1137,7 @@ def run_tasks(payload: dict, args, previous: dict, checkpoint) -> None:
         else:
             record_run(name, run_record, outcome)
             run_record["status"] = "ok"
-        for key in ("finetune_wall_s", "torch_threads", "peak_rss_gb"):
+        for key in ("finetune_wall_s", "torch_threads", "peak_rss_gib"):
             if key in outcome:
                 run_record[key] = outcome[key]
         if not run_record.get("reused"):  # a reused run keeps its own wall time

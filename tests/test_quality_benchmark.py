@@ -71,7 +71,7 @@ def test_quality_benchmark_runs_a_task_and_survives_a_broken_one(
     # each worker had its share of the cores as torch threads, and says what it cost
     assert saved["jobs"] == 2 and saved["threads_per_job"] == max(1, quality.cpu_cores() // 2)
     for run in (task["runs"]["1"], failed["runs"]["1"]):
-        assert run["torch_threads"] == saved["threads_per_job"] and run["peak_rss_gb"] > 0.1
+        assert run["torch_threads"] == saved["threads_per_job"] and run["peak_rss_gib"] > 0.1
         assert 0 < run["finetune_wall_s"] <= run["wall_s"]
     metrics = json.loads(Path(task["metrics_file"]).read_text())
     table = task["comparisons"]["annotation"]
@@ -296,3 +296,21 @@ def test_long_runs_are_submitted_first_in_table_order(quality):
     units.append(("integration", 1, 1))
     order = [name for name, _, _ in quality.submission_order(units)]
     assert order == ["imputation", "integration_snare", "integration", "annotation", "protein", "atac"]
+
+
+def test_default_jobs_one_per_core_within_memory_and_one_with_cuda(quality, monkeypatch):
+    import torch
+
+    gib = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 0}
+    monkeypatch.setattr(quality.os, "sysconf", lambda name: gib[name])
+    monkeypatch.setattr(quality, "cpu_cores", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gib["SC_PHYS_PAGES"] = 64 * 2**30 // 4096
+    assert quality.default_jobs() == 16  # one per core: 16 x 3 GiB fit in 64 GiB
+    gib["SC_PHYS_PAGES"] = 24 * 2**30 // 4096
+    assert quality.default_jobs() == 8  # 24 GiB hold 8 workers at JOB_MEMORY_GIB each
+    gib["SC_PHYS_PAGES"] = 2 * 2**30 // 4096
+    assert quality.default_jobs() == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gib["SC_PHYS_PAGES"] = 64 * 2**30 // 4096
+    assert quality.default_jobs() == 1
