@@ -40,10 +40,12 @@ own splits, subsets, initialisation and baselines (``tasks/<name>/seed<k>``); th
 standard deviation over seeds, and a verdict counts a gap only when it exceeds the spread (:func:`aggregate`).
 
 Runs at once: ``--jobs N`` fine-tunes N task-seed runs side by side, each in a spawned worker process with an even
-share of the usable cores as its torch (and BLAS) threads; the default is one per core on a CPU-only machine, one with
-CUDA. The fine-tuned models are too small to keep two threads busy, so on 2 cores two one-thread runs at once finish
-the table much sooner than one two-thread run after another (:func:`default_jobs`). A run's figures depend on its
-thread count at the last digits only (the order of floating-point sums), and each run records its threads.
+share of the usable cores as its torch, OpenMP, BLAS and numba threads; the default is one per core on a CPU-only
+machine (within :data:`JOB_MEMORY_GIB` each), one with CUDA. The fine-tuned models are too small to keep two threads
+busy, so on 2 cores two one-thread runs at once finish the table sooner than one two-thread run after another
+(:func:`default_jobs`). The thread count changes the order of floating-point sums and so, a little, a training's
+path: over three seeds our figures came out as with two threads to the third decimal but for one seed of one row,
+while scVI on the thinned CellBench row moved by up to 0.10 on a seed (BENCHMARKS.md). Each run records its threads.
 ``--jobs 1`` runs everything in this process, one after another.
 
     python benchmarks/quality.py --out DIR [--pretrained EXPORT_DIR] [--tasks annotation integration ...]
@@ -281,7 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="fine-tuning runs at once, each in its own process with an even share of the usable cores as torch "
-        "threads (default: one per core without CUDA, 1 with it); 1 runs them one by one in this process",
+        "threads (default: one per core, within 3 GiB of memory each, without CUDA; 1 with it); 1 runs them one by "
+        "one in this process",
     )
     args = parser.parse_args(argv)
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -545,9 +548,9 @@ def default_jobs() -> int:
     :data:`JOB_MEMORY_GIB` each, and one where CUDA is available (the runs would queue on its one device).
 
     The fine-tuned models are small (batches of 32 cells, 64 wide) and do not keep two threads busy: on the 2-core
-    Xeon, a one-thread run beside another trains about 1.6x slower than a two-thread run alone, so two at once get
-    about 1.27x as much done; the default table took 1,518 s against about 1,990 s one after another (BENCHMARKS.md,
-    "The quality table's runs side by side").
+    Xeon, a one-thread run beside another takes 1.5-1.6x as long as a two-thread run alone, so two at once get about
+    1.3x as much done; the default table took 1,518 s against about 1,990 s one after another (BENCHMARKS.md, "The
+    quality table's runs side by side").
     """
     import torch
 
