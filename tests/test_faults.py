@@ -203,12 +203,17 @@ def test_killed_training_leaves_no_loader_worker_alive(reference_store):
     assert process.stdout.readline().strip() == b"loading", "the loader never started"
     workers = _descendants(process.pid)
     assert len(workers) >= 2
+    _kill_and_expect_gone(process, workers, "loader workers")
+
+
+def _kill_and_expect_gone(process: subprocess.Popen, children: list[psutil.Process], what: str) -> None:
+    """SIGKILL ``process``; every one of ``children`` must exit within :data:`ORPHAN_TIMEOUT_S`."""
     process.kill()
     process.wait()
     killed = time.monotonic()
-    gone, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT_S)
-    assert not alive, f"loader workers outlived their killed parent: {[p.pid for p in alive]}"
-    print(f"{len(gone)} loader workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
+    gone, alive = psutil.wait_procs(children, timeout=ORPHAN_TIMEOUT_S)
+    assert not alive, f"{what} outlived their killed parent: {[p.pid for p in alive]}"
+    print(f"{len(gone)} {what} gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
 
 
 QUALITY_POOL = """
@@ -232,12 +237,7 @@ def test_a_killed_quality_table_leaves_no_worker_alive():
         time.sleep(0.05)
     assert process.poll() is None and len(workers) == 2, "the two workers never started: nothing to kill"
     time.sleep(2)  # both past their first instruction (the initializer), sleeping in their runs
-    process.kill()
-    process.wait()
-    killed = time.monotonic()
-    gone, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT_S)
-    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
-    print(f"{len(gone)} quality workers gone {time.monotonic() - killed:.2f} s after the parent's SIGKILL")
+    _kill_and_expect_gone(process, workers, "quality workers")
 
 
 def test_a_failed_build_leaves_nothing_behind(real_slice, tmp_path):
