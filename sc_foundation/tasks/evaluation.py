@@ -219,6 +219,18 @@ def bio_metrics(
     }
 
 
+def _batch_reading_scores(
+    x: np.ndarray, neighbors: NeighborsResults, batches: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
+    """The batch scores that read the batches: ``asw_batch`` (within each label) and ``ilisi`` (on ``neighbors``).
+    One place for both, so that :func:`batch_mixing_control` scores its permuted batches as the table scores the
+    real ones."""
+    return {
+        "asw_batch": float(scib_metrics.silhouette_batch(x, labels, batches)),
+        "ilisi": float(scib_metrics.ilisi_knn(neighbors, batches)),
+    }
+
+
 def integration_metrics(embedding: np.ndarray, batches: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """scIB bio-conservation (:func:`bio_metrics`) and batch-correction scores of a cell embedding, each in [0, 1],
     higher is better.
@@ -239,14 +251,13 @@ def integration_metrics(embedding: np.ndarray, batches: np.ndarray, labels: np.n
     x = np.asarray(embedding, dtype=np.float32)
     batches = np.asarray(batches)
     neighbors = _neighbors(x)
-    scores = {"ilisi": float(scib_metrics.ilisi_knn(neighbors, batches))}
     if labels is None:
-        return {**scores, "batch": scores["ilisi"]}
+        ilisi = float(scib_metrics.ilisi_knn(neighbors, batches))
+        return {"ilisi": ilisi, "batch": ilisi}
     labels = np.asarray(labels)
     bio = bio_metrics(x, labels, batches, neighbors)
     batch = {
-        "asw_batch": float(scib_metrics.silhouette_batch(x, labels, batches)),
-        **scores,
+        **_batch_reading_scores(x, neighbors, batches, labels),
         "graph_connectivity": float(scib_metrics.graph_connectivity(neighbors.subset_neighbors(15), labels)),
     }
     batch["batch"] = float(np.mean(list(batch.values())))
@@ -278,10 +289,6 @@ def batch_mixing_control(
     x = np.asarray(embedding, dtype=np.float32)
     batches, labels = np.asarray(batches), np.asarray(labels)
     neighbors = _neighbors(x)  # the batches do not move the neighbours: one search serves every permutation
-
-    def scores(of: np.ndarray) -> tuple[float, float]:
-        return float(scib_metrics.silhouette_batch(x, labels, of)), float(scib_metrics.ilisi_knn(neighbors, of))
-
     rng = np.random.default_rng(seed)
     mixed = []
     for _ in range(shuffles):
@@ -289,9 +296,9 @@ def batch_mixing_control(
         for label in np.unique(labels):
             cells = np.flatnonzero(labels == label)
             permuted[cells] = rng.permutation(batches[cells])
-        mixed.append(scores(permuted))
-    (asw, ilisi), (asw_mixed, ilisi_mixed) = scores(batches), np.mean(mixed, axis=0)
-    return {"asw_batch": asw, "ilisi": ilisi, "asw_batch_mixed": float(asw_mixed), "ilisi_mixed": float(ilisi_mixed)}
+        mixed.append(_batch_reading_scores(x, neighbors, permuted, labels))
+    real = _batch_reading_scores(x, neighbors, batches, labels)
+    return {**real, **{f"{name}_mixed": float(np.mean([m[name] for m in mixed])) for name in real}}
 
 
 def multimodal_pca_baselines(
