@@ -543,6 +543,11 @@ JOB_MEMORY_GIB = 3.0
 """Memory to plan per worker: the largest worker peak of the default table was 2.2 GiB (the ATAC row, stop 43)."""
 
 
+def threads_per_job(jobs: int) -> int:
+    """Each of ``jobs`` workers' share of the usable cores, at least one thread."""
+    return max(1, cpu_cores() // jobs)
+
+
 def default_jobs() -> int:
     """Runs at once by default: one per usable core on a CPU-only machine, as many as the memory holds at
     :data:`JOB_MEMORY_GIB` each, and one where CUDA is available (the runs would queue on its one device).
@@ -614,7 +619,7 @@ def executor(jobs: int) -> Iterator:
         yield InlineExecutor()
         return
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    os.environ.update({name: str(max(1, cpu_cores() // jobs)) for name in THREAD_VARIABLES})
+    os.environ.update({name: str(threads_per_job(jobs)) for name in THREAD_VARIABLES})
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), **pool_initializer())
     try:
         yield pool
@@ -1185,9 +1190,9 @@ def run_tasks(payload: dict, args, previous: dict, checkpoint) -> None:
                 outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
                 arrive(name, i, seed, outcome, time.perf_counter() - prepared)
                 continue
-            earlier = reusable(previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed)), overrides)
+            source = previous.get("tasks", {}).get(name, {}).get("runs", {}).get(str(seed))
+            earlier = reusable(source, overrides)
             if earlier is not None:
-                source = previous["tasks"][name]["runs"][str(seed)]
                 run_record.update({k: v for k, v in source.items() if k not in ("status", "comparisons")})
                 run_record["reused"] = True
                 arrive(name, i, seed, earlier, 0.0)
@@ -1223,7 +1228,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": args.seeds,
         "max_epochs_override": args.max_epochs,
         "jobs": args.jobs,
-        "threads_per_job": None if args.jobs == 1 else max(1, cpu_cores() // args.jobs),
+        "threads_per_job": None if args.jobs == 1 else threads_per_job(args.jobs),
         "extra_overrides": args.extra,
         "data_dir": str(args.data_dir),
         "pretrained": {},
