@@ -596,9 +596,6 @@ class InlineExecutor:
         future.set_result(fn(*args))
         return future
 
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 """What a worker's thread pools read when its libraries load: torch's and numba's shared OpenMP pool, BLAS."""
